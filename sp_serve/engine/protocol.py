@@ -1,0 +1,58 @@
+"""What the HTTP frontend needs from the engine: a narrow async interface.
+
+The engine runs on rank 0; the frontend tokenizes, detokenizes, applies stop strings and fans
+out n > 1 into n engine requests. Nothing here touches a tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from sp_serve.engine.sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top-k (token_id, logprob) at this position
+
+
+@dataclass
+class TokenDelta:
+    """One engine step's output for one request."""
+
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" (eos / stop_token_ids), "length", "abort"
+    queue_time_s: float | None = None  # set on the first delta: arrival -> first scheduled
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, over all ranks, 0..1
+    num_preemptions: int = 0
+
+
+class EngineClient(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[TokenDelta]:
+        """Yields one TokenDelta per engine step that produced tokens; the last has finish_reason.
+
+        Raises ValueError (before yielding) for a prompt the engine cannot take, e.g. longer
+        than max_model_len. Cancelling the consumer (client disconnect) must call abort.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def is_healthy(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
