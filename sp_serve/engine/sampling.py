@@ -47,3 +47,47 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None  # of the chosen token (when logprobs were asked for)
+    top: list[tuple[int, float]] | None = None  # the top-k (token, logprob)
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A private generator for a seeded request, so its draws do not depend on its neighbours."""
+    if params.seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed)
+    return gen
+
+
+def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> SampleResult:
+    """One token from float32 logits [vocab]: greedy, or temperature -> top-k -> top-p."""
+    if params.greedy:
+        token = int(torch.argmax(logits_v))
+    else:
+        scaled_v = logits_v / params.temperature
+        if params.top_k > 0 and params.top_k < scaled_v.shape[-1]:
+            kth = torch.topk(scaled_v, params.top_k).values[-1]
+            scaled_v = scaled_v.masked_fill(scaled_v < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_v, order = torch.sort(scaled_v, descending=True)
+            cum = torch.softmax(sorted_v, -1).cumsum(-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop_sorted = (cum - torch.softmax(sorted_v, -1)) >= params.top_p
+            scaled_v = scaled_v.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted),
+                                            float("-inf"))
+        probs_v = torch.softmax(scaled_v, -1)
+        token = int(torch.multinomial(probs_v, 1, generator=generator))
+    if params.logprobs is None:
+        return SampleResult(token)
+    logprobs_v = torch.log_softmax(logits_v.float(), -1)
+    top = []
+    if params.logprobs > 0:
+        values, ids = torch.topk(logprobs_v, params.logprobs)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return SampleResult(token, float(logprobs_v[token]), top)

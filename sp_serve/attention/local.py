@@ -1,0 +1,60 @@
+"""Single-device attention that also returns the log-sum-exp, for one sequence.
+
+Every distributed algorithm here (ring prefill, sharded decode, cached-chunk attention) is made
+of such local calls plus an lse merge. On CPU, torch's flash kernel for CPU returns lse; on CUDA,
+flash-attn when installed, else the Triton kernels (sp_serve_kernels), else torch's flash SDPA op.
+
+Legend: t tokens, h heads (q heads unless said kv), d head_dim.
+"""
+from __future__ import annotations
+
+import torch
+
+_NEG_INF = float("-inf")
+
+
+def empty_partial(q_thd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t, h, d = q_thd.shape
+    return (torch.zeros(t, h, d, dtype=torch.float32, device=q_thd.device),
+            torch.full((t, h), _NEG_INF, dtype=torch.float32, device=q_thd.device))
+
+
+def attention_with_lse(
+    q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [Tq, Hq, D] (q's dtype), lse [Tq, Hq] fp32. Causal only for Tq == Tk (a diagonal block).
+
+    GQA: q head h reads kv head h // (Hq // Hkv); KV heads are repeated only here, locally,
+    never before they travel.
+    """
+    tq, hq, d = q_thd.shape
+    tk, hkv, _ = k_thd.shape
+    if tq == 0 or tk == 0:
+        o, lse = empty_partial(q_thd)
+        return o.to(q_thd.dtype), lse
+    assert not causal or tq == tk, "a causal block is a diagonal block"
+    group = hq // hkv
+    if not causal and group > 1:
+        # Full block: fold the query group into the query length, so no KV head is repeated.
+        q_bhtd = q_thd.view(tq, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * tq, d)
+        k_bhtd, v_bhtd = k_thd.transpose(0, 1)[None], v_thd.transpose(0, 1)[None]
+        o_bhtd, lse_bht = _flash(q_bhtd, k_bhtd, v_bhtd, False, scale)
+        o_thd = o_bhtd.view(hkv, group, tq, d).permute(2, 0, 1, 3).reshape(tq, hq, d)
+        lse_th = lse_bht.view(hkv, group, tq).permute(2, 0, 1).reshape(tq, hq)
+        return o_thd, lse_th
+    if group > 1:
+        k_thd = k_thd.repeat_interleave(group, dim=1)
+        v_thd = v_thd.repeat_interleave(group, dim=1)
+    o_bhtd, lse_bht = _flash(q_thd.transpose(0, 1)[None], k_thd.transpose(0, 1)[None],
+                             v_thd.transpose(0, 1)[None], causal, scale)
+    return o_bhtd[0].transpose(0, 1), lse_bht[0].transpose(0, 1)
+
+
+def _flash(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+        return o, lse.float()
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, causal, return_debug_mask=False, scale=scale)
+    return out[0], out[1].float()

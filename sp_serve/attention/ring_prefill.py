@@ -1,0 +1,71 @@
+"""Zigzag ring attention over the fresh K/V of one prompt chunk.
+
+Rank r holds chunks r and 2N-1-r (ZigzagLayout) in that order; positions increase along that
+local order, so step 0 (own K/V) is a plain causal block. At step s the K/V in hand came from
+rank src = r - s (mod N), which holds chunks src and 2N-1-src:
+  - src < r: every local query is later than chunk src and earlier than chunk 2N-1-src, so all
+    local queries attend to src's first chunk, fully, and to nothing else;
+  - src > r: only the local late chunk (2N-1-r) is later than src's two chunks, and it attends
+    to both fully; the early chunk r precedes both.
+So each step is one full (unmasked) block and every rank does the same work. The block for step
+s+1 is posted (isend/irecv) before step s computes, so the transfer hides behind it. Only KV
+heads travel.
+
+Legend: t tokens, h heads, d head_dim; kv_2thd packs k and v for one transfer.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sp_serve.attention.local import attention_with_lse
+from sp_serve.attention.merge import PartialAccumulator
+from sp_serve.attention.zigzag import ZigzagLayout
+from sp_serve.parallel.groups import ParallelContext
+from sp_serve.parallel.ring import RingExchange
+
+
+class RingStats:
+    """Seconds spent waiting for ring transfers (communication not hidden behind compute)."""
+
+    exposed_wait_s: float = 0.0
+    steps: int = 0
+
+
+def ring_prefill_attention(
+    pc: ParallelContext,
+    layout: ZigzagLayout,
+    q_thd: torch.Tensor,
+    k_thd: torch.Tensor,
+    v_thd: torch.Tensor,
+    scale: float,
+    acc: PartialAccumulator,
+) -> None:
+    """Adds the causal attention of the local queries over the whole chunk's K/V into `acc`."""
+    rank, world = pc.rank, pc.world_size
+    early_len, late_len = layout.chunk_lens(rank)
+    kv_2thd = torch.stack([k_thd, v_thd])
+    for step in range(world):
+        src = (rank - step) % world
+        pending = None
+        if step + 1 < world:
+            incoming = layout.num_local((rank - step - 1) % world)
+            pending = RingExchange(pc, kv_2thd, (2, incoming, *kv_2thd.shape[2:]))
+        if step == 0:
+            o, lse = attention_with_lse(q_thd, k_thd, v_thd, causal=True, scale=scale)
+            acc.add(slice(None), o, lse)
+        elif src < rank:
+            src_early = layout.chunk_lens(src)[0]
+            o, lse = attention_with_lse(q_thd, kv_2thd[0, :src_early], kv_2thd[1, :src_early],
+                                        causal=False, scale=scale)
+            acc.add(slice(None), o, lse)
+        elif late_len > 0:
+            late = slice(early_len, early_len + late_len)
+            o, lse = attention_with_lse(q_thd[late], kv_2thd[0], kv_2thd[1], causal=False, scale=scale)
+            acc.add(late, o, lse)
+        if pending is not None:
+            t0 = time.perf_counter()
+            kv_2thd = pending.wait()
+            RingStats.exposed_wait_s += time.perf_counter() - t0
+            RingStats.steps += 1

@@ -1,0 +1,88 @@
+"""Attention of queries to a KV cache that stays sharded where it was computed.
+
+Each rank attends the queries to its own shard only, producing a partial (o, lse) per query and
+head; the partials travel (never the KV) and are merged by log-sum-exp. Traffic is
+O(queries x heads x head_dim) per layer, independent of the context length.
+
+Two shapes of use:
+  - decode: every rank has every query (dense layers run replicated for the small batch), so
+    partials are all-gathered and every rank merges all of them. The batch is split into
+    micro-batches: while one micro-batch's partials travel, the next one attends.
+  - a prompt chunk after earlier chunks (chunked prefill): each rank has its own zigzag queries;
+    queries are all-gathered, every rank attends all of them to its shard, and an all-to-all
+    returns to each rank the partials of its own queries.
+A rank whose shard is empty for a sequence contributes lse = -inf, which the merge weighs 0.
+
+Legend: b batch (one query per sequence), t tokens, h q heads, d head_dim, n ranks;
+a partial is packed as o (d values) followed by lse (1 value): the last dim is d+1.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from sp_serve.attention.merge import merge_partials
+from sp_serve.parallel.groups import ParallelContext
+
+# (rows) -> packed partial [len(rows), h, d+1] fp32 over this rank's shard
+LocalPartialFn = Callable[[slice], torch.Tensor]
+
+
+def pack_partial(o_thd: torch.Tensor, lse_th: torch.Tensor) -> torch.Tensor:
+    return torch.cat([o_thd.float(), lse_th.unsqueeze(-1)], dim=-1)
+
+
+def merge_packed(parts_nthe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return merge_partials(parts_nthe[..., :-1], parts_nthe[..., -1])
+
+
+def decode_over_shards(
+    pc: ParallelContext, batch: int, local_partial: LocalPartialFn, num_micro_batches: int = 2
+) -> torch.Tensor:
+    """Merged attention output [b, h, d] fp32 for queries every rank holds."""
+    if pc.world_size == 1:
+        return merge_packed(local_partial(slice(0, batch))[None])[0]
+    bounds = _split(batch, num_micro_batches)
+    in_flight = []
+    for rows in bounds:
+        part_the = local_partial(rows)
+        gathered = torch.empty((pc.world_size, *part_the.shape), dtype=part_the.dtype,
+                               device=part_the.device)
+        work = dist.all_gather_into_tensor(gathered, part_the, async_op=True)
+        in_flight.append((gathered, work))
+    outs = []
+    for gathered, work in in_flight:
+        work.wait()
+        outs.append(merge_packed(gathered)[0])
+    return torch.cat(outs)
+
+
+def chunk_over_shards(
+    pc: ParallelContext,
+    q_thd: torch.Tensor,
+    num_q_per_rank: list[int],
+    local_partial_for: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial (o, lse) of this rank's queries over every rank's shard of the cached context.
+
+    local_partial_for(q_thd) attends any queries to this rank's shard -> packed [t, h, d+1].
+    """
+    if pc.world_size == 1:
+        return merge_packed(local_partial_for(q_thd)[None])
+    width = max(num_q_per_rank)
+    padded = torch.zeros((width, *q_thd.shape[1:]), dtype=q_thd.dtype, device=q_thd.device)
+    padded[: q_thd.shape[0]] = q_thd
+    all_q = torch.empty((pc.world_size, *padded.shape), dtype=padded.dtype, device=padded.device)
+    dist.all_gather_into_tensor(all_q, padded)
+    mine_nthe = local_partial_for(all_q.flatten(0, 1)).view(pc.world_size, width, *q_thd.shape[1:-1], -1)
+    theirs_nthe = torch.empty_like(mine_nthe)
+    dist.all_to_all_single(theirs_nthe, mine_nthe.contiguous())
+    return merge_packed(theirs_nthe[:, : q_thd.shape[0]])
+
+
+def _split(n: int, parts: int) -> list[slice]:
+    parts = max(1, min(parts, n))
+    step = -(-n // parts)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]

@@ -1,0 +1,72 @@
+"""Engine configuration in one place; flags keep vLLM's spellings. ValueError on bad input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    sp_size: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (the checkpoint's) | float32 | bfloat16 | float16
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192  # prefill tokens per step (a longer prompt is chunked)
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes per rank for the KV pool
+    gpu_memory_utilization: float = 0.9
+    scheduler: str = "slo"  # slo | fcfs
+    ttft_slo_ms: float = 2000.0
+    tbt_slo_ms: float = 200.0
+    attn_backend: str = "auto"  # auto | torch | triton | flash-attn
+    dist_timeout_s: float = 120.0
+    seed: int = 0
+    enforce_cost_model: str | None = None  # path of a saved calibration (skips the profile run)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sp_size >= 1, f"--sp-size must be >= 1, got {self.sp_size}"),
+            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"),
+            (self.max_model_len is None or self.max_model_len >= 1,
+             f"--max-model-len must be >= 1, got {self.max_model_len}"),
+            (self.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.max_num_batched_tokens >= 1,
+             f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (self.block_size >= 1, f"--block-size must be >= 1, got {self.block_size}"),
+            (self.kv_cache_memory is None or self.kv_cache_memory > 0,
+             f"--kv-cache-memory must be a positive number of bytes, got {self.kv_cache_memory}"),
+            (0.0 < self.gpu_memory_utilization <= 1.0,
+             f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
+            (self.scheduler in ("slo", "fcfs"), f"--scheduler must be slo or fcfs, got {self.scheduler!r}"),
+            (self.ttft_slo_ms > 0, f"--ttft-slo-ms must be > 0, got {self.ttft_slo_ms}"),
+            (self.tbt_slo_ms > 0, f"--tbt-slo-ms must be > 0, got {self.tbt_slo_ms}"),
+            (self.attn_backend in ("auto", "torch", "triton", "flash-attn"),
+             f"--attn-backend must be auto, torch, triton or flash-attn, got {self.attn_backend!r}"),
+            (self.dist_timeout_s > 0, f"--dist-timeout must be > 0, got {self.dist_timeout_s}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '512MB', '1e9' -> bytes (GiB/MiB are powers of 2, GB/MB powers of 10)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+    s = text.strip().lower()
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            s, factor = s[: -len(unit)], mult
+            break
+    else:
+        factor = 1
+    try:
+        value = float(s) * factor
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size in bytes; write e.g. 2GiB, 512MB or 1e9") from None
+    if value <= 0:
+        raise ValueError(f"a size in bytes must be positive, got {text!r}")
+    return int(value)

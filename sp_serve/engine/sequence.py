@@ -1,0 +1,56 @@
+"""A request's state as the engine sees it. No tensors."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from sp_serve.engine.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # prefill not finished (never started, mid-way, or preempted)
+    RUNNING = "running"  # decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_cached: int = 0  # tokens whose K/V sit in the cache
+    # Tokens the prefill phase must cover: the prompt, or after a preemption (recompute) the
+    # prompt plus every token generated so far.
+    prefill_target: int = 0
+    first_scheduled_time: float | None = None
+    last_token_time: float | None = None
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.prefill_target = self.prefill_target or len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def remaining_prefill(self) -> int:
+        return self.prefill_target - self.num_cached if self.status is SeqStatus.WAITING else 0
+
+    def prefill_tokens(self, start: int, end: int) -> list[int]:
+        return self.all_token_ids[start:end]
+
+    def reset_for_recompute(self) -> None:
+        self.status = SeqStatus.WAITING
+        self.num_cached = 0
+        self.prefill_target = self.num_tokens
+        self.num_preemptions += 1

@@ -1,0 +1,71 @@
+"""One rank's paged KV pool and its local block tables.
+
+The engine decides how many of a sequence's tokens each rank stores (zigzag share of a prompt,
+balanced placement of decoded tokens); which physical block holds them is decided here, by a
+deterministic allocator whose block counts the engine's BlockManager mirrors exactly, so a step
+plan never carries block ids and allocation here cannot fail where the engine admitted.
+
+A shard is a bag of tokens: decode and later prompt chunks attend to all of it without a mask,
+so the order of tokens inside a rank's shard does not matter.
+
+Legend: l layers, n blocks, s block_size (slots), h kv heads, d head_dim, t tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        # Flat slot layout [l, n*s, h, d]: slot = block * s + offset. torch.empty on CPU commits
+        # pages only when written, so an idle pool costs no resident memory.
+        self.k_lthd = torch.empty(shape, dtype=dtype, device=device)
+        self.v_lthd = torch.empty(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id
+        self._tables: dict[int, list[int]] = {}
+        self._lens: dict[int, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def num_tokens(self, seq_id: int) -> int:
+        return self._lens.get(seq_id, 0)
+
+    def append_slots(self, seq_id: int, count: int) -> torch.Tensor:
+        """Reserves `count` slots at the end of the sequence's shard; returns their slot ids."""
+        table = self._tables.setdefault(seq_id, [])
+        start = self._lens.get(seq_id, 0)
+        end = start + count
+        while len(table) * self.block_size < end:
+            assert self._free, "KV pool exhausted: the engine admitted more than this rank holds"
+            table.append(self._free.pop())
+        self._lens[seq_id] = end
+        return self._slots(table, start, end)
+
+    def slots(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        end = self._lens.get(seq_id, 0) if end is None else end
+        return self._slots(self._tables.get(seq_id, []), start, end)
+
+    def _slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        idx = torch.arange(start, end)
+        blocks = torch.tensor(table, dtype=torch.long)[idx // self.block_size] if end > start else idx
+        return (blocks * self.block_size + idx % self.block_size).to(self.k_lthd.device)
+
+    def write(self, layer: int, slots_t: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor) -> None:
+        self.k_lthd[layer].index_copy_(0, slots_t, k_thd.to(self.k_lthd.dtype))
+        self.v_lthd[layer].index_copy_(0, slots_t, v_thd.to(self.v_lthd.dtype))
+
+    def read(self, layer: int, slots_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_lthd[layer].index_select(0, slots_t), self.v_lthd[layer].index_select(0, slots_t)
+
+    def free(self, seq_id: int) -> None:
+        self._free.extend(reversed(self._tables.pop(seq_id, [])))
+        self._lens.pop(seq_id, None)
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return list(self._tables.get(seq_id, []))
