@@ -1,0 +1,44 @@
+"""Triton kernels for sp-serve, installed as `sp_serve_kernels` (`kernels` is a PyPI name).
+
+    prefill_attention          varlen FlashAttention forward returning (out, lse)
+    paged_decode_attention     split-KV decode over a paged KV cache returning (out, lse)
+    merge_attention_partials   log-sum-exp merge of (out, lse) partials
+    triton_available()         whether the kernels can run here (backends pick with it)
+
+Each kernel has a plain-torch float64 reference in `reference.py`. Importing this package never
+needs Triton; without it the kernel names raise a RuntimeError when called.
+"""
+
+from ._env import triton_available
+from .reference import (
+    merge_attention_partials_ref,
+    paged_decode_attention_ref,
+    prefill_attention_ref,
+)
+
+try:
+    import triton  # noqa: F401
+except ImportError as _error:  # the torch references and triton_available() still work
+    _missing = _error
+
+    def _needs_triton(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            f"sp_serve_kernels needs Triton ({_missing}); install it with `pip install triton` "
+            "or use a torch attention backend (check triton_available() first)"
+        )
+
+    prefill_attention = paged_decode_attention = merge_attention_partials = _needs_triton
+else:
+    from .decode_attention import paged_decode_attention
+    from .lse_merge import merge_attention_partials
+    from .prefill_attention import prefill_attention
+
+__all__ = [
+    "merge_attention_partials",
+    "merge_attention_partials_ref",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+    "prefill_attention",
+    "prefill_attention_ref",
+    "triton_available",
+]

@@ -1,0 +1,35 @@
+"""Triton helpers shared by the kernels in this package."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._env import interpreting
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation.
+
+    UPCAST works around the Triton CPU interpreter, which multiplies the raw uint16 bits of
+    bf16 operands (seen with triton 3.9). bf16 -> fp32 is exact and bf16 products are exact in
+    fp32, so the upcast dot gives the value the GPU's tensor cores give. Never set on a GPU.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def dot_flags(dtype: torch.dtype) -> dict[str, object]:
+    """Constexpr flags for `mma` given the operands' dtype.
+
+    fp32 inputs use IEEE fp32 products rather than TF32 (10-bit mantissa), so fp32 stays a
+    precise path that tests can hold to 1e-4.
+    """
+    return {
+        "UPCAST": dtype == torch.bfloat16 and interpreting(),
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
