@@ -22,7 +22,8 @@ class EngineConfig:
     attn_backend: str = "auto"  # auto | torch | triton | flash-attn
     dist_timeout_s: float = 120.0
     seed: int = 0
-    enforce_cost_model: str | None = None  # path of a saved calibration (skips the profile run)
+    cost_model_path: str | None = None  # a saved calibration (skips the start-up profile run)
+    cpu_threads: int | None = None  # torch threads per rank on CPU (default: cores // ranks)
 
     def __post_init__(self) -> None:
         checks = [

@@ -48,10 +48,11 @@ def decode_over_shards(
     in_flight = []
     for rows in bounds:
         part_the = local_partial(rows)
-        gathered = torch.empty((pc.world_size, *part_the.shape), dtype=part_the.dtype,
-                               device=part_the.device)
+        # gloo wants the output flat along dim 0: [n*t, ...]; viewed as [n, t, ...] to merge
+        gathered = torch.empty((pc.world_size * part_the.shape[0], *part_the.shape[1:]),
+                               dtype=part_the.dtype, device=part_the.device)
         work = dist.all_gather_into_tensor(gathered, part_the, async_op=True)
-        in_flight.append((gathered, work))
+        in_flight.append((gathered.view(pc.world_size, *part_the.shape), work))
     outs = []
     for gathered, work in in_flight:
         work.wait()
@@ -74,9 +75,10 @@ def chunk_over_shards(
     width = max(num_q_per_rank)
     padded = torch.zeros((width, *q_thd.shape[1:]), dtype=q_thd.dtype, device=q_thd.device)
     padded[: q_thd.shape[0]] = q_thd
-    all_q = torch.empty((pc.world_size, *padded.shape), dtype=padded.dtype, device=padded.device)
+    all_q = torch.empty((pc.world_size * width, *padded.shape[1:]), dtype=padded.dtype,
+                        device=padded.device)
     dist.all_gather_into_tensor(all_q, padded)
-    mine_nthe = local_partial_for(all_q.flatten(0, 1)).view(pc.world_size, width, *q_thd.shape[1:-1], -1)
+    mine_nthe = local_partial_for(all_q).view(pc.world_size, width, *q_thd.shape[1:-1], -1)
     theirs_nthe = torch.empty_like(mine_nthe)
     dist.all_to_all_single(theirs_nthe, mine_nthe.contiguous())
     return merge_packed(theirs_nthe[:, : q_thd.shape[0]])

@@ -56,20 +56,19 @@ def pick_device(device: str | None, local_rank: int) -> torch.device:
 def init_parallel(
     rank: int,
     world_size: int,
-    init_method: str | None,
-    device: str | None = None,
-    local_rank: int | None = None,
+    store: dist.Store | None,
+    dev: torch.device,
     timeout_s: float = 120.0,
 ) -> ParallelContext:
-    """Joins (or creates) the process groups. init_method None means torchrun's env:// variables."""
-    dev = pick_device(device, rank if local_rank is None else local_rank)
+    """Joins the process groups; store None means torchrun's env:// variables."""
     backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
+    rendezvous = {"init_method": "env://"} if store is None else {"store": store}
     dist.init_process_group(
         backend=backend,
-        init_method=init_method or "env://",
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
+        **rendezvous,
         **({"device_id": dev} if dev.type == "cuda" else {}),
     )
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

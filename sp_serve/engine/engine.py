@@ -1,0 +1,290 @@
+"""The engine on rank 0: requests in, one step at a time, tokens out.
+
+step(): the scheduler picks the step, the plan goes to every rank, every rank's worker runs it,
+rank 0 samples from the returned logits and applies the stop rules. Frees (finished, aborted,
+preempted) ride on the next plan, so a rank never holds a dead sequence's blocks past one step.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sp_serve.config import EngineConfig
+from sp_serve.engine.cost_model import CostModel
+from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
+from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
+from sp_serve.engine.sampling import SampleResult, SamplingParams, make_generator, sample
+from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from sp_serve.engine.sequence import Sequence, SeqStatus
+from sp_serve.kv.block_manager import BlockManager
+from sp_serve.model.loader import load_tokenizer
+from sp_serve.model.spec import load_spec
+from sp_serve.parallel.groups import shutdown_parallel
+from sp_serve.parallel.launch import launched_by_torchrun, spawn_ranks, torchrun_rank, wait_for_ranks
+
+log = logging.getLogger("sp_serve")
+
+
+@dataclass
+class StepEvent:
+    seq: Sequence
+    sample: SampleResult | None  # the token produced this step (None: finished without one)
+    finished: bool
+
+
+@dataclass
+class StepTiming:
+    kind: str  # "prefill" | "decode" | "mixed"
+    seconds: float
+    prefill_tokens: int
+    cached_tokens: int
+    decode_batch: int
+    decode_context: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.spec = load_spec(config.model)  # fails fast, before any rank starts
+        self.tokenizer = load_tokenizer(config.model)
+        limit = self.spec.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({limit}); use at most {limit}")
+        self.max_model_len = config.max_model_len or limit
+        self._procs = []
+        if launched_by_torchrun():
+            rank, world, local_rank = torchrun_rank()
+            if rank != 0:  # every other rank serves plans until rank 0 says stop, then leaves
+                worker_rank_main(rank, world, None, config, local_rank)
+                raise SystemExit(0)
+            self.runtime: RankRuntime = build_runtime(config, 0, world, None, local_rank)
+        else:
+            store, self._procs = spawn_ranks(config.sp_size, worker_rank_main, (config,),
+                                             config.dist_timeout_s)
+            self.runtime = build_runtime(
+                config, 0, config.sp_size, store,
+                before_join=lambda: wait_for_ranks(store, self._procs, config.dist_timeout_s))
+        self.world_size = self.runtime.pc.world_size
+        self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size)
+        cost = CostModel.load(config.cost_model_path) if config.cost_model_path else CostModel()
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.scheduler, config.max_num_seqs, config.max_num_batched_tokens,
+                            config.ttft_slo_ms / 1e3, config.tbt_slo_ms / 1e3),
+            self.blocks, cost)
+        self._seq_ids = itertools.count()
+        self._by_request: dict[str, list[Sequence]] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+        self._pending_frees: list[int] = []
+        self.last_step: StepTiming | None = None
+        self.dead = False
+        if config.scheduler == "slo" and not config.cost_model_path:
+            self.scheduler.cost = self.calibrate()
+        log.info("sp-serve engine: %d rank(s) on %s, %d KV blocks of %d tokens per rank, scheduler %s",
+                 self.world_size, self.runtime.pc.device, self.runtime.num_blocks, config.block_size,
+                 config.scheduler)
+
+    # ---- requests ------------------------------------------------------------------------
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError for a request this engine cannot serve (worded as vLLM words it)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; send at least one token")
+        bad = [t for t in prompt_token_ids if not (0 <= t < self.spec.vocab_size)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of vocabulary (size {self.spec.vocab_size})")
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} "
+                "in the completion). Please reduce the length of the prompt or completion.")
+        need = self.blocks.prefill_shares(n + params.max_tokens)
+        per_rank_blocks = max(-(-t // self.config.block_size) for t in need)
+        if per_rank_blocks > self.runtime.num_blocks:
+            raise ValueError(f"the request needs {per_rank_blocks} KV blocks per rank but each rank has "
+                             f"{self.runtime.num_blocks}; raise --kv-cache-memory or --sp-size")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> list[Sequence]:
+        self.check_prompt(prompt_token_ids, params)
+        if request_id in self._by_request:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        now = time.monotonic() if arrival_time is None else arrival_time
+        seqs = []
+        for i in range(params.n):
+            p = params if params.n == 1 else _one_of_n(params, i)
+            seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), p, now)
+            self._generators[seq.seq_id] = make_generator(p, self.runtime.pc.device)
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        self._by_request[request_id] = seqs
+        return seqs
+
+    def abort_request(self, request_id: str) -> None:
+        for seq in list(self._by_request.get(request_id, [])):
+            self.finish_sequence(seq, "abort")
+
+    def finish_sequence(self, seq: Sequence, reason: str) -> None:
+        """Ends one sequence now (abort, or a stop string the frontend found) and frees its KV."""
+        if seq.status is not SeqStatus.FINISHED:
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+            self._release(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._pending_frees.append(seq.seq_id)
+        self._generators.pop(seq.seq_id, None)
+        siblings = self._by_request.get(seq.request_id, [])
+        if all(s.status is SeqStatus.FINISHED for s in siblings):
+            self._by_request.pop(seq.request_id, None)
+
+    # ---- stepping ------------------------------------------------------------------------
+    def step(self) -> list[StepEvent]:
+        sched = self.scheduler.schedule()
+        plan = self._plan(sched)
+        if plan.is_noop:
+            return []
+        t0 = time.perf_counter()
+        logits = self._run(plan)
+        self.last_step = _timing(sched, time.perf_counter() - t0)
+        now = time.monotonic()
+        events = []
+        for seq, _, end in sched.prefill:
+            if end == seq.prefill_target:
+                self.scheduler.prefill_done(seq)
+                events.append(self._append(seq, logits[seq.seq_id], now))
+        for seq, _ in sched.decode:
+            events.append(self._append(seq, logits[seq.seq_id], now))
+        return events
+
+    def heartbeat(self) -> None:
+        """Sends pending frees (or an empty plan) so idle ranks see rank 0 alive."""
+        self._run(self._plan(ScheduledStep()))
+
+    def _plan(self, sched: ScheduledStep) -> StepPlan:
+        frees = self._pending_frees + [s.seq_id for s in sched.preempted]
+        self._pending_frees = []
+        return StepPlan(
+            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target)
+                     for s, a, b in sched.prefill],
+            decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
+                    for s, owner in sched.decode],
+            free_seq_ids=frees)
+
+    def _run(self, plan: StepPlan) -> dict[int, torch.Tensor]:
+        try:
+            self.runtime.send_plan(plan)
+            return self.runtime.worker.execute(plan)
+        except Exception:
+            self.dead = True
+            raise
+
+    def _append(self, seq: Sequence, logits_v: torch.Tensor, now: float) -> StepEvent:
+        result = sample(logits_v, seq.params, self._generators.get(seq.seq_id))
+        seq.output_token_ids.append(result.token_id)
+        seq.last_token_time = now
+        reason = self._finish_reason(seq, result.token_id)
+        if reason is not None:
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+            self._release(seq)
+        return StepEvent(seq, result, reason is not None)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.spec.eos_token_ids:
+            return "stop"
+        if token in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # ---- start-up profile ----------------------------------------------------------------
+    def calibrate(self) -> CostModel:
+        """Times a few prefill and decode steps of dummy sequences and fits the cost model."""
+        cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, 2048))
+        sizes = sorted({max(8, cap // 8), max(8, cap // 2), cap})
+        self._profile_prefill(-1, 0, sizes[0])  # warm-up: one-off allocator and pool costs
+        self._release_profile([-1])
+        prefill, decode, ctx = [], [], {}
+        for i, n in enumerate(sizes):
+            sid = -2 - i
+            for start in (0, n):  # a first chunk, then a chunk over n cached tokens
+                if self._profile_prefill(sid, start, start + n, prefill):
+                    ctx[sid] = start + n
+        ids = list(ctx)
+        for batch in sorted({1, len(ids)}):
+            for _ in range(2):
+                self._profile_decode({sid: ctx[sid] for sid in ids[:batch]}, decode, ctx)
+        self._release_profile([-2 - i for i in range(len(sizes))])
+        if len(prefill) < 3 or len(decode) < 3:
+            log.warning("KV pool too small for the start-up profile; using default step costs")
+            return CostModel()
+        cost = CostModel.fit(prefill, decode)
+        log.info("cost model: %s", cost)
+        return cost
+
+    def _profile_prefill(self, sid: int, start: int, end: int, out: list | None = None) -> bool:
+        shares = self.blocks.prefill_shares(end - start)
+        if not self.blocks.can_hold(sid, shares):
+            return False
+        self.blocks.allocate(sid, shares)
+        t0 = time.perf_counter()
+        self._run(StepPlan(prefill=[PrefillChunk(sid, [0] * (end - start), start, True)]))
+        if out is not None:
+            out.append((end - start, start, time.perf_counter() - t0))
+        return True
+
+    def _profile_decode(self, batch: dict[int, int], out: list, ctx: dict[int, int]) -> None:
+        tokens = []
+        for sid, pos in batch.items():
+            owner = self.blocks.decode_rank(sid)
+            add = [int(r == owner) for r in range(self.world_size)]
+            if not self.blocks.can_hold(sid, add):
+                return
+            self.blocks.allocate(sid, add)
+            tokens.append(DecodeToken(sid, 0, pos, owner))
+        t0 = time.perf_counter()
+        self._run(StepPlan(decode=tokens))
+        out.append((len(tokens), sum(batch.values()), time.perf_counter() - t0))
+        for sid in batch:
+            ctx[sid] += 1
+
+    def _release_profile(self, ids: list[int]) -> None:
+        for sid in ids:
+            self.blocks.free(sid)
+        self._run(StepPlan(free_seq_ids=ids))
+
+    def shutdown(self) -> None:
+        if getattr(self, "runtime", None) is None:
+            return
+        try:
+            if not self.dead:
+                self.runtime.send_plan(StepPlan(shutdown=True))
+        except Exception:
+            pass
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        shutdown_parallel()
+        self.runtime = None
+
+
+def _one_of_n(params: SamplingParams, i: int) -> SamplingParams:
+    from dataclasses import replace
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+
+
+def _timing(sched: ScheduledStep, seconds: float) -> StepTiming:
+    kind = "mixed" if sched.prefill and sched.decode else ("prefill" if sched.prefill else "decode")
+    return StepTiming(kind, seconds,
+                      sum(b - a for _, a, b in sched.prefill), sum(a for _, a, _ in sched.prefill),
+                      len(sched.decode), sum(s.num_cached for s, _ in sched.decode))

@@ -1,0 +1,114 @@
+"""Each rank's runtime: the model, its KV pool and worker, and the control-plane loop.
+
+Rank 0 broadcasts a StepPlan on the gloo control group every step (and an empty one about once
+a second when idle, so a dead peer is noticed); every other rank loops receiving and executing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sp_serve.config import EngineConfig
+from sp_serve.engine.plan import StepPlan
+from sp_serve.engine.worker import Worker
+from sp_serve.kv.cache import PagedKVCache
+from sp_serve.model.loader import load_model
+from sp_serve.parallel.groups import ParallelContext, init_parallel, pick_device, shutdown_parallel
+from sp_serve.parallel.launch import announce_joined, client_store
+
+log = logging.getLogger("sp_serve")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 4 * 2**30  # per rank; CPU pages are committed only when written
+
+
+@dataclass
+class RankRuntime:
+    pc: ParallelContext
+    worker: Worker
+    num_blocks: int
+
+    def send_plan(self, plan: StepPlan) -> None:
+        """Rank 0: hand the plan to every other rank (a no-op at world size 1)."""
+        if self.pc.world_size > 1:
+            dist.broadcast_object_list([plan], src=0, group=self.pc.control_group)
+
+    def recv_plan(self) -> StepPlan:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0, group=self.pc.control_group)
+        return box[0]
+
+
+def set_cpu_threads(config: EngineConfig, world_size: int) -> None:
+    threads = config.cpu_threads or max(1, (os.cpu_count() or 1) // world_size)
+    torch.set_num_threads(threads)
+
+
+def kv_bytes_per_token(spec, dtype: torch.dtype) -> int:
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * torch.finfo(dtype).bits // 8
+
+
+def _num_blocks(config: EngineConfig, spec, dtype: torch.dtype, pc: ParallelContext) -> int:
+    per_block = kv_bytes_per_token(spec, dtype) * config.block_size
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+    elif pc.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(pc.device)
+        used_elsewhere = total - free  # weights are already loaded
+        budget = int(total * config.gpu_memory_utilization) - used_elsewhere - 2 * 2**30  # activations
+    else:
+        budget = DEFAULT_CPU_KV_BYTES
+    blocks = torch.tensor([max(0, budget // per_block)], dtype=torch.long)
+    if pc.world_size > 1:  # every rank must have the same pool size: take the smallest
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=pc.control_group)
+    if blocks.item() < 1:
+        raise ValueError(f"no room for a single KV block ({per_block} bytes) per rank; "
+                         "raise --kv-cache-memory or --gpu-memory-utilization")
+    return int(blocks.item())
+
+
+def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.Store | None,
+                  local_rank: int | None = None, before_join=None) -> RankRuntime:
+    """Loads the model, then (after before_join(), e.g. waiting for the other ranks) joins the
+    process groups. Loading first means a bad checkpoint fails before any rank waits on it."""
+    set_cpu_threads(config, world_size)
+    device = pick_device(config.device, rank if local_rank is None else local_rank)
+    dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
+    model, spec = load_model(config.model, dtype=dtype, device=device)
+    if before_join is not None:
+        before_join()
+    pc = init_parallel(rank, world_size, store, device, config.dist_timeout_s)
+    kv_dtype = next(model.parameters()).dtype
+    num_blocks = _num_blocks(config, spec, kv_dtype, pc)
+    kv = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
+                      spec.head_dim, kv_dtype, pc.device)
+    return RankRuntime(pc, Worker(pc, model, spec, kv), num_blocks)
+
+
+def worker_rank_main(rank: int, world_size: int, store_port: int | None, config: EngineConfig,
+                     local_rank: int | None = None) -> None:
+    """Entry of every rank but 0: execute plans until told to stop; exit non-zero on failure.
+
+    store_port: rank 0's rendezvous store (spawned ranks); None under torchrun (env://)."""
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(message)s")
+    try:
+        store = None if store_port is None else client_store(store_port, config.dist_timeout_s)
+        ready = None if store is None else (lambda: announce_joined(store, rank))
+        rt = build_runtime(config, rank, world_size, store, local_rank, before_join=ready)
+        while True:
+            plan = rt.recv_plan()
+            if plan.shutdown:
+                break
+            rt.worker.execute(plan)
+    except Exception as exc:  # a peer died or a step failed: say so in one line and leave
+        print(f"sp-serve rank {rank}: stopping: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    shutdown_parallel()
+    time.sleep(0)  # let logging flush

@@ -1,0 +1,80 @@
+"""Starting ranks: under torchrun the launched processes are the ranks; otherwise rank 0 is
+this process and ranks 1..N-1 are spawned here (spawn, not fork: torch state must not be
+inherited). Rank 0 hosts the rendezvous store and watches its children while they start, so a
+rank that fails to start is reported at once instead of after the store's timeout. Spawned ranks
+are daemonic: a normal exit of rank 0 leaves none behind, and a rank that loses rank 0 fails
+its next collective and exits.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import time
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from sp_serve.parallel.groups import launched_by_torchrun
+
+_HOST = "127.0.0.1"
+
+
+def torchrun_rank() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment."""
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def client_store(port: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(_HOST, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def spawn_ranks(world_size: int, entry: Callable[..., Any], args: tuple, timeout_s: float
+                ) -> tuple[dist.TCPStore, list[mp.Process]]:
+    """Spawns ranks 1..world_size-1 running entry(rank, world_size, store_port, *args); returns
+    rank 0's store at once (the ranks load their models meanwhile: see wait_for_ranks)."""
+    store = dist.TCPStore(_HOST, 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in range(1, world_size):
+        p = ctx.Process(target=entry, args=(rank, world_size, store.port, *args), daemon=True,
+                        name=f"sp-serve-rank{rank}")
+        p.start()
+        procs.append(p)
+    return store, procs
+
+
+def wait_for_ranks(store: dist.Store, procs: list[mp.Process], timeout_s: float) -> None:
+    """Rank 0: waits until every spawned rank has announced itself ready, failing fast (and
+    killing the others) if one exits first."""
+    deadline = time.monotonic() + timeout_s
+    for rank, p in enumerate(procs, start=1):
+        while not _joined(store, rank):
+            if p.exitcode is not None:
+                kill(procs)
+                raise RuntimeError(f"rank {rank} exited with code {p.exitcode} while starting; "
+                                   "its error is printed above")
+            if time.monotonic() > deadline:
+                kill(procs)
+                raise RuntimeError(f"rank {rank} did not start within {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+
+def announce_joined(store: dist.Store, rank: int) -> None:
+    store.set(f"sp_serve/joined/{rank}", "1")
+
+
+def _joined(store: dist.Store, rank: int) -> bool:
+    return store.check([f"sp_serve/joined/{rank}"])
+
+
+def kill(procs: list[mp.Process]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(timeout=5)
+
+
+__all__ = ["announce_joined", "client_store", "kill", "launched_by_torchrun", "spawn_ranks",
+           "torchrun_rank", "wait_for_ranks"]
