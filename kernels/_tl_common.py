@@ -33,3 +33,23 @@ def dot_flags(dtype: torch.dtype) -> dict[str, object]:
         "UPCAST": dtype == torch.bfloat16 and interpreting(),
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
+
+
+@triton.jit
+def load_tile(ptrs, rows_ok, dims_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, zero outside the valid rows and head_dim columns.
+
+    Masks are built only where needed (decided at compile time): an all-true mask the compiler
+    cannot see through could cost the wide vector loads.
+    """
+    if CHECK_ROWS:
+        mask = rows_ok[:, None]
+        if BLOCK_D != HEAD_DIM:
+            mask = mask & (dims_d < HEAD_DIM)[None, :]
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        tile = tl.load(ptrs, mask=(dims_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile

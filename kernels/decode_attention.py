@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._env import interpreting, next_pow2
-from ._tl_common import dot_flags, mma
+from ._tl_common import dot_flags, load_tile, mma
 from .lse_merge import merge_attention_partials
 
 _LOG2E = 1.4426950408889634
@@ -58,8 +58,8 @@ def _decode_split_kernel(
     head_ok_g = group_g < group_size
     dims_d = tl.arange(0, BLOCK_D)
     dim_ok_d = dims_d < HEAD_DIM
-    q_gd = tl.load(q_ptr + seq * stride_qb + heads_g[:, None] * stride_qh + dims_d[None, :],
-                   mask=head_ok_g[:, None] & dim_ok_d[None, :], other=0.0)
+    q_gd = load_tile(q_ptr + seq * stride_qb + heads_g[:, None] * stride_qh + dims_d[None, :],
+                     head_ok_g, dims_d, True, HEAD_DIM, BLOCK_D)
 
     table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_tables_b
     k_base = k_cache_ptr + kv_head * stride_kh
@@ -73,8 +73,8 @@ def _decode_split_kernel(
         # Table entries past the sequence may hold anything: never read them (mask).
         pages_n = tl.load(table_row_ptr + tokens_n // PAGE_SIZE, mask=token_ok_n, other=0)
         rows_n = pages_n.to(tl.int64) * stride_kblk + (tokens_n % PAGE_SIZE) * stride_kslot
-        kv_mask_nd = token_ok_n[:, None] & dim_ok_d[None, :]
-        k_nd = tl.load(k_base + rows_n[:, None] + dims_d[None, :], mask=kv_mask_nd, other=0.0)
+        k_nd = load_tile(k_base + rows_n[:, None] + dims_d[None, :], token_ok_n, dims_d,
+                         True, HEAD_DIM, BLOCK_D)
         qk_gn = mma(q_gd, tl.trans(k_nd), tl.zeros([BLOCK_G, BLOCK_N], tl.float32),
                     UPCAST, PRECISION) * qk_scale_log2
         qk_gn = tl.where(token_ok_n[None, :], qk_gn, float("-inf"))
@@ -84,7 +84,8 @@ def _decode_split_kernel(
         p_gn = tl.exp2(qk_gn - m_new_g[:, None])
         l_g = l_g * alpha_g + tl.sum(p_gn, 1)
         rows_v_n = pages_n.to(tl.int64) * stride_vblk + (tokens_n % PAGE_SIZE) * stride_vslot
-        v_nd = tl.load(v_base + rows_v_n[:, None] + dims_d[None, :], mask=kv_mask_nd, other=0.0)
+        v_nd = load_tile(v_base + rows_v_n[:, None] + dims_d[None, :], token_ok_n, dims_d,
+                         True, HEAD_DIM, BLOCK_D)
         acc_gd = mma(p_gn.to(v_nd.dtype), v_nd, acc_gd * alpha_g[:, None], UPCAST, PRECISION)
         m_g = m_new_g
 

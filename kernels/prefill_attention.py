@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._env import interpreting, next_pow2
-from ._tl_common import dot_flags, mma
+from ._tl_common import dot_flags, load_tile, mma
 
 _LOG2E = 1.4426950408889634
 
@@ -43,17 +43,14 @@ def _attend_block(
     """One step of the online softmax over keys [n0, n0 + BLOCK_N)."""
     cols_n = n0 + tl.arange(0, BLOCK_N)
     cols64_n = cols_n.to(tl.int64)
-    if MASKED:
-        kv_mask_nd = (cols_n < k_len)[:, None] & (dims_d < HEAD_DIM)[None, :]
-    else:
-        kv_mask_nd = (dims_d < HEAD_DIM)[None, :]  # folds away when BLOCK_D == HEAD_DIM
-    k_nd = tl.load(k_base + cols64_n[:, None] * stride_kt + dims_d[None, :], mask=kv_mask_nd,
-                   other=0.0)
+    col_ok_n = cols_n < k_len
+    k_nd = load_tile(k_base + cols64_n[:, None] * stride_kt + dims_d[None, :], col_ok_n, dims_d,
+                     MASKED, HEAD_DIM, BLOCK_D)
     # Scores in log2 units: exp2 is the fast hardware exponential.
     qk_mn = mma(q_md, tl.trans(k_nd), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
                 UPCAST, PRECISION) * qk_scale_log2
     if MASKED:
-        visible_mn = (cols_n < k_len)[None, :]
+        visible_mn = col_ok_n[None, :]
         if CAUSAL:
             visible_mn = visible_mn & (cols_n[None, :] <= rows_m[:, None] + diag)
         qk_mn = tl.where(visible_mn, qk_mn, float("-inf"))
@@ -64,8 +61,8 @@ def _attend_block(
     alpha_m = tl.exp2(m_m - m_safe_m)
     p_mn = tl.exp2(qk_mn - m_safe_m[:, None])
     l_m = l_m * alpha_m + tl.sum(p_mn, 1)
-    v_nd = tl.load(v_base + cols64_n[:, None] * stride_vt + dims_d[None, :], mask=kv_mask_nd,
-                   other=0.0)
+    v_nd = load_tile(v_base + cols64_n[:, None] * stride_vt + dims_d[None, :], col_ok_n, dims_d,
+                     MASKED, HEAD_DIM, BLOCK_D)
     acc_md = mma(p_mn.to(v_nd.dtype), v_nd, acc_md * alpha_m[:, None], UPCAST, PRECISION)
     return m_new_m, l_m, acc_md
 
@@ -99,8 +96,8 @@ def _prefill_kernel(
     row_ok_m = rows_m < q_len
     mask_md = row_ok_m[:, None] & (dims_d < HEAD_DIM)[None, :]
     tokens64_m = (q_start + rows_m).to(tl.int64)
-    q_md = tl.load(q_ptr + tokens64_m[:, None] * stride_qt + head * stride_qh + dims_d[None, :],
-                   mask=mask_md, other=0.0)
+    q_md = load_tile(q_ptr + tokens64_m[:, None] * stride_qt + head * stride_qh + dims_d[None, :],
+                     row_ok_m, dims_d, True, HEAD_DIM, BLOCK_D)
 
     # Query i sees keys j <= i + diag. Keys below full_end are visible to every row of this
     # block (no mask work); keys in [full_end, hi) need the mask; keys >= hi are never seen.
