@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sp_serve.attention.backend import device_name
 from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
@@ -70,6 +71,8 @@ class LLMEngine:
                 config, 0, config.sp_size, store,
                 before_join=lambda: wait_for_ranks(store, self._procs, config.dist_timeout_s))
         self.world_size = self.runtime.pc.world_size
+        self.attn_backend = self.runtime.worker.backend
+        self.device_name = device_name(self.runtime.pc.device)
         self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size)
         cost = CostModel.load(config.cost_model_path) if config.cost_model_path else CostModel()
         self.scheduler = Scheduler(
@@ -84,9 +87,9 @@ class LLMEngine:
         self.dead = False
         if config.scheduler == "slo" and not config.cost_model_path:
             self.scheduler.cost = self.calibrate()
-        log.info("sp-serve engine: %d rank(s) on %s, %d KV blocks of %d tokens per rank, scheduler %s",
-                 self.world_size, self.runtime.pc.device, self.runtime.num_blocks, config.block_size,
-                 config.scheduler)
+        log.info("sp-serve engine: %d rank(s) on %s, attention backend %s, %d KV blocks of %d tokens "
+                 "per rank, scheduler %s", self.world_size, self.device_name, self.attn_backend,
+                 self.runtime.num_blocks, config.block_size, config.scheduler)
 
     # ---- requests ------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sp_serve.attention.backend import resolve_backend
 from sp_serve.config import EngineConfig
 from sp_serve.engine.plan import StepPlan
 from sp_serve.engine.worker import Worker
@@ -88,7 +89,8 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
     num_blocks = _num_blocks(config, spec, kv_dtype, pc)
     kv = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
                       spec.head_dim, kv_dtype, pc.device)
-    return RankRuntime(pc, Worker(pc, model, spec, kv), num_blocks)
+    backend = resolve_backend(config.attn_backend, pc.device)
+    return RankRuntime(pc, Worker(pc, model, spec, kv, backend), num_blocks)
 
 
 def worker_rank_main(rank: int, world_size: int, store_port: int | None, config: EngineConfig,

@@ -25,9 +25,10 @@ from sp_serve.parallel.groups import ParallelContext
 
 
 class Worker:
-    def __init__(self, pc: ParallelContext, model, spec, kv: PagedKVCache):
+    def __init__(self, pc: ParallelContext, model, spec, kv: PagedKVCache, backend: str = "torch"):
         self.pc, self.model, self.spec, self.kv = pc, model, spec, kv
         self.scale = spec.softmax_scale
+        self.backend = backend
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> dict[int, torch.Tensor]:

@@ -1,0 +1,200 @@
+"""`sp-serve serve | generate | bench | plan | make-tiny-model`.
+
+Anything a user can get wrong ends in one line `sp-serve: error: ...` and exit code 2, not a
+traceback; a rank that fails ends the command with exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sp_serve.config import EngineConfig, parse_bytes
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
+    p.add_argument("--model", required=model_required, default=None,
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors)"
+                   + ("" if model_required else "; default: the built-in tiny model"))
+    p.add_argument("--sp-size", "-sp", "--sequence-parallel-size", dest="sp_size", type=int, default=1,
+                   help="ranks sharing each sequence (spawned here unless launched by torchrun)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="bytes of KV pool per rank, e.g. 2GiB (default: 4GiB on CPU, from "
+                   "--gpu-memory-utilization on GPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--scheduler", default="slo", choices=["slo", "fcfs"])
+    p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    p.add_argument("--tbt-slo-ms", type=float, default=200.0)
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton", "flash-attn"])
+    p.add_argument("--dist-timeout", dest="dist_timeout_s", type=float, default=120.0,
+                   help="seconds a rank waits on a peer before giving up")
+    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
+    p.add_argument("--cost-model", dest="cost_model_path", default=None,
+                   help="a saved step-cost calibration (skips the start-up profile run)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    model = args.model
+    if model is None:
+        from sp_serve.model.tiny import default_model_dir
+        model = str(default_model_dir())
+    fields = ["sp_size", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+              "block_size", "kv_cache_memory", "gpu_memory_utilization", "scheduler", "ttft_slo_ms",
+              "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cost_model_path", "seed"]
+    return EngineConfig(model=model, **{f: getattr(args, f) for f in fields})
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="offline generation for one or more prompts")
+    add_engine_args(p, model_required=False)
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    p.add_argument("--prompt-token-ids", action="append", default=[], help="e.g. 1,2,3 (repeatable)")
+    p.add_argument("--input", help="JSONL file: one object per line with prompt or prompt_token_ids")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt, in input order")
+    p.set_defaults(func=run_generate)
+
+
+def _read_prompts(args: argparse.Namespace) -> list:
+    prompts: list = list(args.prompt)
+    for text in args.prompt_token_ids:
+        try:
+            prompts.append([int(t) for t in text.split(",") if t.strip()])
+        except ValueError:
+            raise ValueError(f"--prompt-token-ids takes comma-separated integers, got {text!r}") from None
+    if args.input:
+        try:
+            lines = open(args.input, encoding="utf-8").read().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read --input {args.input}: {exc.strerror}") from None
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{args.input}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not ({"prompt", "prompt_token_ids"} & obj.keys()):
+                raise ValueError(f"{args.input}:{n}: each line needs 'prompt' or 'prompt_token_ids'")
+            prompts.append(obj)
+    if not prompts:
+        raise ValueError("give at least one --prompt, --prompt-token-ids or --input")
+    for p in prompts:
+        ids = p if isinstance(p, list) else (p.get("prompt_token_ids") if isinstance(p, dict) else None)
+        if ids is not None and (not isinstance(ids, list) or not ids):
+            raise ValueError("prompt_token_ids must be a non-empty list of integers")
+    return prompts
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from sp_serve.engine.sampling import SamplingParams
+    from sp_serve.llm import LLM
+
+    prompts = _read_prompts(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    config = engine_config(args)
+    llm = LLM(config.model, **{k: v for k, v in vars(config).items() if k != "model"})
+    try:
+        outputs = llm.generate(prompts, params)
+    finally:
+        llm.shutdown()
+    for out in outputs:
+        best = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "output_token_ids": best.token_ids,
+                              "text": best.text, "finish_reason": best.finish_reason}))
+        else:
+            print(best.text)
+    return 0
+
+
+# ---- serve -------------------------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    add_engine_args(p, model_required=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    p.add_argument("--uvicorn-log-level", default="warning")
+    p.set_defaults(func=run_serve_cmd)
+
+
+def run_serve_cmd(args: argparse.Namespace) -> int:
+    from sp_serve.serve import run_server
+    return run_server(engine_config(args), args)
+
+
+# ---- make-tiny-model ---------------------------------------------------------------------------
+def _add_make_tiny(sub) -> None:
+    p = sub.add_parser("make-tiny-model", help="write a random-weight checkpoint in Hugging Face format")
+    p.add_argument("dir")
+    p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_make_tiny)
+
+
+def run_make_tiny(args: argparse.Namespace) -> int:
+    from sp_serve.model.tiny import make_tiny_model
+    print(make_tiny_model(args.dir, arch=args.arch, seed=args.seed))
+    return 0
+
+
+# ---- plan / bench (their own modules) ----------------------------------------------------------
+def _add_plan(sub) -> None:
+    from sp_serve.planner import cli as plan_cli
+    p = sub.add_parser("plan", help="analytic model (and simulator) of long-context serving")
+    plan_cli.add_arguments(p)
+    p.set_defaults(func=plan_cli.run)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks against a running server")
+    bench_sub = p.add_subparsers(dest="bench_cmd", required=True)
+    try:
+        from sp_serve.bench import cli as bench_cli
+    except ImportError:
+        return
+    bench_cli.add_subcommands(bench_sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sp-serve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for add in (_add_serve, _add_generate, _add_bench, _add_plan, _add_make_tiny):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"sp-serve: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a rank failed to start or died
+        print(f"sp-serve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

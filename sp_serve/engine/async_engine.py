@@ -1,0 +1,156 @@
+"""EngineClient for the HTTP frontend: the LLMEngine stepped by one thread, requests and aborts
+handed in through a queue, TokenDeltas handed back to each request's asyncio queue.
+
+The step loop never blocks on the event loop and the event loop never blocks on a step. When
+idle the thread sends an empty plan about once a second, so a dead rank is noticed (and
+/health turns 503) even with no traffic.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator
+
+from sp_serve.engine.engine import LLMEngine, StepEvent
+from sp_serve.engine.protocol import EngineStats, TokenDelta, TokenLogprob
+from sp_serve.engine.sampling import SamplingParams
+
+log = logging.getLogger("sp_serve")
+HEARTBEAT_S = 1.0
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self.tokenizer = engine.tokenizer
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stats = EngineStats()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sp-serve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- EngineClient ----------------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[TokenDelta]:
+        if not self.is_healthy():
+            raise EngineDeadError("the engine is not running")
+        self.engine.check_prompt(prompt_token_ids, params)  # ValueError -> HTTP 400
+        if params.n != 1:
+            raise ValueError("the engine takes n=1 per request; the frontend fans out n > 1")
+        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (loop, out)
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
+        finished = False
+        try:
+            while not finished:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnect): free the KV now
+                self._inbox.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def is_healthy(self) -> bool:
+        return self._thread.is_alive() and self._error is None and not self.engine.dead
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake",))
+        self._thread.join(timeout_s)
+
+    # ---- the step thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        last_plan = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished()
+                self._drain_inbox(block=not busy)
+                if self.engine.has_unfinished():
+                    self._dispatch(self.engine.step())
+                    last_plan = time.monotonic()
+                elif time.monotonic() - last_plan >= HEARTBEAT_S:
+                    self.engine.heartbeat()
+                    last_plan = time.monotonic()
+                self._update_stats()
+        except BaseException as exc:  # a rank died or a step failed: fail every open request
+            self._error = exc
+            log.error("engine stopped: %s: %s", type(exc).__name__, exc)
+            self._fail_all(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
+            return
+        self._fail_all(EngineDeadError("the server is shutting down"))
+        self.engine.shutdown()
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=HEARTBEAT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item[0] == "add":
+                _, rid, prompt, params, arrival = item
+                if rid in self._streams:  # not aborted while queued
+                    try:
+                        self.engine.add_request(rid, prompt, params, arrival)
+                    except ValueError as exc:
+                        self._send(rid, exc)
+            elif item[0] == "abort":
+                self.engine.abort_request(item[1])
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, events: list[StepEvent]) -> None:
+        for ev in events:
+            seq, s = ev.seq, ev.sample
+            logprobs = None
+            if s is not None and s.logprob is not None:
+                logprobs = [TokenLogprob(s.token_id, s.logprob, s.top or [])]
+            queue_time = None
+            if len(seq.output_token_ids) == 1 and seq.first_scheduled_time is not None:
+                queue_time = seq.first_scheduled_time - seq.arrival_time
+            self._send(seq.request_id, TokenDelta([s.token_id] if s else [], logprobs,
+                                                  seq.finish_reason if ev.finished else None, queue_time))
+
+    def _send(self, request_id: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, out = target
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            ids = list(self._streams)
+        for rid in ids:
+            self._send(rid, exc)
+
+    def _update_stats(self) -> None:
+        sched = self.engine.scheduler
+        self._stats = EngineStats(len(sched.running), len(sched.waiting), self.engine.blocks.usage(),
+                                  sched.num_preemptions)
