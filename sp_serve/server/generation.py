@@ -1,0 +1,253 @@
+"""The engine requests behind one HTTP request, and their cleanup.
+
+An HTTP request with n choices (times the prompts of a batch) becomes that many engine requests,
+each consumed by its own task into one queue, so choices stream as their tokens come. The group
+owns their lifetime: whatever ends the HTTP request early (a stop string, a client that
+disconnects, an error) aborts every engine request not yet finished, at once, so its KV blocks
+are freed instead of decoding to max_tokens for nobody.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from sp_serve.engine.protocol import EngineClient, TokenDelta, TokenLogprob
+from sp_serve.engine.sampling import SamplingParams
+from sp_serve.server.errors import BadRequest, ClientDisconnected, ServiceUnavailable
+from sp_serve.server.metrics import ServerMetrics
+from sp_serve.server.stream import TextStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChoiceUpdate:
+    """What one engine step added to one choice, after detokenization and stop strings."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+@dataclass
+class Choice:
+    """One engine request: a prompt with its own SamplingParams (n=1) and request id."""
+
+    index: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: TextStream
+    num_tokens: int = 0
+    engine_done: bool = False  # the engine finished it, or we aborted it: nothing to free
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def consume(self, delta: TokenDelta) -> ChoiceUpdate:
+        pieces: list[str] = []
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprob] | None = [] if delta.logprobs is not None else None
+        finish_reason: str | None = None
+        stop_reason: str | int | None = None
+        for i, token_id in enumerate(delta.new_token_ids):
+            token_ids.append(token_id)
+            if logprobs is not None:
+                logprobs.append(delta.logprobs[i])
+            piece, matched = self.text.add_token(token_id)
+            pieces.append(piece)
+            if matched is not None:  # tokens after the stop string are dropped, not counted
+                finish_reason, stop_reason = "stop", matched
+                break
+        if finish_reason is None and delta.finish_reason is not None:
+            piece, matched = self.text.finish()
+            pieces.append(piece)
+            finish_reason = delta.finish_reason
+            last_token = token_ids[-1] if token_ids else None
+            if matched is not None:
+                finish_reason, stop_reason = "stop", matched
+            elif finish_reason == "stop" and last_token in self.params.stop_token_ids:
+                stop_reason = last_token
+        self.num_tokens += len(token_ids)
+        return ChoiceUpdate(self.index, "".join(pieces), token_ids, logprobs, finish_reason,
+                            stop_reason)
+
+
+_CLOSED = object()  # queue item: the group was closed before every choice finished
+
+
+class GenerationGroup:
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, choices: list[Choice],
+                 prompt_tokens: int, arrival: float) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.choices = choices
+        self.prompt_tokens = prompt_tokens  # usage counts each prompt once, whatever n is
+        self.arrival = arrival  # time.monotonic() when the HTTP request came in
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._watcher: asyncio.Task | None = None
+        self._pending_first: Any = None
+        self._closed = False
+
+    async def start(self, receive: Callable[[], Awaitable[dict]]) -> None:
+        """Submits every choice and watches the connection; BadRequest if the engine refuses.
+
+        `receive` is the ASGI receive of the HTTP request; its http.disconnect closes the group.
+        """
+        self._watcher = asyncio.create_task(self._watch_disconnect(receive))
+        streams = []
+        for i, choice in enumerate(self.choices):
+            try:
+                streams.append(self.engine.generate(choice.prompt_ids, choice.params,
+                                                    choice.request_id))
+            except ValueError as exc:  # refused: this one and the rest never reached the engine
+                for never_submitted in self.choices[i:]:
+                    never_submitted.engine_done = True
+                await self.close()
+                raise BadRequest(str(exc)) from exc
+        self._tasks = [asyncio.create_task(self._run(c, s)) for c, s in zip(self.choices, streams)]
+
+    async def first(self) -> None:
+        """Waits for the first output of any choice, so that a ValueError the engine raises
+        before its first token (protocol: before yielding) is still answered as a 400.
+        Streaming responses call this before sending their headers."""
+        item = await self._queue.get()
+        self._raise_if_error(item)
+        self._pending_first = item
+
+    @staticmethod
+    def _raise_if_error(item: Any) -> None:
+        if item is _CLOSED:
+            raise ClientDisconnected()
+        if isinstance(item, BaseException):
+            raise item
+
+    async def updates(self) -> AsyncIterator[ChoiceUpdate]:
+        """Every choice's updates as they come, until all have finished."""
+        remaining = len(self.choices)
+        while remaining:
+            if self._pending_first is not None:
+                item, self._pending_first = self._pending_first, None
+            else:
+                item = await self._queue.get()
+            self._raise_if_error(item)
+            if item.finish_reason is not None:
+                remaining -= 1
+            yield item
+
+    async def collect(self) -> list[ChoiceResult]:
+        results = {c.index: ChoiceResult(c.index, "", [], None, None, None) for c in self.choices}
+        async for update in self.updates():
+            result = results[update.index]
+            result.text += update.text
+            result.token_ids += update.token_ids
+            if update.logprobs is not None:
+                result.logprobs = (result.logprobs or []) + update.logprobs
+            result.finish_reason, result.stop_reason = update.finish_reason, update.stop_reason
+        return [results[c.index] for c in self.choices]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+    async def _run(self, choice: Choice, stream: AsyncIterator[TokenDelta]) -> None:
+        try:
+            async for delta in stream:
+                self._observe(choice, delta)
+                update = choice.consume(delta)
+                self._queue.put_nowait(update)
+                if update.finish_reason is None:
+                    continue
+                if delta.finish_reason is None:  # a stop string: the engine must stop too
+                    await self._abort(choice)
+                choice.engine_done = True
+                self.metrics.e2e_request_latency.observe(time.monotonic() - self.arrival)
+                self.metrics.request_finished(update.finish_reason)
+                return
+            raise RuntimeError(f"engine stream {choice.request_id} ended without a finish_reason")
+        except ValueError as exc:
+            if choice.num_tokens:  # the protocol allows ValueError only before the first token
+                self._queue.put_nowait(exc)
+                return
+            choice.engine_done = True  # refused: nothing was admitted, nothing to abort
+            self._queue.put_nowait(BadRequest(str(exc)))
+        except Exception as exc:  # noqa: BLE001 -- an engine failure: the consumer answers 5xx
+            if not self.engine.is_healthy():  # the engine died under us: 503, try elsewhere
+                exc = ServiceUnavailable(f"The engine stopped: {type(exc).__name__}: {exc}")
+            self._queue.put_nowait(exc)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _observe(self, choice: Choice, delta: TokenDelta) -> None:
+        now = time.monotonic()
+        if delta.queue_time_s is not None:
+            self.metrics.request_queue_time.observe(delta.queue_time_s)
+        if delta.new_token_ids:
+            if choice.first_token_at is None:
+                choice.first_token_at = now
+                self.metrics.time_to_first_token.observe(now - self.arrival)
+                self.metrics.prompt_tokens.inc(len(choice.prompt_ids))
+            else:
+                self.metrics.inter_token_latency.observe(now - choice.last_token_at)
+            choice.last_token_at = now
+            self.metrics.generation_tokens.inc(len(delta.new_token_ids))
+
+    async def _abort(self, choice: Choice) -> None:
+        try:
+            await self.engine.abort(choice.request_id)
+        except Exception:  # cleanup goes on for the other choices
+            logger.exception("engine.abort(%s) failed", choice.request_id)
+
+    async def _watch_disconnect(self, receive: Callable[[], Awaitable[dict]]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._closed:
+            logger.info("client disconnected; aborting %s",
+                        [c.request_id for c in self.choices if not c.engine_done])
+        await self.close()
+
+    async def close(self) -> None:
+        """Aborts what is unfinished and stops the tasks; safe to call more than once.
+
+        Shielded: it runs while the response is being cancelled (client gone), and an anyio
+        cancel scope would otherwise cancel every await in here as well.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            unfinished = [c for c in self.choices if not c.engine_done]
+            for choice in unfinished:  # first: the KV is freed before anything else happens
+                await self._abort(choice)
+            current = asyncio.current_task()
+            tasks = [t for t in self._tasks if not t.done()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for choice in unfinished:
+                choice.engine_done = True
+                self.metrics.request_finished("abort")
+            if self._watcher is not None and self._watcher is not current:
+                self._watcher.cancel()
+        self._queue.put_nowait(_CLOSED)
