@@ -1,0 +1,545 @@
+"""The HTTP frontend against a real uvicorn server and the official openai client.
+
+The engine is tests/fake_engine.py: byte tokens (so "ö" and "✓" are split across tokens), a
+canned reply, KV accounting. One server per module; tests that change the engine restore it.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from sp_serve.server.app import build_app
+from sp_serve.server.errors import BadRequest
+from sp_serve.server.prompts import encode_chat, load_chat_template
+from sp_serve.server.stream import IncrementalDetokenizer, StopStringMatcher, TextStream
+from tests.fake_engine import FAKE_LOGPROB, FakeEngine, make_byte_tokenizer
+
+MODEL = "fake-model"
+REPLY = FakeEngine.reply
+EXTRA = {"sp_size": 2, "attn_backend": "ring", "scheduler": "sarathi", "device": "cpu"}
+
+
+@dataclass
+class Served:
+    engine: FakeEngine
+    url: str
+    client: openai.OpenAI
+    http: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = FakeEngine()
+    app = build_app(engine, served_model_name=MODEL, extra_model_info=EXTRA)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    with httpx.Client(base_url=url, timeout=10) as http:
+        yield Served(engine, url, client, http)
+    server.should_exit = True
+    thread.join(timeout=5)
+
+
+def engine_requests(engine: FakeEngine, response_id: str):
+    return sorted((r for r in engine.requests if r[0].startswith(response_id + "-")),
+                  key=lambda r: r[0])
+
+
+def wait_for(condition, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def sse_events(lines) -> list:
+    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+# ------------------------------------------------------------------------------ stream.py units
+
+
+def test_incremental_detokenizer_holds_split_characters():
+    tokenizer = make_byte_tokenizer()
+    text = "añb✓c"
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=tokenizer.encode("x"))
+    pieces = [detok.add(t) for t in tokenizer.encode(text)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[1:3] == ["", "ñ"]  # the first byte of ñ emits nothing, the second all of it
+    # A sequence that ends mid-character: flush gives the replacement char, as the text really is.
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=[])
+    assert detok.add(0xC3) == "" and detok.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("pieces", [["ab", "cSTOPd"], ["abcS", "TO", "Pd"], list("abcSTOPd")])
+def test_stop_matcher_truncates_across_pieces(pieces):
+    matcher = StopStringMatcher(["STOP", "zz"])
+    out, matched = "", None
+    for piece in pieces:
+        text, matched = matcher.feed(piece)
+        out += text
+        if matched:
+            break
+    assert (out, matched) == ("abc", "STOP")
+
+
+def test_stop_matcher_holds_only_possible_prefixes():
+    matcher = StopStringMatcher(["STOP"])
+    assert matcher.feed("abcST") == ("abc", None)  # "ST" may become STOP: held back
+    assert matcher.feed("x") == ("STx", None)  # it did not: released
+    assert matcher.feed("S") == ("", None)
+    assert matcher.flush() == "S"
+
+
+def test_text_stream_stop_string_inside_multibyte_text():
+    tokenizer = make_byte_tokenizer()
+    stream = TextStream(tokenizer, [], ["örl"])
+    out = ""
+    for t in tokenizer.encode("wörld! more"):
+        text, matched = stream.add_token(t)
+        out += text
+        if matched:
+            break
+    assert (out, matched) == ("w", "örl")
+
+
+def test_chat_template_override_file_and_template_errors(tmp_path):
+    tokenizer = make_byte_tokenizer()
+    messages = [{"role": "user", "content": "hi"}]
+    path = tmp_path / "template.jinja"
+    path.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    ids = encode_chat(tokenizer, messages, load_chat_template(str(path)))
+    assert tokenizer.decode(ids) == "[hi]"
+    assert load_chat_template("{{ 'inline' }}") == "{{ 'inline' }}"
+    with pytest.raises(BadRequest, match="no chat template"):
+        encode_chat(make_byte_tokenizer(chat_template=None), messages, None)
+    strict = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}"
+              "{% endif %}")
+    with pytest.raises(BadRequest, match="system first"):
+        encode_chat(tokenizer, messages, strict)
+
+
+# ------------------------------------------------------------------------------------ happy path
+
+
+def test_models_listing(served):
+    models = served.client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    card = served.http.get("/v1/models").json()["data"][0]
+    assert card["max_model_len"] == served.engine.max_model_len
+    assert card["sp_serve"] == EXTRA
+
+
+def test_completion_text_usage_and_request_ids(served):
+    prompt = "Say hi ✓"
+    out = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=5,
+                                           temperature=0)
+    assert out.object == "text_completion"
+    assert out.choices[0].text == REPLY.encode()[:5].decode()
+    assert out.choices[0].finish_reason == "length"
+    prompt_len = len(prompt.encode())
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        prompt_len, 5, prompt_len + 5)
+    [(request_id, prompt_ids, params)] = engine_requests(served.engine, out.id)
+    assert request_id == f"{out.id}-0" and len(prompt_ids) == prompt_len
+    assert (params.max_tokens, params.temperature, params.n) == (5, 0.0, 1)
+
+
+def test_default_max_tokens_is_rest_of_context_and_eos_stops(served):
+    out = served.client.completions.create(model=MODEL, prompt="abc")
+    [(_, _, params)] = engine_requests(served.engine, out.id)
+    assert params.max_tokens == served.engine.max_model_len - 3
+    # The reply then eos: the whole reply, the eos token counted but not shown.
+    assert out.choices[0].text == REPLY and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == len(REPLY.encode()) + 1
+
+
+def test_prompt_forms_token_ids_single_list_and_batch(served):
+    ids = served.client.completions.create(model=MODEL, prompt=[104, 105], max_tokens=2)
+    assert engine_requests(served.engine, ids.id)[0][1] == [104, 105]
+    one = served.client.completions.create(model=MODEL, prompt=["hi"], max_tokens=2)
+    assert len(one.choices) == 1 and one.usage.prompt_tokens == 2
+    batch = served.client.completions.create(model=MODEL, prompt=["a", "bcd"], max_tokens=3)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.usage.prompt_tokens == 4 and batch.usage.completion_tokens == 6
+    assert [r[1] for r in engine_requests(served.engine, batch.id)] == [[97], [98, 99, 100]]
+
+
+def test_chat_applies_template_and_max_completion_tokens(served):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi ✓"}]
+    out = served.client.chat.completions.create(model=MODEL, messages=messages,
+                                                max_completion_tokens=12)
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == REPLY.encode()[:12].decode()
+    expected = served.engine.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    [(_, prompt_ids, params)] = engine_requests(served.engine, out.id)
+    assert prompt_ids == list(expected) and params.max_tokens == 12
+    assert out.usage.prompt_tokens == len(expected)
+
+
+def test_chat_stream_role_first_usage_last_then_done(served):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with served.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    usage_chunk, content_chunks = chunks[-1], chunks[1:-1]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 20
+    assert content_chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in content_chunks[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in content_chunks)
+    assert text == REPLY.encode()[:20].decode()
+    # One event per engine step, except the step that produced half of "ö" (nothing to say).
+    assert len(content_chunks) == 19 and "\ufffd" not in text
+
+
+def test_completion_stream_with_openai_client(served):
+    stream = served.client.completions.create(model=MODEL, prompt="x", max_tokens=16,
+                                              stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    text = "".join(c.choices[0].text for c in chunks[:-1])
+    assert text == REPLY.encode()[:16].decode()
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_n2_fans_out_with_request_ids_and_seeds(served):
+    out = served.client.completions.create(model=MODEL, prompt="x", max_tokens=6, n=2, seed=7,
+                                           temperature=0.8)
+    requests = engine_requests(served.engine, out.id)
+    assert [r[0] for r in requests] == [f"{out.id}-0", f"{out.id}-1"]
+    assert [r[2].seed for r in requests] == [7, 8]
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    texts = {c.index: c.text for c in out.choices}
+    # The fake rotates its reply by `seed` characters; 6 byte tokens.
+    assert texts == {i: (REPLY[7 + i:] + REPLY[:7 + i]).encode()[:6].decode() for i in (0, 1)}
+    assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == 1
+    stream = served.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4, n=2,
+        stream=True)
+    by_choice = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            by_choice[choice.index] += choice.delta.content or ""
+    assert by_choice == {0: REPLY[:4], 1: REPLY[:4]}
+
+
+def test_stop_string_truncates_and_aborts_engine_request(served):
+    out = served.client.completions.create(model=MODEL, prompt="x", max_tokens=200,
+                                           stop=["fox", "zzz"])
+    choice = out.choices[0]
+    assert choice.text == REPLY[:REPLY.index("fox")]
+    assert choice.finish_reason == "stop"
+    assert choice.model_extra["stop_reason"] == "fox"
+    assert f"{out.id}-0" in served.engine.aborted
+    assert wait_for(lambda: served.engine.kv_usage == 0)
+    # Streaming: nothing of the stop string ever leaves the server, even split over chunks.
+    stream = served.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True, stop="wörld!")
+    chunks = [c.choices[0] for c in stream]
+    assert "".join(c.delta.content or "" for c in chunks) == "Hello, "
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_stop_token_ids(served):
+    out = served.client.completions.create(model=MODEL, prompt="x", max_tokens=100,
+                                           extra_body={"stop_token_ids": [ord("!")]})
+    assert out.choices[0].text == "Hello, wörld!"
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].model_extra["stop_reason"] == ord("!")
+
+
+def test_completion_logprobs_shape(served):
+    out = served.client.completions.create(model=MODEL, prompt="x", max_tokens=10, logprobs=2)
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 10
+    assert len(logprobs.top_logprobs) == len(logprobs.text_offset) == 10
+    assert logprobs.token_logprobs == [FAKE_LOGPROB] * 10
+    assert all(top[tok] == FAKE_LOGPROB for top, tok in zip(logprobs.top_logprobs, logprobs.tokens))
+    # Two entries each, except where the halves of "ö" and their neighbours all print as U+FFFD.
+    assert [len(top) for top in logprobs.top_logprobs] == [2] * 8 + [1] * 2
+    assert logprobs.text_offset[:3] == [0, 1, 2]
+    [(_, _, params)] = engine_requests(served.engine, out.id)
+    assert params.logprobs == 2
+
+
+def test_chat_logprobs_shape(served):
+    out = served.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5, logprobs=True,
+        top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert [c.token for c in content] == list("Hello")
+    assert all(c.logprob == FAKE_LOGPROB and len(c.top_logprobs) == 3 for c in content)
+    assert content[0].bytes == [ord("H")]
+    plain = served.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_tokenize_detokenize_round_trip(served):
+    text = "héllo ✓ wörld"
+    tokens = served.http.post("/tokenize", json={"prompt": text}).json()
+    assert tokens["tokens"] == list(text.encode())
+    assert tokens["count"] == len(text.encode())
+    assert tokens["max_model_len"] == served.engine.max_model_len
+    back = served.http.post("/detokenize", json={"tokens": tokens["tokens"]}).json()
+    assert back == {"prompt": text}
+    chat = served.http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert served.engine.tokenizer.decode(chat.json()["tokens"]).endswith(
+        "<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+_COMPLETION = {"model": MODEL, "prompt": "hi"}
+
+BAD_REQUESTS = [
+    # (id, path, body or raw bytes, param, a phrase from the message)
+    ("malformed-json", "/v1/completions", b'{"model": "fake-model", "prompt": ', None,
+     "not valid JSON"),
+    ("body-not-object", "/v1/completions", b"[1, 2]", None, "dictionary"),
+    ("temperature-negative", "/v1/completions", {**_COMPLETION, "temperature": -1}, "temperature",
+     "greater than or equal to 0"),
+    ("top-p-2", "/v1/chat/completions", {**_CHAT, "top_p": 2}, "top_p", "less than or equal to 1"),
+    ("max-tokens-0", "/v1/completions", {**_COMPLETION, "max_tokens": 0}, "max_tokens",
+     "greater than or equal to 1"),
+    ("max-tokens-wrong-type", "/v1/completions", {**_COMPLETION, "max_tokens": "ten"},
+     "max_tokens", "valid integer"),
+    ("n-too-big", "/v1/completions", {**_COMPLETION, "n": 1000}, "n", "less than or equal to 128"),
+    ("prompt-wrong-type", "/v1/completions", {**_COMPLETION, "prompt": {"text": "hi"}}, "prompt",
+     "must be a string"),
+    ("prompt-missing", "/v1/completions", {"model": MODEL}, "prompt", "Field required"),
+    ("empty-prompt", "/v1/completions", {**_COMPLETION, "prompt": ""}, "prompt", "empty"),
+    ("empty-token-list", "/v1/completions", {**_COMPLETION, "prompt": []}, "prompt", "empty"),
+    ("out-of-vocab", "/v1/completions", {**_COMPLETION, "prompt": [1, 99999]}, "prompt",
+     "out of vocabulary"),
+    ("stop-wrong-type", "/v1/completions", {**_COMPLETION, "stop": [1]}, "stop.0", "valid string"),
+    ("logprobs-too-many", "/v1/completions", {**_COMPLETION, "logprobs": 21}, "logprobs",
+     "less than or equal to 20"),
+    ("no-messages", "/v1/chat/completions", {**_CHAT, "messages": []}, "messages", "at least 1"),
+    ("image-part", "/v1/chat/completions",
+     {**_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content", "only text"),
+    ("top-logprobs-without-logprobs", "/v1/chat/completions", {**_CHAT, "top_logprobs": 2},
+     "top_logprobs", "logprobs set to true"),
+    ("stream-options-without-stream", "/v1/chat/completions",
+     {**_CHAT, "stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
+    ("penalty", "/v1/chat/completions", {**_CHAT, "presence_penalty": 0.5}, "presence_penalty",
+     "not supported"),
+    ("tokenize-neither", "/tokenize", {}, "prompt", "exactly one"),
+    ("detokenize-out-of-vocab", "/detokenize", {"tokens": [5000]}, "tokens", "out of vocabulary"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,phrase", [case[1:] for case in BAD_REQUESTS],
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_request_is_400_in_openai_envelope(served, path, body, param, phrase):
+    if isinstance(body, bytes):
+        response = served.http.post(path, content=body,
+                                    headers={"content-type": "application/json"})
+    else:
+        response = served.http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "BadRequestError" and error["code"] == 400
+    assert error["param"] == param
+    assert phrase in error["message"]
+
+
+def test_unknown_model_is_404(served):
+    with pytest.raises(openai.NotFoundError) as info:
+        served.client.chat.completions.create(model="gpt-4", messages=[{"role": "user",
+                                                                         "content": "hi"}])
+    assert info.value.body["type"] == "NotFoundError" and info.value.body["param"] == "model"
+    assert "`gpt-4` does not exist" in info.value.body["message"]
+
+
+def test_over_context_messages_use_vllm_wording(served):
+    max_len = served.engine.max_model_len
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client.completions.create(model=MODEL, prompt="x" * 500, max_tokens=100)
+    assert info.value.body["message"] == (
+        f"This model's maximum context length is {max_len} tokens. However, you requested 600 "
+        "tokens (500 in the messages, 100 in the completion). Please reduce the length of the "
+        "messages or completion.")
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client.completions.create(model=MODEL, prompt=[1] * max_len)
+    assert info.value.body["message"] == (
+        f"This model's maximum context length is {max_len} tokens. However, your request has "
+        f"{max_len} input tokens. Please reduce the length of the input messages.")
+    # The client's own validation error type, not a generic status error.
+    with pytest.raises(openai.BadRequestError):
+        served.client.completions.create(model=MODEL, prompt="x", temperature=-1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_value_error_before_first_token_is_400(served, stream):
+    served.engine.kv_capacity_tokens = 50
+    try:
+        response = served.http.post("/v1/completions", json={**_COMPLETION, "max_tokens": 100,
+                                                             "stream": stream})
+    finally:
+        served.engine.kv_capacity_tokens = 100_000
+    assert response.status_code == 400
+    assert "does not fit the KV cache" in response.json()["error"]["message"]
+
+
+def test_engine_crash_is_500_or_error_event(served):
+    served.engine.crash_after_tokens = 3
+    try:
+        response = served.http.post("/v1/completions", json={**_COMPLETION, "max_tokens": 10})
+        assert response.status_code == 500
+        assert response.json()["error"]["type"] == "InternalServerError"
+        with served.http.stream("POST", "/v1/completions",
+                                json={**_COMPLETION, "max_tokens": 10, "stream": True}) as r:
+            events = sse_events(r.iter_lines())
+    finally:
+        served.engine.crash_after_tokens = None
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == 500
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2]) == "Hel"
+
+
+def test_engine_death_mid_request_is_503(served):
+    served.engine.crash_after_tokens, served.engine.crash_kills = 2, True
+    try:
+        response = served.http.post("/v1/completions", json={**_COMPLETION, "max_tokens": 10})
+    finally:
+        served.engine.crash_after_tokens, served.engine.crash_kills = None, False
+        served.engine.healthy = True
+    assert response.status_code == 503
+    assert "The engine stopped" in response.json()["error"]["message"]
+
+
+def test_unknown_route_is_404_envelope(served):
+    response = served.http.get("/v1/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == 404
+
+
+# ------------------------------------------------------------------------------ disconnect abort
+
+
+def test_disconnect_mid_stream_aborts_and_frees_kv(served):
+    engine = served.engine
+    body = {**_COMPLETION, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=served.url, timeout=10) as http, \
+            http.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        assert engine.kv_usage > 0
+    request_id = first["id"] + "-0"
+    assert wait_for(lambda: request_id in engine.aborted), "engine.abort was not called"
+    assert wait_for(lambda: engine.kv_usage == 0 and request_id in engine.finished)
+    reason, generated = engine.finished[request_id]
+    assert reason == "abort" and generated < 400
+
+
+def test_disconnect_while_waiting_for_non_streaming_response_aborts(served):
+    engine = served.engine
+    before = {r[0] for r in engine.requests}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.url + "/v1/completions", timeout=0.3,
+                   json={**_COMPLETION, "max_tokens": 400, "ignore_eos": True})
+    [request_id] = [r[0] for r in engine.requests if r[0] not in before]
+    assert wait_for(lambda: request_id in engine.aborted), "engine.abort was not called"
+    assert wait_for(lambda: engine.kv_usage == 0 and request_id in engine.finished)
+    assert engine.finished[request_id][1] < 400
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_during_long_prefill_aborts_at_once(served, stream):
+    """The long-prompt case: a client that gives up during a minutes-long prefill."""
+    engine = served.engine
+    before = {r[0] for r in engine.requests}
+    engine.prefill_s = 5.0
+    try:
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + "/v1/completions", timeout=0.2,
+                       json={**_COMPLETION, "max_tokens": 5, "stream": stream})
+        assert wait_for(lambda: len(engine.requests) > len(before))
+        [request_id] = [r[0] for r in engine.requests if r[0] not in before]
+        assert wait_for(lambda: request_id in engine.finished, timeout=2.0)
+        assert request_id in engine.aborted and time.monotonic() - started < 2.0
+    finally:
+        engine.prefill_s = FakeEngine.prefill_s
+
+
+# --------------------------------------------------------------------------- health and metrics
+
+
+def test_health_turns_503_when_engine_dies(served):
+    assert served.http.get("/health").status_code == 200
+    served.engine.healthy = False
+    try:
+        assert served.http.get("/health").status_code == 503
+        response = served.http.post("/v1/completions", json=_COMPLETION)
+        assert response.status_code == 503 and response.json()["error"]["code"] == 503
+    finally:
+        served.engine.healthy = True
+    assert served.http.get("/health").status_code == 200
+
+
+def _samples(text: str) -> dict[str, float]:
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_names_and_counters_move(served):
+    label = f'model_name="{MODEL}"'
+    before = _samples(served.http.get("/metrics").text)
+    served.client.completions.create(model=MODEL, prompt="abcd", max_tokens=7)
+    served.engine.num_preemptions = 3
+    try:
+        response = served.http.get("/metrics")
+    finally:
+        served.engine.num_preemptions = 0
+    assert response.headers["content-type"].startswith("text/plain")
+    after = _samples(response.text)
+    for name in ["time_to_first_token_seconds", "inter_token_latency_seconds",
+                 "e2e_request_latency_seconds", "request_queue_time_seconds"]:
+        key = f"sp_serve:{name}_count{{{label}}}"
+        assert after[key] >= before.get(key, 0) + 1, name
+    for name in ["kv_cache_usage_perc", "num_requests_running", "num_requests_waiting"]:
+        assert f"sp_serve:{name}{{{label}}}" in after, name
+
+    def moved(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert moved(f"sp_serve:prompt_tokens_total{{{label}}}") == 4
+    assert moved(f"sp_serve:generation_tokens_total{{{label}}}") == 7
+    assert moved(f'sp_serve:request_success_total{{finished_reason="length",{label}}}') == 1
+    assert after[f"sp_serve:num_preemptions_total{{{label}}}"] == 3
