@@ -3,6 +3,7 @@
     prefill_attention          varlen FlashAttention forward returning (out, lse)
     paged_decode_attention     split-KV decode over a paged KV cache returning (out, lse)
     merge_attention_partials   log-sum-exp merge of (out, lse) partials
+    rope_and_cache_kv          RoPE on k fused with the paged KV-cache write
     triton_available()         whether the kernels can run here (backends pick with it)
 
 Each kernel has a plain-torch float64 reference in `reference.py`. Importing this package never
@@ -14,6 +15,7 @@ from .reference import (
     merge_attention_partials_ref,
     paged_decode_attention_ref,
     prefill_attention_ref,
+    rope_and_cache_kv_ref,
 )
 
 try:
@@ -27,11 +29,13 @@ except ImportError as _error:  # the torch references and triton_available() sti
             "or use a torch attention backend (check triton_available() first)"
         )
 
-    prefill_attention = paged_decode_attention = merge_attention_partials = _needs_triton
+    prefill_attention = paged_decode_attention = _needs_triton
+    merge_attention_partials = rope_and_cache_kv = _needs_triton
 else:
     from .decode_attention import paged_decode_attention
     from .lse_merge import merge_attention_partials
     from .prefill_attention import prefill_attention
+    from .rope_cache import rope_and_cache_kv
 
 __all__ = [
     "merge_attention_partials",
@@ -40,5 +44,7 @@ __all__ = [
     "paged_decode_attention_ref",
     "prefill_attention",
     "prefill_attention_ref",
+    "rope_and_cache_kv",
+    "rope_and_cache_kv_ref",
     "triton_available",
 ]

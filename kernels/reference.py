@@ -129,3 +129,31 @@ def merge_attention_partials_ref(
     weight_pthd = torch.where(torch.isinf(lse_pth), 0.0, weight_pth)[..., None]
     out_thd = torch.where(weight_pthd > 0, weight_pthd * o_phd, 0.0).sum(0)
     return out_thd, lse_th.transpose(0, 1)
+
+
+def rope_and_cache_kv_ref(
+    k_thd: torch.Tensor,
+    v_thd: torch.Tensor,
+    cos_tf: torch.Tensor,
+    sin_tf: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
+    """The unfused eager path, in place: rotate-half RoPE in k's dtype, then index writes.
+
+    Not float64 on purpose: the kernel promises the same bits as this eager expression.
+    Returns the rotated k [T, Hkv, D].
+    """
+    num_tokens, _, head_dim = k_thd.shape
+    cos_t1f = cos_tf.reshape(num_tokens, 1, -1)
+    sin_t1f = sin_tf.reshape(num_tokens, 1, -1)
+    x1_thf, x2_thf = k_thd[..., : head_dim // 2], k_thd[..., head_dim // 2 :]
+    k_rot_thd = torch.cat((x1_thf * cos_t1f - x2_thf * sin_t1f,
+                           x2_thf * cos_t1f + x1_thf * sin_t1f), dim=-1)
+    keep_t = slot_mapping >= 0
+    slots = slot_mapping[keep_t].long()
+    block_size = k_cache.shape[1]
+    k_cache[slots // block_size, slots % block_size] = k_rot_thd[keep_t].to(k_cache.dtype)
+    v_cache[slots // block_size, slots % block_size] = v_thd[keep_t].to(v_cache.dtype)
+    return k_rot_thd

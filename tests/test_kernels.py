@@ -250,6 +250,47 @@ def test_merge_decode_layout_and_lists() -> None:
     assert_matches(out_list, lse_list, ref_out, ref_lse, torch.float32)
 
 
+# ---------------------------------------------------------------- RoPE + cache write
+
+ROPE_CASES = [
+    # (tokens, Hkv, D, page size, dtype, write k_out)
+    (9, 2, 16, 4, torch.float32, True),
+    (13, 3, 24, 8, torch.bfloat16, False),  # head count and half-dim not powers of two
+    (6, 2, 32, 16, torch.bfloat16, True),
+    (5, 1, 128, 16, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: f"t{c[0]}-h{c[1]}-d{c[2]}"
+                         f"-page{c[3]}-{str(c[4])[6:]}-kout{c[5]}")
+def test_rope_and_cache_kv(case) -> None:
+    """Bitwise the same cache (and rotated k) as the eager torch path; skipped slots untouched."""
+    tokens, hkv, d, page, dtype, with_k_out = case
+    gen = rng(str(case))
+    k_thd = randn(gen, tokens, hkv, d, dtype=dtype)
+    v_thd = randn(gen, tokens, hkv, d, dtype=dtype)
+    angles_tf = torch.rand(tokens, d // 2, generator=gen).to(DEVICE) * 1000
+    cos_tf, sin_tf = angles_tf.cos().to(dtype), angles_tf.sin().to(dtype)
+    num_pages = tokens // page + 3
+    slots_t = torch.randperm(num_pages * page, generator=gen)[:tokens].to(DEVICE)
+    slots_t[1] = -1  # a padding token
+    k_cache = nan_like((num_pages, page, hkv, d), dtype)
+    v_cache = nan_like((num_pages, page, hkv, d), dtype)
+    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    k_out = nan_like(k_thd.shape, dtype) if with_k_out else None
+    K.rope_and_cache_kv(k_thd, v_thd, cos_tf, sin_tf, slots_t, k_cache, v_cache, k_out=k_out)
+    ref_k = K.rope_and_cache_kv_ref(k_thd, v_thd, cos_tf, sin_tf, slots_t, ref_k_cache,
+                                    ref_v_cache)
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(k_cache, ref_k_cache, **exact)
+    torch.testing.assert_close(v_cache, ref_v_cache, **exact)
+    written = slots_t[slots_t >= 0].long()
+    assert not k_cache.flatten(0, 1)[written].isnan().any()
+    assert k_cache.flatten(0, 1).isnan().any(dim=(1, 2)).sum() == num_pages * page - len(written)
+    if with_k_out:
+        torch.testing.assert_close(k_out, ref_k, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- package surface
 
 
