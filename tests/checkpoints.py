@@ -43,7 +43,8 @@ CHECKPOINT_CASES: list[tuple[str, dict[str, Any]]] = [
     # Llama-3.1 spelling (rope_theta 500000 top-level)
     ("llama3-scaling", dict(arch="llama", spelling="rope_scaling", max_position_embeddings=512,
                             rope={**_LLAMA3, "rope_theta": 500000.0})),
-    ("llama3-params-head-dim", dict(arch="llama", max_position_embeddings=512, head_dim=8,
+    # head_dim 16 with 8 heads of a 64-wide model (hidden/heads would be 8)
+    ("llama3-params-head-dim", dict(arch="llama", max_position_embeddings=512, head_dim=16,
                                     num_attention_heads=8, num_key_value_heads=2, rope=_LLAMA3)),
 ]
 

@@ -154,6 +154,47 @@ def test_incremental_decode_matches_hf_generate(name, hf_checkpoint):
     assert ours == ref
 
 
+ROPE_CASES = ["llama-gqa", "llama-linear-scaling", "llama-dynamic-scaling", "llama-yarn-params",
+              "llama3-params-head-dim"]
+
+
+@pytest.mark.parametrize("name", ROPE_CASES)
+def test_rope_on_zigzag_subset_matches_hf(name, hf_checkpoint):
+    """RotaryEmbedding.apply on the tokens one rank holds under zigzag (2 of 4 chunks) equals
+    HF's rotary embedding of the whole sequence, sliced."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from sp_serve.model import RotaryEmbedding
+
+    path = hf_checkpoint(name)
+    spec = load_spec(path)
+    n, chunk = 300, 75
+    gen = torch.Generator().manual_seed(0)
+    q_thd = torch.randn(n, spec.num_heads, spec.head_dim, generator=gen)
+    k_thd = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=gen)
+    cos, sin = LlamaRotaryEmbedding(AutoConfig.from_pretrained(path))(q_thd, torch.arange(n)[None])
+    ref_q, ref_k = apply_rotary_pos_emb(q_thd.transpose(0, 1)[None], k_thd.transpose(0, 1)[None],
+                                        cos, sin)
+    local_t = torch.cat([torch.arange(chunk), torch.arange(3 * chunk, 4 * chunk)])
+    q_rot, k_rot = RotaryEmbedding(spec).apply(q_thd[local_t], k_thd[local_t], local_t,
+                                               torch.full((len(local_t),), n))
+    torch.testing.assert_close(q_rot, ref_q[0].transpose(0, 1)[local_t], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_rot, ref_k[0].transpose(0, 1)[local_t], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-dynamic-scaling"])
+def test_forward_with_no_tokens(name, hf_checkpoint):
+    """A rank can hold no tokens of a short prompt; the model must pass zero rows through."""
+    model, spec = load_model(hf_checkpoint(name))
+    empty_t = torch.zeros(0, dtype=torch.long)
+
+    def attn(layer, q_thd, k_thd, v_thd):
+        return torch.zeros_like(q_thd)
+
+    assert model(empty_t, empty_t, attn, empty_t).shape == (0, spec.hidden_size)
+
+
 def test_bfloat16_load_runs_close_to_float32(hf_checkpoint):
     path = hf_checkpoint("llama-gqa")
     model32, _ = load_model(path)

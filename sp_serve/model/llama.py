@@ -77,10 +77,13 @@ class DecoderLayer(nn.Module):
         # q/k come out of rotate() contiguous; make v so too, callables may write it to a cache
         v_the = v_tn.contiguous().view(t, self.num_kv_heads, self.head_dim)
         o_the = attn(self.layer_idx, q_the, k_the, v_the)
-        x_td = x_td + F.linear(o_the.reshape(t, self.q_size), self.o_weight, self.o_bias)
+        # In place where the tensor is ours: on CPU every fresh large temporary costs page
+        # faults, which shows in a one-thread comparison with HF.
+        x_td = x_td.add_(F.linear(o_the.reshape(t, self.q_size), self.o_weight, self.o_bias))
 
         gate_ti, up_ti = F.linear(self.post_attention_norm(x_td), self.gate_up_weight).chunk(2, -1)
-        return x_td + F.linear(F.silu(gate_ti) * up_ti, self.down_weight)
+        act_ti = F.silu(gate_ti, inplace=True).mul_(up_ti)
+        return x_td.add_(F.linear(act_ti, self.down_weight))
 
 
 class CausalLM(nn.Module):
@@ -106,6 +109,8 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed_weight.device
 
+    # no_grad rather than inference_mode: inference tensors could not later be written into a
+    # KV cache allocated outside inference mode.
     @torch.no_grad()
     def forward(self, input_ids_t: Tensor, positions_t: Tensor, attn: AttentionFn,
                 rope_len_t: Tensor | None = None) -> Tensor:

@@ -68,7 +68,10 @@ class RotaryEmbedding:
 
     def _inv_freq(self, positions_t: Tensor, rope_len_t: Tensor | None) -> Tensor:
         """[f] shared by all tokens, or [t, f] per token for dynamic NTK past the threshold."""
-        if self.rope_type != "dynamic":
+        if self.inv_freq_f.device != positions_t.device:  # the model moved after construction
+            self.inv_freq_f = self.inv_freq_f.to(positions_t.device)
+            self._dynamic_cache.clear()
+        if self.rope_type != "dynamic" or positions_t.numel() == 0:  # a rank may get no tokens
             return self.inv_freq_f
         if rope_len_t is None:
             # One forward call over one sequence, as HF sees it.
