@@ -1,0 +1,125 @@
+"""One streamed request to an OpenAI-compatible server, timed the way `vllm bench serve` times it.
+
+TTFT is request sent -> first chunk carrying text; every later text chunk adds one inter-token
+latency (ITL) gap; E2EL is sent -> last text chunk. Chunks without text (a chat role-only delta,
+an empty finish chunk, the trailing usage chunk) are not tokens, so they add no zero-length
+ITL. The output token count comes from the usage chunk (`stream_options.include_usage`) when the
+server sends one; otherwise the caller counts with a tokenizer or falls back to text chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+ERROR_SNIPPET_CHARS = 300
+
+
+@dataclass
+class RequestResult:
+    success: bool = False
+    prompt_len: int = 0  # the server's usage.prompt_tokens when reported
+    output_tokens: int = 0  # the server's usage.completion_tokens; 0 when not reported
+    num_text_chunks: int = 0
+    ttft: float = 0.0  # seconds
+    itl: list[float] = field(default_factory=list)  # seconds, one per text chunk after the first
+    latency: float = 0.0  # seconds, E2EL
+    start_time: float = 0.0  # time.perf_counter() when the request was sent
+    client_queue_time: float = 0.0  # waited for a --max-concurrency slot before sending
+    generated_text: str = ""
+    error: str = ""  # empty on success; "HTTP 400: {body...}" and the like otherwise
+    is_long: bool | None = None
+
+
+def _snippet(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= ERROR_SNIPPET_CHARS else text[:ERROR_SNIPPET_CHARS] + "..."
+
+
+def _chunk_text(chunk: dict[str, Any], chat: bool) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    if chat:
+        delta = choices[0].get("delta") or {}
+        return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+    return choices[0].get("text") or ""
+
+
+async def _stream(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    chat: bool,
+    result: RequestResult,
+) -> None:
+    """Fills `result` as the stream arrives, so a timeout keeps what was measured so far."""
+    texts: list[str] = []
+    last = result.start_time = time.perf_counter()
+    async with client.stream("POST", url, json=payload, headers=headers) as response:
+        if response.status_code != 200:
+            body = (await response.aread()).decode("utf-8", errors="replace")
+            result.error = f"HTTP {response.status_code}: {_snippet(body)}"
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, ": ping" comments, event: lines
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                break
+            now = time.perf_counter()
+            try:
+                chunk = json.loads(data)
+            except json.JSONDecodeError:
+                result.error = f"malformed stream chunk: {_snippet(data)}"
+                return
+            if "error" in chunk:  # vLLM and sp-serve report mid-stream failures this way
+                result.error = f"error in stream: {_snippet(json.dumps(chunk['error']))}"
+                return
+            if text := _chunk_text(chunk, chat):
+                if result.num_text_chunks == 0:
+                    result.ttft = now - result.start_time
+                else:
+                    result.itl.append(now - last)
+                result.num_text_chunks += 1
+                last = now
+                texts.append(text)
+            if usage := chunk.get("usage"):
+                result.output_tokens = usage.get("completion_tokens") or 0
+                if usage.get("prompt_tokens") is not None:
+                    result.prompt_len = usage["prompt_tokens"]
+    result.generated_text = "".join(texts)
+    result.latency = last - result.start_time
+    if result.num_text_chunks == 0:
+        result.error = "the stream ended without any text chunk, so there is no TTFT"
+    else:
+        result.success = True
+
+
+async def send_request(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    chat: bool,
+    timeout_s: float,
+    prompt_len: int = 0,
+) -> RequestResult:
+    """Never raises for a request that fails: the failure is in the result's `error`."""
+    result = RequestResult(prompt_len=prompt_len)
+    try:
+        await asyncio.wait_for(_stream(client, url, payload, headers, chat, result), timeout_s)
+    except asyncio.TimeoutError:
+        got = f"{result.num_text_chunks} text chunks" if result.num_text_chunks else "no token"
+        result.error = f"timed out after {timeout_s:g} s (--request-timeout) with {got} received"
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {_snippet(str(exc)) or 'connection failed'}"
+    if result.error:
+        result.success = False
+    return result

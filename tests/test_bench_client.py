@@ -1,0 +1,513 @@
+"""`sp-serve bench serve` against a fake OpenAI server (FastAPI + uvicorn in a thread, on a
+free 127.0.0.1 port) that streams a known number of tokens after controlled sleeps and
+rejects prompts holding "FAIL" with HTTP 400; plus the datasets, arrivals and metrics alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sp_serve.bench import cli as bench_cli
+from sp_serve.bench import serve
+from sp_serve.bench.arrivals import arrival_times
+from sp_serve.bench.client import RequestResult
+from sp_serve.bench.datasets import (
+    encode,
+    jsonl_requests,
+    load_tokenizer,
+    long_doc_requests,
+    random_requests,
+)
+from sp_serve.bench.metrics import compute_metrics, parse_goodput, parse_percentiles
+from sp_serve.bench.serve import ServeBenchConfig, run_benchmark
+
+TTFT_S = 0.15  # the fake server's sleep before the first token
+ITL_S = 0.02  # and between tokens
+SERVER_INFO = {"sp_size": 4, "attn_backend": "ring", "scheduler": "fcfs", "device": "cpu"}
+
+# The keys of `vllm bench serve --save-result` (with --save-detailed) that a result must have.
+VLLM_RESULT_KEYS = {
+    "date",
+    "endpoint_type",
+    "backend",
+    "label",
+    "model_id",
+    "tokenizer_id",
+    "num_prompts",
+    "request_rate",
+    "burstiness",
+    "max_concurrency",
+    "duration",
+    "completed",
+    "failed",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "request_goodput",
+    "output_throughput",
+    "total_token_throughput",
+    "input_lens",
+    "output_lens",
+    "ttfts",
+    "itls",
+    "latencies",
+    "start_times",
+    "errors",
+    "max_output_tokens_per_s",
+    "max_concurrent_requests",
+    "generated_texts",
+    *(
+        f"{stat}_{m}_ms"
+        for stat in ("mean", "median", "std", "p99")
+        for m in ("ttft", "tpot", "itl", "e2el")
+    ),
+}
+
+
+# --- the fake server ---------------------------------------------------------------------------
+
+
+@dataclass
+class FakeServerState:
+    bodies: list[dict] = field(default_factory=list)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+
+def _fake_app(state: FakeServerState) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {
+            "id": "fake-model",
+            "object": "model",
+            "root": "fake-model",
+            "sp_serve": SERVER_INFO,
+        }
+        return {"object": "list", "data": [card]}
+
+    async def handle(request: Request, chat: bool):
+        body = await request.json()
+        state.bodies.append(body)
+        prompt = body["messages"][0]["content"] if chat else body["prompt"]
+        if "FAIL" in str(prompt):
+            message = {"message": "prompt holds the FAIL marker", "type": "BadRequestError"}
+            return JSONResponse({"error": message}, status_code=400)
+        n = body["max_completion_tokens"] if chat else body["max_tokens"]
+        prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
+
+        def event(choice: dict) -> str:
+            return f"data: {json.dumps({'object': 'chunk', 'choices': [choice]})}\n\n"
+
+        async def stream():
+            state.in_flight += 1
+            state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+            try:
+                await asyncio.sleep(TTFT_S)
+                if chat:  # role-only delta first, as OpenAI and vLLM send it: not a token
+                    yield event({"index": 0, "delta": {"role": "assistant", "content": ""}})
+                for i in range(n):
+                    if i:
+                        await asyncio.sleep(ITL_S)
+                    finish = "length" if i == n - 1 else None
+                    text = f" w{i}"
+                    choice = {"delta": {"content": text}} if chat else {"text": text}
+                    yield event({"index": 0, **choice, "finish_reason": finish})
+                if not body.get("fake_no_usage"):
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n}
+                    yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                state.in_flight -= 1
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    state = FakeServerState()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(_fake_app(state), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the fake server did not start"
+    yield f"http://127.0.0.1:{port}", state
+    server.should_exit = True
+    thread.join(timeout=5)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer (so decode -> encode can move token boundaries)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "ring", "zigzag", "cache", "prefill", "decode"]
+    corpus = [" ".join(rng.choice(words, 40)) for _ in range(100)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=350,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    path = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(path)
+    return str(path)
+
+
+def _bench(base_url: str, **overrides) -> dict:
+    config = ServeBenchConfig(base_url=base_url, show_progress=False, **overrides)
+    return asyncio.run(run_benchmark(config))
+
+
+# --- end to end against the fake server ----------------------------------------------------------
+
+
+def test_stream_timings_counts_and_concurrency(fake_server):
+    base_url, state = fake_server
+    state.bodies.clear()
+    state.peak_in_flight = 0
+    result = _bench(
+        base_url,
+        num_prompts=6,
+        random_input_len=32,
+        random_output_len=8,
+        max_concurrency=3,
+        ignore_eos=True,
+    )
+    assert (result["completed"], result["failed"]) == (6, 0)
+    assert result["errors"] == [""] * 6
+    assert result["model_id"] == "fake-model"  # the first of GET /v1/models
+    for ttft in result["ttfts"]:
+        assert TTFT_S <= ttft < TTFT_S + 0.4
+    assert all(len(itl) == 8 - 1 for itl in result["itls"])
+    assert ITL_S <= result["median_itl_ms"] / 1000 < ITL_S + 0.05
+    assert ITL_S <= result["mean_tpot_ms"] / 1000 < ITL_S + 0.05
+    for ttft, itl, e2el in zip(result["ttfts"], result["itls"], result["latencies"]):
+        assert math.isclose(e2el, ttft + sum(itl), rel_tol=1e-6)
+    assert result["output_lens"] == [8] * 6 and result["input_lens"] == [32] * 6
+    assert result["total_output_tokens"] == 48 and result["total_input_tokens"] == 192
+    # --max-concurrency held on the server side, and the client queued the rest.
+    assert state.peak_in_flight <= 3 and result["max_concurrent_requests"] <= 3
+    assert max(result["queue_times"]) >= TTFT_S
+    # The tags come from the server's /v1/models `sp_serve` field.
+    assert {k: result[k] for k in SERVER_INFO} == SERVER_INFO
+    body = state.bodies[-1]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["ignore_eos"] is True and body["max_tokens"] == 8
+    assert isinstance(body["prompt"], list) and len(body["prompt"]) == 32  # no tokenizer: ids
+
+
+def test_failed_requests_are_counted_listed_and_saved(fake_server, tmp_path, capsys):
+    base_url, _ = fake_server
+    lines = [
+        {"prompt": "hello there", "output_len": 4},
+        {"prompt": "FAIL me"},
+        {"prompt": [5, 6, 7]},
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)  # `sp-serve bench` with its `serve` subcommand
+    args = parser.parse_args(
+        [
+            "serve",
+            "--base-url",
+            base_url,
+            "--dataset-name",
+            "jsonl",
+            "--dataset-path",
+            str(tmp_path / "data.jsonl"),
+            "--num-prompts",
+            "6",
+            "--random-output-len",
+            "3",
+            "--request-rate",
+            "50",
+            "--goodput",
+            "ttft:5000",
+            "tpot:5000",
+            "--save-result",
+            "--save-detailed",
+            "--result-dir",
+            str(tmp_path / "out"),
+            "--disable-tqdm",
+            "--sp-size",
+            "2",
+            "--metadata",
+            "run=ci",
+        ]
+    )
+    assert bench_cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "Serving Benchmark Result" in out and "HTTP 400" in out and "FAIL marker" in out
+
+    (saved,) = (tmp_path / "out").glob("*.json")
+    assert saved.name.startswith("openai-50.0qps-fake-model-")
+    result = json.loads(saved.read_text())
+    assert VLLM_RESULT_KEYS <= set(result), VLLM_RESULT_KEYS - set(result)
+    assert {"sp_size", "attn_backend", "scheduler", "device", "git_sha"} <= set(result)
+    assert result["sp_size"] == 2 and result["attn_backend"] == "ring"  # flag wins, else server
+    assert {"p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms"} <= set(result) and result["run"] == "ci"
+    assert (result["completed"], result["failed"]) == (4, 2)
+    assert result["request_goodput"] == pytest.approx(4 / result["duration"])
+    failed = [e for e in result["errors"] if e]
+    assert len(failed) == 2 and all(
+        e.startswith("HTTP 400: ") and "FAIL marker" in e for e in failed
+    )
+    assert result["output_lens"] == [4, 0, 3, 4, 0, 3]  # jsonl output_len, else the default
+
+
+def test_chat_endpoint_with_tokenizer_and_long_doc_marks(fake_server, tokenizer_dir):
+    base_url, state = fake_server
+    result = _bench(
+        base_url,
+        endpoint="/v1/chat/completions",
+        tokenizer=tokenizer_dir,
+        dataset_name="long-doc",
+        num_prompts=4,
+        long_fraction=0.5,
+        long_input_len=300,
+        short_input_len=20,
+        random_output_len=5,
+    )
+    assert result["completed"] == 4 and result["backend"] == "openai-chat"
+    assert all(len(itl) == 4 for itl in result["itls"])  # the role-only delta is not a token
+    assert sorted(result["is_long"]) == [False, False, True, True]
+    assert result["num_short_requests"] == 2 and result["completed_short"] == 2
+    assert TTFT_S <= result["mean_short_ttft_ms"] / 1000 < TTFT_S + 0.4
+    assert "p99_short_ttft_ms" in result and "p99_long_ttft_ms" in result
+    assert isinstance(state.bodies[-1]["messages"][0]["content"], str)
+    assert state.bodies[-1]["max_completion_tokens"] == 5
+
+
+def test_without_usage_counts_text_chunks_and_timeouts_fail(fake_server):
+    base_url, _ = fake_server
+    result = _bench(
+        base_url,
+        num_prompts=2,
+        random_input_len=8,
+        random_output_len=6,
+        extra_body={"fake_no_usage": True},
+    )
+    assert result["output_lens"] == [6, 6] and result["completed"] == 2
+    result = _bench(
+        base_url, num_prompts=2, random_input_len=8, random_output_len=3, request_timeout_s=0.05
+    )
+    assert result["failed"] == 2
+    assert all("timed out after 0.05 s" in e for e in result["errors"])
+
+
+def test_unreachable_server_fails_every_request(capsys):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = _bench(f"http://127.0.0.1:{port}", model="m", num_prompts=3, random_input_len=4)
+    assert (result["completed"], result["failed"]) == (0, 3)
+    assert all(e.startswith("ConnectError") for e in result["errors"])
+    with pytest.raises(ValueError, match="cannot list the models"):
+        _bench(f"http://127.0.0.1:{port}", num_prompts=1)
+
+
+# --- datasets -------------------------------------------------------------------------------------
+
+
+def test_random_prompts_have_exact_token_lengths(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    rng = np.random.default_rng(1)
+    requests = random_requests(8, 200, 16, 0.0, rng, tok)
+    for r in requests:
+        assert isinstance(r.prompt, str) and r.prompt_len == 200 == len(encode(tok, r.prompt))
+        assert not set(encode(tok, r.prompt)) & set(tok.all_special_ids)
+    varied = random_requests(20, 100, 10, 0.5, rng, tok)
+    assert all(
+        50 <= r.prompt_len <= 150 and r.prompt_len == len(encode(tok, r.prompt)) for r in varied
+    )
+    assert len({r.prompt_len for r in varied}) > 5 and all(
+        5 <= r.expected_output_len <= 15 for r in varied
+    )
+    ids = random_requests(3, 40, 4, 0.0, rng, tok, prompt_format="token-ids")
+    assert all(isinstance(r.prompt, list) and len(r.prompt) == 40 for r in ids)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        random_requests(1, 10, 1, 0.0, rng, None, prompt_format="text")
+    with pytest.raises(ValueError, match="random-range-ratio"):
+        random_requests(1, 10, 1, 1.5, rng, tok)
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+        load_tokenizer(str(tokenizer_dir) + "/missing")
+
+
+def test_long_doc_mix(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    requests = long_doc_requests(10, 0.3, 250, 30, 8, 0.0, np.random.default_rng(2), tok)
+    assert sum(r.is_long for r in requests) == 3
+    assert all(
+        r.prompt_len == (250 if r.is_long else 30) == len(encode(tok, r.prompt)) for r in requests
+    )
+    again = long_doc_requests(10, 0.3, 250, 30, 8, 0.0, np.random.default_rng(2), tok)
+    assert [r.prompt for r in again] == [r.prompt for r in requests]  # seeded
+    with pytest.raises(ValueError, match="long-fraction"):
+        long_doc_requests(10, 1.3, 250, 30, 8, 0.0, np.random.default_rng(2), tok)
+
+
+def test_jsonl_parsing(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a b c", "output_len": 7}\n\n{"prompt": [1, 2]}\n')
+    requests = jsonl_requests(path, 3, 9)
+    assert [(r.prompt, r.prompt_len, r.expected_output_len) for r in requests] == [
+        ("a b c", None, 7),
+        ([1, 2], 2, 9),
+        ("a b c", None, 7),  # cycled
+    ]
+    cases = {
+        '{"prompt": "x"}\n{"prompt": "y",\n': r"d.jsonl:2: not valid JSON",
+        '["x"]\n': r"d.jsonl:1: expected a JSON object",
+        '{"text": "x"}\n': r'd.jsonl:1: missing "prompt"',
+        '{"prompt": ""}\n': r"non-empty string or a non-empty list of token ids",
+        '{"prompt": [1, "a"]}\n': r"non-empty string or a non-empty list of token ids",
+        '{"prompt": "x", "output_len": 0}\n': r'd.jsonl:1: "output_len" must be an int >= 1',
+        "\n\n": r"holds no requests",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            jsonl_requests(path, 1, 4)
+    with pytest.raises(ValueError, match="is not a file"):
+        jsonl_requests(tmp_path / "nope.jsonl", 1, 4)
+
+
+def test_config_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="--dataset-path goes with --dataset-name jsonl"):
+        ServeBenchConfig(dataset_name="random", dataset_path="x.jsonl")
+    with pytest.raises(ValueError, match="/v1/chat/completions"):
+        ServeBenchConfig(endpoint="/generate")
+    with pytest.raises(ValueError, match="--max-concurrency must be >= 1"):
+        ServeBenchConfig(max_concurrency=0)
+    with pytest.raises(ValueError, match="chat endpoint takes text"):
+        serve.build_payload(
+            ServeBenchConfig(endpoint="/v1/chat/completions"),
+            "m",
+            random_requests(1, 4, 2, 0.0, np.random.default_rng(0))[0],
+        )
+    assert parse_percentiles("50,90,99.9") == [50, 90, 99.9]
+    with pytest.raises(ValueError, match="metric-percentiles"):
+        parse_percentiles("0,101")
+
+
+# --- arrivals and metrics -------------------------------------------------------------------------
+
+
+def test_poisson_arrivals_are_seeded_and_at_the_requested_rate():
+    times = arrival_times(4000, 10.0, 1.0, np.random.default_rng(7))
+    assert times == arrival_times(4000, 10.0, 1.0, np.random.default_rng(7))
+    assert times != arrival_times(4000, 10.0, 1.0, np.random.default_rng(8))
+    assert np.all(np.diff(times) >= 0) and times[-1] == pytest.approx(400.0)
+    gaps = np.diff(times)
+    assert gaps.mean() == pytest.approx(0.1, rel=0.02)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.08)  # exponential: CV 1
+    assert np.sum(np.array(times) < 200) == pytest.approx(2000, rel=0.05)  # steady rate
+    even = np.diff(arrival_times(4000, 10.0, 4.0, np.random.default_rng(7)))
+    assert even.std() / even.mean() == pytest.approx(0.5, abs=0.05)  # gamma: CV 1/sqrt(shape)
+    assert arrival_times(3, math.inf, 1.0, np.random.default_rng(0)) == [0.0, 0.0, 0.0]
+    assert arrival_times(3, 2.0, math.inf, np.random.default_rng(0)) == pytest.approx(
+        [0.5, 1.0, 1.5]
+    )
+    with pytest.raises(ValueError, match="--burstiness must be > 0"):
+        arrival_times(3, 2.0, 0.0, np.random.default_rng(0))
+
+
+def _done(ttft: float, latency: float, tokens: int, is_long: bool | None = None) -> RequestResult:
+    itl = [(latency - ttft) / (tokens - 1)] * (tokens - 1) if tokens > 1 else []
+    return RequestResult(
+        success=True,
+        prompt_len=10,
+        output_tokens=tokens,
+        num_text_chunks=tokens,
+        ttft=ttft,
+        itl=itl,
+        latency=latency,
+        is_long=is_long,
+    )
+
+
+def test_goodput_and_summaries():
+    results = [
+        _done(0.05, 0.45, 5),  # TTFT 50 ms, TPOT 100 ms
+        _done(0.20, 0.30, 3),  # TTFT 200 ms, TPOT 50 ms
+        _done(0.08, 0.08, 1),  # one token: no TPOT, counts as 0 for goodput
+        RequestResult(error="HTTP 400: bad"),
+    ]
+    percentiles = [50.0, 99.0]
+    m = compute_metrics(results, 2.0, percentiles, parse_goodput(["ttft:100", "tpot:60"]))
+    assert (m["completed"], m["failed"]) == (3, 1)
+    assert m["request_goodput"] == pytest.approx(1 / 2.0)  # only the one-token request passes
+    assert compute_metrics(results, 2.0, percentiles, {"e2el": 400})["request_goodput"] == 1.0
+    assert compute_metrics(results, 2.0, percentiles)["request_goodput"] is None
+    assert m["mean_ttft_ms"] == pytest.approx(110.0) and m["median_ttft_ms"] == pytest.approx(80.0)
+    assert m["mean_tpot_ms"] == pytest.approx(75.0)  # two requests with more than one token
+    assert m["p50_tpot_ms"] == pytest.approx(75.0) and "p99_e2el_ms" in m
+    assert m["output_lens"] == [5, 3, 1, 0] and m["total_output_tokens"] == 9
+    assert m["total_input_tokens"] == 30 and m["request_throughput"] == 1.5
+    with pytest.raises(ValueError, match="KEY:MILLISECONDS"):
+        parse_goodput(["ttft=100"])
+    with pytest.raises(ValueError, match="KEY:MILLISECONDS"):
+        parse_goodput(["itl:5"])
+
+    mixed = compute_metrics(
+        [_done(0.1, 0.5, 3, False), _done(0.3, 0.9, 3, False), _done(2.0, 3.0, 3, True)],
+        3.0,
+        [99.0],
+    )
+    assert mixed["mean_short_ttft_ms"] == pytest.approx(200.0)
+    assert mixed["mean_long_ttft_ms"] == pytest.approx(2000.0)
+    assert mixed["num_short_requests"] == 2 and mixed["completed_long"] == 1
+
+
+def test_summary_table_lists_errors():
+    from rich.console import Console
+
+    results = [_done(0.05, 0.45, 5), RequestResult(error="HTTP 503: overloaded")]
+    config = ServeBenchConfig(max_concurrency=2)
+    metrics = compute_metrics(results, 1.0, config.percentiles)
+    result = {**metrics, "duration": 1.0, "errors": [r.error for r in results]}
+    buffer = io.StringIO()
+    serve.print_summary(result, config, Console(file=buffer, width=100))
+    text = buffer.getvalue()
+    assert "Serving Benchmark Result" in text and "Maximum request concurrency:" in text
+    assert "P99 TTFT (ms):" in text and "1 x HTTP 503: overloaded" in text
