@@ -419,6 +419,8 @@ def test_config_errors_say_what_to_change():
         ServeBenchConfig(endpoint="/generate")
     with pytest.raises(ValueError, match="--max-concurrency must be >= 1"):
         ServeBenchConfig(max_concurrency=0)
+    with pytest.raises(ValueError, match="--request-rate must be > 0"):
+        ServeBenchConfig(request_rate=0)
     with pytest.raises(ValueError, match="chat endpoint takes text"):
         serve.build_payload(
             ServeBenchConfig(endpoint="/v1/chat/completions"),

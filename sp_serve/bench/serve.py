@@ -112,6 +112,12 @@ class ServeBenchConfig:
             raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if not self.request_rate > 0:
+            raise ValueError(
+                f"--request-rate must be > 0 (inf sends all at once), got {self.request_rate}"
+            )
+        if not self.burstiness > 0:
+            raise ValueError(f"--burstiness must be > 0 (1.0 = Poisson), got {self.burstiness}")
         if self.num_warmups < 0:
             raise ValueError(f"--num-warmups must be >= 0, got {self.num_warmups}")
         if not self.request_timeout_s > 0:
@@ -137,7 +143,7 @@ async def fetch_model_card(
         response = await client.get(url, headers=headers, timeout=30)
         response.raise_for_status()
         body = response.json()
-        cards = body.get("data") or []
+        cards = body.get("data") if isinstance(body, dict) else None
         if not cards:
             raise ValueError("the model list is empty")
     except (httpx.HTTPError, ValueError) as exc:
@@ -652,8 +658,6 @@ def run(args: argparse.Namespace) -> int:
     """0 when at least one request completed, 1 when all failed, 2 on a usage error."""
     try:
         config = config_from_args(args)
-        # Validate the arrival process before contacting the server.
-        arrival_times(1, config.request_rate, config.burstiness, np.random.default_rng(0))
         result = asyncio.run(run_benchmark(config))
     except ValueError as exc:
         print(f"sp-serve bench serve: {exc}", file=sys.stderr)
