@@ -32,7 +32,8 @@ CHECKPOINT_CASES: list[tuple[str, dict[str, Any]]] = [
     ("llama-linear-scaling", dict(arch="llama", spelling="rope_scaling",
                                   rope={"rope_type": "linear", "factor": 2.0})),
     # HF's dynamic NTK threshold is max_position_embeddings itself
-    ("llama-dynamic-scaling", dict(arch="llama", spelling="rope_scaling", max_position_embeddings=64,
+    ("llama-dynamic-scaling", dict(arch="llama", spelling="rope_scaling",
+                                   max_position_embeddings=64,
                                    rope={"rope_type": "dynamic", "factor": 8.0})),
     ("qwen2-dynamic-params", dict(arch="qwen2", max_position_embeddings=64,
                                   rope={"rope_type": "dynamic", "factor": 8.0})),

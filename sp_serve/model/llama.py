@@ -97,8 +97,11 @@ class CausalLM(nn.Module):
             DecoderLayer(spec, idx, device, dtype) for idx in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device, dtype)
         # Tied: the same Parameter object, so loading the embedding fills both.
-        self.lm_head_weight = (self.embed_weight if spec.tie_word_embeddings else
-                               _empty(spec.vocab_size, spec.hidden_size, device=device, dtype=dtype))
+        if spec.tie_word_embeddings:
+            self.lm_head_weight = self.embed_weight
+        else:
+            self.lm_head_weight = _empty(spec.vocab_size, spec.hidden_size, device=device,
+                                         dtype=dtype)
         self.rope = RotaryEmbedding(spec, device=device)
 
     @property

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from .llama import CausalLM
 from .spec import ModelSpec, load_spec
 
+
 def _hf_layout(model: CausalLM) -> Iterator[tuple[str, torch.nn.Parameter, int, int]]:
     """(HF tensor name, our parameter, first row, rows) for every tensor the model needs."""
     spec = model.spec
@@ -59,14 +60,14 @@ def _weight_map(path: Path) -> dict[str, Path]:
             raise ValueError(f"{index_file} is not a valid safetensors index (a JSON object "
                              f"with a 'weight_map'): {e}; re-download or re-save it") from e
         files = {name: path / fname for name, fname in weight_map.items()}
-        for fname in sorted({f for f in files.values()}):
+        for fname in sorted(set(files.values())):
             if not fname.is_file():
                 raise ValueError(f"{fname} is named in {index_file.name} but missing; "
                                  "download every shard of the checkpoint")
         return files
     single = path / "model.safetensors"
     with _open(single) as handle:
-        return {name: single for name in handle.keys()}
+        return dict.fromkeys(handle.keys(), single)
 
 
 def _open(file: Path):
@@ -90,7 +91,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
 
     missing = [entry[0] for entry in layout if entry[0] not in files]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5])
+        if len(missing) > 5:
+            shown += f" and {len(missing) - 5} more"
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s) a "
                          f"{spec.architecture} with this config.json needs: {shown}")
 

@@ -41,7 +41,8 @@ class RotaryEmbedding:
         if self.rope_type == "default":
             # transformers' compute_default_rope_parameters, written out (it is a method of each
             # model's rotary class, not in ROPE_INIT_FUNCTIONS)
-            inv_freq_f = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            exponent_f = torch.arange(0, dim, 2, dtype=torch.float) / dim
+            inv_freq_f = 1.0 / (spec.rope_theta ** exponent_f)
             self.attention_scaling = 1.0
             self._hf_config = None
         else:

@@ -29,6 +29,7 @@ _WORD_MERGES = (("Ġ", "t"), ("Ġ", "a"), ("Ġ", "s"), ("Ġ", "w"), ("Ġ", "o"),
                 ("Ġo", "f"), ("Ġt", "o"))
 NUM_MERGES = len(_BIGRAMS) + len(_WORD_MERGES)
 VOCAB_SIZE = 256 + NUM_MERGES + len(SPECIAL_TOKENS)
+SPECIAL_IDS = {token: 256 + NUM_MERGES + i for i, token in enumerate(SPECIAL_TOKENS)}
 
 TINY_DEFAULT: dict[str, Any] = dict(
     vocab_size=VOCAB_SIZE,
@@ -132,16 +133,17 @@ def build_hf_model(arch: str = "llama", seed: int = 0, **config_overrides: Any):
         raise ValueError(f"unknown tiny arch {arch!r}; use one of {', '.join(_ARCHES)}")
     config_name, model_name = _ARCHES[arch]
     settings = {**TINY_DEFAULT, **config_overrides}
-    if "rope_scaling" in config_overrides or "rope_theta" in config_overrides:
-        settings.pop("rope_parameters")  # caller uses the older spelling
-    special = {t: VOCAB_SIZE - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
-    settings.setdefault("bos_token_id", special["<s>"])
-    settings.setdefault("eos_token_id", special["</s>"])
-    settings.setdefault("pad_token_id", special["</s>"])
+    if "rope_parameters" not in config_overrides and (
+            "rope_scaling" in config_overrides or "rope_theta" in config_overrides):
+        settings.pop("rope_parameters")  # the caller uses the older spelling
+    if settings["vocab_size"] < VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {VOCAB_SIZE} (the tiny tokenizer's size), "
+                         f"got {settings['vocab_size']}")
+    settings.setdefault("bos_token_id", SPECIAL_IDS["<s>"])
+    settings.setdefault("eos_token_id", SPECIAL_IDS["</s>"])
+    settings.setdefault("pad_token_id", SPECIAL_IDS["</s>"])
     config = getattr(transformers, config_name)(**settings)
-    model = getattr(transformers, model_name)(config)
-    if config.tie_word_embeddings:
-        model.tie_weights()
+    model = getattr(transformers, model_name)(config)  # ties lm_head to the embedding if asked
     randomize_weights_(model, seed)
     return model.to(torch.float32).eval()
 
@@ -153,11 +155,10 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0,
 
     out_dir = Path(out_dir)
     model = build_hf_model(arch, seed, **overrides)
-    model.save_pretrained(out_dir)
-    special = {t: VOCAB_SIZE - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
+    model.save_pretrained(out_dir)  # safetensors: transformers 5 dropped safe_serialization=False
     GenerationConfig(
         bos_token_id=model.config.bos_token_id,
-        eos_token_id=[special["</s>"], special["<|im_end|>"]],
+        eos_token_id=[SPECIAL_IDS["</s>"], SPECIAL_IDS["<|im_end|>"]],
         pad_token_id=model.config.pad_token_id,
     ).save_pretrained(out_dir)
     # save_jinja_files=False: the chat template goes into tokenizer_config.json, where older
