@@ -25,6 +25,7 @@ from sp_serve.bench import cli as bench_cli
 from sp_serve.bench import serve
 from sp_serve.bench.arrivals import arrival_times
 from sp_serve.bench.client import RequestResult
+from sp_serve.bench.config import ServeBenchConfig
 from sp_serve.bench.datasets import (
     encode,
     jsonl_requests,
@@ -33,7 +34,8 @@ from sp_serve.bench.datasets import (
     random_requests,
 )
 from sp_serve.bench.metrics import compute_metrics, parse_goodput, parse_percentiles
-from sp_serve.bench.serve import ServeBenchConfig, run_benchmark
+from sp_serve.bench.report import print_summary
+from sp_serve.bench.serve import run_benchmark
 
 TTFT_S = 0.15  # the fake server's sleep before the first token
 ITL_S = 0.02  # and between tokens
@@ -509,7 +511,7 @@ def test_summary_table_lists_errors():
     metrics = compute_metrics(results, 1.0, config.percentiles)
     result = {**metrics, "duration": 1.0, "errors": [r.error for r in results]}
     buffer = io.StringIO()
-    serve.print_summary(result, config, Console(file=buffer, width=100))
+    print_summary(result, config, Console(file=buffer, width=100))
     text = buffer.getvalue()
     assert "Serving Benchmark Result" in text and "Maximum request concurrency:" in text
     assert "P99 TTFT (ms):" in text and "1 x HTTP 503: overloaded" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sp_serve.bench import serve
+from sp_serve.bench import serve, serve_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,10 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=serve.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_arguments(serve_parser)
+    serve_cli.add_arguments(serve_parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.bench_command == "serve":
-        return serve.run(args)
+        return serve_cli.run(args)
     raise AssertionError(f"unhandled bench command {args.bench_command!r}")
