@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sp_serve.bench import cli as bench_cli
-from sp_serve.bench import serve
+from sp_serve.bench import serve, serve_cli
 from sp_serve.bench.arrivals import arrival_times
 from sp_serve.bench.client import RequestResult
 from sp_serve.bench.config import ServeBenchConfig
@@ -412,6 +412,15 @@ def test_jsonl_parsing(tmp_path):
             jsonl_requests(path, 1, 4)
     with pytest.raises(ValueError, match="is not a file"):
         jsonl_requests(tmp_path / "nope.jsonl", 1, 4)
+
+
+def test_top_level_cli_wires_bench_serve():
+    from sp_serve.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "serve", "--num-prompts", "3", "--goodput", "ttft:9"]
+    )
+    assert args.func is serve_cli.run and args.num_prompts == 3 and args.goodput == ["ttft:9"]
 
 
 def test_config_errors_say_what_to_change():

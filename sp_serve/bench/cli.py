@@ -7,15 +7,22 @@ import argparse
 from sp_serve.bench import serve, serve_cli
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    commands = parser.add_subparsers(dest="bench_command", required=True, metavar="{serve}")
-    serve_parser = commands.add_parser(
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `serve` (and later benchmarks) under an existing `bench` subparsers action; each
+    sets `func` so the top-level CLI can call `args.func(args)`."""
+    serve_parser = subparsers.add_parser(
         "serve",
         help="load-test an OpenAI-compatible server (sp-serve, vLLM, SGLang)",
         description=serve.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve_cli.add_arguments(serve_parser)
+    serve_parser.set_defaults(func=serve_cli.run, bench_command="serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `bench` command's own parser, for callers that wire commands this way."""
+    add_subcommands(parser.add_subparsers(dest="bench_command", required=True, metavar="{serve}"))
 
 
 def run(args: argparse.Namespace) -> int:
