@@ -26,6 +26,9 @@ import torch.distributed as dist
 from sp_serve.attention.merge import merge_partials
 from sp_serve.parallel.groups import ParallelContext
 
+# torch >= 2.12 renames all_gather_into_tensor; keep both so torch 2.11 works too
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 # (rows) -> packed partial [len(rows), h, d+1] fp32 over this rank's shard
 LocalPartialFn = Callable[[slice], torch.Tensor]
 
@@ -51,7 +54,7 @@ def decode_over_shards(
         # gloo wants the output flat along dim 0: [n*t, ...]; viewed as [n, t, ...] to merge
         gathered = torch.empty((pc.world_size * part_the.shape[0], *part_the.shape[1:]),
                                dtype=part_the.dtype, device=part_the.device)
-        work = dist.all_gather_into_tensor(gathered, part_the, async_op=True)
+        work = _all_gather_single(gathered, part_the, async_op=True)
         in_flight.append((gathered.view(pc.world_size, *part_the.shape), work))
     outs = []
     for gathered, work in in_flight:
@@ -77,7 +80,7 @@ def chunk_over_shards(
     padded[: q_thd.shape[0]] = q_thd
     all_q = torch.empty((pc.world_size * width, *padded.shape[1:]), dtype=padded.dtype,
                         device=padded.device)
-    dist.all_gather_into_tensor(all_q, padded)
+    _all_gather_single(all_q, padded)
     mine_nthe = local_partial_for(all_q).view(pc.world_size, width, *q_thd.shape[1:-1], -1)
     theirs_nthe = torch.empty_like(mine_nthe)
     dist.all_to_all_single(theirs_nthe, mine_nthe.contiguous())

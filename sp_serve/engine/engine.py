@@ -175,7 +175,7 @@ class LLMEngine:
         frees = self._pending_frees + [s.seq_id for s in sched.preempted]
         self._pending_frees = []
         return StepPlan(
-            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target)
+            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target, s.prefill_target)
                      for s, a, b in sched.prefill],
             decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
                     for s, owner in sched.decode],

@@ -14,6 +14,9 @@ class PrefillChunk:
     token_ids: list[int]  # the chunk's tokens; each rank takes its zigzag share
     start_pos: int  # tokens of this sequence already cached (chunks before this one)
     want_logits: bool  # the prompt's last chunk: rank 0 samples the first output token
+    # The whole prompt's length. Dynamic-NTK RoPE scales by sequence length; every chunk uses
+    # the full length, so a chunked prompt gets the same rotations as a one-pass prefill.
+    total_len: int = 0
 
 
 @dataclass

@@ -53,7 +53,7 @@ class Worker:
         local_idx = layout.local_indices(pc.rank)
         ids_t = torch.tensor(chunk.token_ids, dtype=torch.long)[local_idx].to(dev)
         pos_t = (local_idx + chunk.start_pos).to(dev)
-        rope_len_t = torch.full_like(pos_t, chunk.start_pos + n)
+        rope_len_t = torch.full_like(pos_t, max(chunk.total_len, chunk.start_pos + n))
         cached_slots = self.kv.slots(chunk.seq_id)  # earlier chunks' tokens on this rank
         new_slots = self.kv.append_slots(chunk.seq_id, len(local_idx))
         q_per_rank = [layout.num_local(r) for r in range(pc.world_size)]

@@ -55,6 +55,7 @@ class DecoderLayer(nn.Module):
         self.head_dim = spec.head_dim
         self.q_size = spec.q_size
         self.kv_size = spec.kv_size
+        self.intermediate_size = spec.intermediate_size
         d, i = spec.hidden_size, spec.intermediate_size
         self.input_norm = RMSNorm(d, spec.rms_norm_eps, device, dtype)
         # rows: q (hq*e) | k (hkv*e) | v (hkv*e), as HF's q_proj, k_proj, v_proj stacked
@@ -81,7 +82,14 @@ class DecoderLayer(nn.Module):
         # faults, which shows in a one-thread comparison with HF.
         x_td = x_td.add_(F.linear(o_the.reshape(t, self.q_size), self.o_weight, self.o_bias))
 
-        gate_ti, up_ti = F.linear(self.post_attention_norm(x_td), self.gate_up_weight).chunk(2, -1)
+        h_td = self.post_attention_norm(x_td)
+        if h_td.is_cuda:
+            gate_ti, up_ti = F.linear(h_td, self.gate_up_weight).chunk(2, -1)
+        else:
+            # MKL runs two half-width matmuls 10-20% faster than one fused at 16-64 tokens
+            # (measured, one thread); the row halves of the fused weight are contiguous views.
+            gate_ti = F.linear(h_td, self.gate_up_weight[:self.intermediate_size])
+            up_ti = F.linear(h_td, self.gate_up_weight[self.intermediate_size:])
         act_ti = F.silu(gate_ti, inplace=True).mul_(up_ti)
         return x_td.add_(F.linear(act_ti, self.down_weight))
 

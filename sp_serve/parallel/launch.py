@@ -78,3 +78,10 @@ def kill(procs: list[mp.Process]) -> None:
 
 __all__ = ["announce_joined", "client_store", "kill", "launched_by_torchrun", "spawn_ranks",
            "torchrun_rank", "wait_for_ranks"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((_HOST, 0))
+        return s.getsockname()[1]
