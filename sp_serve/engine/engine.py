@@ -52,10 +52,10 @@ class LLMEngine:
         self.config = config
         self.spec = load_spec(config.model)  # fails fast, before any rank starts
         self.tokenizer = load_tokenizer(config.model)
-        limit = self.spec.max_position_embeddings
+        limit = self.spec.max_model_len  # max_position_embeddings, extended by RoPE scaling
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
-                             f"max_position_embeddings ({limit}); use at most {limit}")
+                             f"context ({limit} tokens); use at most {limit}")
         self.max_model_len = config.max_model_len or limit
         self._procs = []
         if launched_by_torchrun():
