@@ -56,8 +56,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="offline generation for one or more prompts")
     add_engine_args(p, model_required=False)
-    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
-    p.add_argument("--prompt-token-ids", action="append", default=[], help="e.g. 1,2,3 (repeatable)")
+    # one list for both flags, so prompts keep their command-line order
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], type=str,
+                   help="a text prompt (repeatable)")
+    p.add_argument("--prompt-token-ids", dest="prompts", action="append", type=_token_ids,
+                   help="e.g. 1,2,3 (repeatable)")
     p.add_argument("--input", help="JSONL file: one object per line with prompt or prompt_token_ids")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -68,13 +71,15 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=run_generate)
 
 
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers, got {text!r}") from None
+
+
 def _read_prompts(args: argparse.Namespace) -> list:
-    prompts: list = list(args.prompt)
-    for text in args.prompt_token_ids:
-        try:
-            prompts.append([int(t) for t in text.split(",") if t.strip()])
-        except ValueError:
-            raise ValueError(f"--prompt-token-ids takes comma-separated integers, got {text!r}") from None
+    prompts: list = list(args.prompts)
     if args.input:
         try:
             lines = open(args.input, encoding="utf-8").read().splitlines()

@@ -185,9 +185,13 @@ class LLMEngine:
         try:
             self.runtime.send_plan(plan)
             return self.runtime.worker.execute(plan)
-        except Exception:
+        except Exception as exc:
             self.dead = True
-            raise
+            time.sleep(0.2)  # let a crashed rank's exit code settle
+            gone = [f"rank {i} exited with code {p.exitcode}" for i, p in enumerate(self._procs, 1)
+                    if p.exitcode is not None]
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RuntimeError(f"a rank stopped ({'; '.join(gone) or 'peer lost'}): {first_line}") from exc
 
     def _append(self, seq: Sequence, logits_v: torch.Tensor, now: float) -> StepEvent:
         result = sample(logits_v, seq.params, self._generators.get(seq.seq_id))
