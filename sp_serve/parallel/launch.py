@@ -76,7 +76,58 @@ def kill(procs: list[mp.Process]) -> None:
         p.join(timeout=5)
 
 
-__all__ = ["announce_joined", "client_store", "kill", "launched_by_torchrun", "spawn_ranks",
+def _run_entry(rank, world, port, threads, fn, args, out_q):
+    import io
+    import traceback
+
+    import torch
+
+    from sp_serve.parallel.groups import init_parallel, shutdown_parallel
+    try:
+        torch.set_num_threads(threads)
+        store = dist.TCPStore(_HOST, port, world, is_master=rank == 0,
+                              timeout=datetime.timedelta(seconds=600))
+        pc = init_parallel(rank, world, store, torch.device("cpu"), timeout_s=600)
+        result = fn(pc, *args)
+        shutdown_parallel()
+        # bytes, not tensors: a tensor in a queue is shared memory that dies with this process
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        out_q.put((rank, "ok", buf.getvalue()))
+    except BaseException:
+        out_q.put((rank, "error", traceback.format_exc()))
+
+
+def run_on_ranks(world: int, fn: Callable[..., Any], *args, threads: int = 1,
+                 timeout_s: float = 1800) -> list[Any]:
+    """Runs fn(pc, *args) on `world` fresh CPU processes joined by gloo; returns every rank's
+    result, in rank order. For tests and benchmarks (fn must be importable by spawn)."""
+    import io
+
+    import torch
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_run_entry, args=(r, world, port, threads, fn, args, out_q), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(world):
+            rank, status, payload = out_q.get(timeout=timeout_s)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+    finally:
+        kill_after = time.monotonic() + 10
+        for p in procs:
+            p.join(timeout=max(0.0, kill_after - time.monotonic()))
+        kill(procs)
+    return [results[r] for r in range(world)]
+
+
+__all__ = ["run_on_ranks", "announce_joined", "client_store", "kill", "launched_by_torchrun", "spawn_ranks",
            "torchrun_rank", "wait_for_ranks"]
 
 
