@@ -3,6 +3,7 @@ gloo ranks; the lse merge and the zigzag layout as plain functions."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -85,3 +86,24 @@ def test_zigzag_layout_partitions_and_balances(n, world):
     work = [float((layout.local_indices(r) + 1).sum()) for r in range(world)]
     if n >= 2 * world:  # with fewer tokens than chunks some ranks are necessarily idle
         assert max(work) - min(work) <= n
+
+
+def test_triton_backend_matches_torch_under_interpreter():
+    """The Triton path the engine takes on CUDA, run by Triton's CPU interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 (scripts/test.sh does) to run Triton kernels on the CPU")
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(11)
+    for causal, tq, tk, hq, hkv in [(True, 9, 9, 4, 2), (False, 5, 12, 4, 1), (False, 1, 17, 8, 2)]:
+        q, k, v = (torch.randn(t, h, 16, generator=g) for t, h in ((tq, hq), (tk, hkv), (tk, hkv)))
+        o_t, lse_t = attention_with_lse(q, k, v, causal, 0.25, backend="triton")
+        o_r, lse_r = attention_with_lse(q, k, v, causal, 0.25)
+        assert torch.allclose(o_t, o_r, atol=1e-4) and torch.allclose(lse_t, lse_r, atol=1e-4)
+
+
+def test_backend_choice_on_cpu():
+    from sp_serve.attention.backend import resolve_backend
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    for forced in ("triton", "flash-attn"):
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            resolve_backend(forced, torch.device("cpu"))

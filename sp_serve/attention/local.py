@@ -20,12 +20,13 @@ def empty_partial(q_thd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def attention_with_lse(
-    q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor, causal: bool, scale: float
+    q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor, causal: bool, scale: float,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """o [Tq, Hq, D] (q's dtype), lse [Tq, Hq] fp32. Causal only for Tq == Tk (a diagonal block).
 
-    GQA: q head h reads kv head h // (Hq // Hkv); KV heads are repeated only here, locally,
-    never before they travel.
+    GQA: q head h reads kv head h // (Hq // Hkv). The Triton and flash-attn kernels read KV
+    heads in place; the torch path repeats them here, locally, never before they travel.
     """
     tq, hq, d = q_thd.shape
     tk, hkv, _ = k_thd.shape
@@ -33,6 +34,10 @@ def attention_with_lse(
         o, lse = empty_partial(q_thd)
         return o.to(q_thd.dtype), lse
     assert not causal or tq == tk, "a causal block is a diagonal block"
+    if backend == "triton":
+        return _triton(q_thd, k_thd, v_thd, causal, scale)
+    if backend == "flash-attn" and q_thd.dtype in (torch.float16, torch.bfloat16):
+        return _flash_attn(q_thd, k_thd, v_thd, causal, scale)
     group = hq // hkv
     if not causal and group > 1:
         # Full block: fold the query group into the query length, so no KV head is repeated.
@@ -58,3 +63,24 @@ def _flash(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Ten
     out = torch.ops.aten._scaled_dot_product_flash_attention(
         q, k, v, 0.0, causal, return_debug_mask=False, scale=scale)
     return out[0], out[1].float()
+
+
+def _cu_seqlens(n: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, n], dtype=torch.int32, device=device)
+
+
+def _triton(q_thd, k_thd, v_thd, causal: bool, scale: float):
+    from sp_serve_kernels import prefill_attention
+    tq, tk = q_thd.shape[0], k_thd.shape[0]
+    o_thd, lse_ht = prefill_attention(q_thd, k_thd, v_thd, _cu_seqlens(tq, q_thd.device),
+                                      _cu_seqlens(tk, q_thd.device), tq, tk, causal, scale)
+    return o_thd, lse_ht.t()
+
+
+def _flash_attn(q_thd, k_thd, v_thd, causal: bool, scale: float):
+    from flash_attn import flash_attn_varlen_func
+    tq, tk = q_thd.shape[0], k_thd.shape[0]
+    o_thd, lse_ht, _ = flash_attn_varlen_func(
+        q_thd, k_thd, v_thd, _cu_seqlens(tq, q_thd.device), _cu_seqlens(tk, q_thd.device), tq, tk,
+        softmax_scale=scale, causal=causal, return_attn_probs=True)
+    return o_thd, lse_ht.t().float()

@@ -41,6 +41,7 @@ def ring_prefill_attention(
     v_thd: torch.Tensor,
     scale: float,
     acc: PartialAccumulator,
+    backend: str = "torch",
 ) -> None:
     """Adds the causal attention of the local queries over the whole chunk's K/V into `acc`."""
     rank, world = pc.rank, pc.world_size
@@ -53,16 +54,16 @@ def ring_prefill_attention(
             incoming = layout.num_local((rank - step - 1) % world)
             pending = RingExchange(pc, kv_2thd, (2, incoming, *kv_2thd.shape[2:]))
         if step == 0:
-            o, lse = attention_with_lse(q_thd, k_thd, v_thd, causal=True, scale=scale)
+            o, lse = attention_with_lse(q_thd, k_thd, v_thd, True, scale, backend)
             acc.add(slice(None), o, lse)
         elif src < rank:
             src_early = layout.chunk_lens(src)[0]
             o, lse = attention_with_lse(q_thd, kv_2thd[0, :src_early], kv_2thd[1, :src_early],
-                                        causal=False, scale=scale)
+                                        False, scale, backend)
             acc.add(slice(None), o, lse)
         elif late_len > 0:
             late = slice(early_len, early_len + late_len)
-            o, lse = attention_with_lse(q_thd[late], kv_2thd[0], kv_2thd[1], causal=False, scale=scale)
+            o, lse = attention_with_lse(q_thd[late], kv_2thd[0], kv_2thd[1], False, scale, backend)
             acc.add(late, o, lse)
         if pending is not None:
             t0 = time.perf_counter()

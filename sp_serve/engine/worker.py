@@ -61,12 +61,13 @@ class Worker:
         def attn(layer: int, q_thd, k_thd, v_thd):
             self.kv.write(layer, new_slots, k_thd, v_thd)
             acc = PartialAccumulator(q_thd.shape[0], q_thd.shape[1], q_thd.shape[2], dev)
-            ring_prefill_attention(pc, layout, q_thd, k_thd, v_thd, self.scale, acc)
+            ring_prefill_attention(pc, layout, q_thd, k_thd, v_thd, self.scale, acc, self.backend)
             if chunk.start_pos > 0:
                 k_cache, v_cache = self.kv.read(layer, cached_slots)
 
                 def local_partial_for(qq_thd):
-                    return pack_partial(*attention_with_lse(qq_thd, k_cache, v_cache, False, self.scale))
+                    return pack_partial(*attention_with_lse(qq_thd, k_cache, v_cache, False, self.scale,
+                                                            self.backend))
 
                 o, lse = chunk_over_shards(pc, q_thd, q_per_rank, local_partial_for)
                 acc.add(slice(None), o, lse)
@@ -101,7 +102,7 @@ class Worker:
                 for b in range(rows.start, rows.stop):
                     k_cache, v_cache = self.kv.read(layer, shard_slots[b])
                     parts.append(pack_partial(*attention_with_lse(q_thd[b:b + 1], k_cache, v_cache,
-                                                                  False, self.scale)))
+                                                                  False, self.scale, self.backend)))
                 return torch.cat(parts)
 
             return decode_over_shards(pc, len(tokens), local_partial).to(q_thd.dtype)
