@@ -154,13 +154,17 @@ _DEATH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_worker_death_gives_a_clear_error_fast(tiny_model_dir, tmp_path):
+def _run_death_script(tmp_path, model_dir, mode: str, mark: str) -> subprocess.CompletedProcess:
     script = tmp_path / "death.py"
     script.write_text(_DEATH_SCRIPT)
-    mark = uuid.uuid4().hex
     env = dict(os.environ, SP_SERVE_TEST_MARK=mark, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(script), str(tiny_model_dir), "kill-worker"],
-                       capture_output=True, text=True, timeout=180, env=env)
+    return subprocess.run([sys.executable, str(script), str(model_dir), mode],
+                          capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_worker_death_gives_a_clear_error_fast(tiny_model_dir, tmp_path):
+    mark = uuid.uuid4().hex
+    r = _run_death_script(tmp_path, tiny_model_dir, "kill-worker", mark)
     line = next((x for x in r.stdout.splitlines() if x.startswith(("ERROR", "NO ERROR"))), r.stdout)
     assert line.startswith("ERROR"), (line, r.stderr[-1500:])
     assert "rank 1 exited" in line and float(line.split()[1]) < 30
@@ -168,12 +172,8 @@ def test_worker_death_gives_a_clear_error_fast(tiny_model_dir, tmp_path):
 
 
 def test_driver_death_stops_the_worker(tiny_model_dir, tmp_path):
-    script = tmp_path / "death.py"
-    script.write_text(_DEATH_SCRIPT)
     mark = uuid.uuid4().hex
-    env = dict(os.environ, SP_SERVE_TEST_MARK=mark, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), "kill-driver"],
-                          capture_output=True, text=True, timeout=180, env=env)
+    proc = _run_death_script(tmp_path, tiny_model_dir, "kill-driver", mark)
     assert proc.returncode == -signal.SIGKILL
     assert "CHILD" in proc.stdout
     _assert_none_left(mark, within_s=45)  # the worker's next heartbeat wait fails; it exits
