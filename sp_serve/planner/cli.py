@@ -1,6 +1,12 @@
 """`sp-serve plan`: the analytic model of sp_serve.planner.analytic as a table or JSON.
 
 With no flags it prints the paper's running example: Yi-34B-200K, 50K context, one A100-80GB.
+With --simulate it runs sp_serve.planner.simulator (the engine's scheduler on a workload) for
+every combination of --sp-size, --scheduler, --ttft-slo-ms and --tbt-slo-ms, e.g.
+
+    sp-serve plan --simulate --model llama-3.1-8b --hardware h100-sxm -sp 4 8 \\
+        --dataset-name long-doc --long-input-len 1000000 --short-input-len 2000 \\
+        --num-prompts 50 --request-rate 0.5 --scheduler slo fcfs --goodput ttft:2000 tpot:100
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from sp_serve.planner.analytic import (
 )
 from sp_serve.planner.hardware import GB, HARDWARE_PRESETS, Hardware, get_hardware, parse_bytes
 
+DEFAULT_MODEL = "yi-34b-200k"  # the paper's running example
+
 # CLI flag -> Hardware field and the factor from the flag's unit to the field's unit.
 _HW_OVERRIDES = {
     "peak_tflops": ("peak_flops", 1e12),
@@ -34,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
-        default="yi-34b-200k",
+        default=None,
         help=f"preset {sorted(MODEL_PRESETS)} or a path to a Hugging Face config.json / "
         "checkpoint dir (default: yi-34b-200k, the paper's example)",
     )
@@ -60,7 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hw.add_argument("--pcie-bw-gbs", type=float, help="host<->GPU bandwidth per direction, GB/s")
 
     dep = parser.add_argument_group("deployment")
-    dep.add_argument("--sp-size", "--sequence-parallel-size", "-sp", type=int, default=1)
+    dep.add_argument(
+        "--sp-size",
+        "--sequence-parallel-size",
+        "-sp",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="SP degree; with --simulate several compare side by side (default 1)",
+    )
     dep.add_argument("--tp-size", "--tensor-parallel-size", "-tp", type=int, default=1)
     dep.add_argument(
         "--context-len", type=int, default=50_000, help="prompt tokens per request (default 50000)"
@@ -102,6 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="paper: Kaplan's count (QK^T only), reproduces the paper; exact: QK^T and PV",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_simulate_arguments(parser)
 
 
 def build_hardware(args: argparse.Namespace) -> Hardware:
@@ -126,9 +143,9 @@ def build_hardware(args: argparse.Namespace) -> Hardware:
     return base
 
 
-def build_plan(args: argparse.Namespace) -> PlanResult:
-    dep = Deployment(
-        sp_size=args.sp_size,
+def build_deployment(args: argparse.Namespace, sp_size: int) -> Deployment:
+    return Deployment(
+        sp_size=sp_size,
         tp_size=args.tp_size,
         kv_dtype=args.kv_dtype,
         weight_dtype=args.weight_dtype,
@@ -138,8 +155,14 @@ def build_plan(args: argparse.Namespace) -> PlanResult:
         collective_latency_s=args.collective_latency_us * 1e-6,
         attn_flops=args.attn_flops,
     )
+
+
+def build_plan(args: argparse.Namespace) -> PlanResult:
+    if len(args.sp_size) != 1:
+        raise ValueError("give one --sp-size (several compare only with --simulate)")
+    dep = build_deployment(args, args.sp_size[0])
     return plan(
-        resolve_model(args.model),
+        resolve_model(args.model or DEFAULT_MODEL),
         build_hardware(args),
         dep,
         args.context_len,
@@ -236,6 +259,8 @@ def print_table(result: PlanResult) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.simulate:
+        return run_simulation(args)
     try:
         result = build_plan(args)
     except ValueError as exc:
@@ -245,6 +270,292 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print_table(result)
+    return 0
+
+
+# --- --simulate ----------------------------------------------------------------------------------
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    sim = parser.add_argument_group(
+        "simulation (--simulate): the engine's own scheduler and block manager on a workload, "
+        "step times from the analytic model above or from a calibrated --cost-model"
+    )
+    sim.add_argument(
+        "--simulate",
+        action="store_true",
+        help="simulate serving a workload instead of one request; the SP, scheduler and SLO "
+        "flags may then take several values, one simulation per combination",
+    )
+    sim.add_argument(
+        "--trace",
+        default=None,
+        help='workload file: JSONL lines {"arrival_time": s, "prompt_len": n, "output_len": m}, '
+        "or a `sp-serve bench serve` result JSON (its measured requests)",
+    )
+    sim.add_argument(
+        "--dataset-name",
+        default="random",
+        choices=["random", "long-doc"],
+        help="generated workload when no --trace: random (--context-len tokens) or long-doc "
+        "(--long-fraction of --long-input-len, the rest --short-input-len)",
+    )
+    sim.add_argument("--num-prompts", type=int, default=100)
+    sim.add_argument(
+        "--request-rate", type=float, default=1.0, help="req/s, Poisson; inf: all at once (1.0)"
+    )
+    sim.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1.0 = Poisson")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--random-range-ratio", type=float, default=0.0)
+    sim.add_argument("--long-fraction", type=float, default=0.1)
+    sim.add_argument(
+        "--long-input-len", type=int, default=None, help="long-doc (default: --context-len)"
+    )
+    sim.add_argument("--short-input-len", type=int, default=512)
+    sim.add_argument("--save-trace", default=None, help="write the workload as a JSONL trace")
+    sim.add_argument(
+        "--cost-model",
+        default=None,
+        help="a CostModel JSON saved from a real engine (its start-up calibration): step times "
+        "from it instead of the analytic model. It holds for the SP degree it was measured at",
+    )
+    sim.add_argument("--scheduler", nargs="+", default=["slo"], choices=["slo", "fcfs"])
+    sim.add_argument("--ttft-slo-ms", type=float, nargs="+", default=[2000.0])
+    sim.add_argument("--tbt-slo-ms", type=float, nargs="+", default=[200.0])
+    sim.add_argument("--max-num-seqs", type=int, default=64)
+    sim.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    sim.add_argument("--block-size", type=int, default=16)
+    sim.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=None,
+        help="KV pool bytes per rank (default: HBM left after the weights; with --cost-model, "
+        "4GiB as the CPU engine)",
+    )
+    sim.add_argument(
+        "--num-kv-blocks", type=int, default=None, help="KV blocks per rank (overrides the above)"
+    )
+    sim.add_argument(
+        "--step-overhead-ms",
+        type=float,
+        default=0.0,
+        help="added to every step (sampling, Python, HTTP streaming; default 0)",
+    )
+    sim.add_argument(
+        "--goodput", nargs="+", default=None, metavar="KEY:MS", help="e.g. ttft:2000 tpot:100"
+    )
+    sim.add_argument("--metric-percentiles", default="50,90,99")
+
+
+def build_workload(args: argparse.Namespace):
+    from sp_serve.planner.simulator import generate_trace, load_trace
+
+    if args.trace is not None:
+        return load_trace(args.trace), {"source": "trace", "path": args.trace}
+    trace = generate_trace(
+        dataset=args.dataset_name,
+        num_prompts=args.num_prompts,
+        request_rate=args.request_rate,
+        burstiness=args.burstiness,
+        seed=args.seed,
+        input_len=args.context_len,
+        output_len=args.output_len,
+        range_ratio=args.random_range_ratio,
+        long_fraction=args.long_fraction,
+        long_input_len=args.long_input_len or args.context_len,
+        short_input_len=args.short_input_len,
+    )
+    source = {
+        "source": args.dataset_name,
+        "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
+        "burstiness": args.burstiness,
+        "seed": args.seed,
+    }
+    return trace, source
+
+
+def _kv_blocks(args: argparse.Namespace, dep: Deployment) -> int:
+    from sp_serve.planner.simulator import analytic_kv_blocks
+
+    if args.num_kv_blocks is not None:
+        return args.num_kv_blocks
+    if args.cost_model is None:
+        return analytic_kv_blocks(
+            resolve_model(args.model or DEFAULT_MODEL),
+            build_hardware(args),
+            dep,
+            args.block_size,
+            args.kv_cache_memory,
+        )
+    if args.model is None:
+        raise ValueError(
+            "with --cost-model, give --model (the checkpoint it was calibrated on, and "
+            "--kv-dtype fp32 for a float32 one) or --num-kv-blocks, to size the KV pool"
+        )
+    from sp_serve.engine.runtime import DEFAULT_CPU_KV_BYTES
+
+    budget = args.kv_cache_memory or DEFAULT_CPU_KV_BYTES
+    return analytic_kv_blocks(resolve_model(args.model), build_hardware(args), dep,
+                              args.block_size, budget)
+
+
+def build_simulations(args: argparse.Namespace):
+    """[(SimConfig, StepCost)] for every combination of --sp-size, --scheduler and SLOs."""
+    import itertools
+
+    from sp_serve.engine.cost_model import CostModel
+    from sp_serve.planner.simulator import AnalyticStepCost, CalibratedStepCost, SimConfig
+
+    calibrated = None
+    if args.cost_model is not None:
+        try:
+            calibrated = CostModel.load(args.cost_model)
+        except (OSError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read --cost-model {args.cost_model}: {exc}") from None
+        if len(args.sp_size) > 1:
+            print(
+                "sp-serve plan: warning: a calibrated --cost-model holds for the SP degree it was "
+                "measured at; across --sp-size only the KV capacity changes",
+                file=sys.stderr,
+            )
+    runs = []
+    for sp, scheduler, ttft, tbt in itertools.product(
+        args.sp_size, args.scheduler, args.ttft_slo_ms, args.tbt_slo_ms
+    ):
+        dep = build_deployment(args, sp)
+        if calibrated is not None:
+            cost = CalibratedStepCost(calibrated, f"calibrated: {args.cost_model}")
+        else:
+            cost = AnalyticStepCost(
+                resolve_model(args.model or DEFAULT_MODEL), build_hardware(args), dep
+            )
+        config = SimConfig(
+            sp_size=sp,
+            scheduler=scheduler,
+            ttft_slo_s=ttft / 1e3,
+            tbt_slo_s=tbt / 1e3,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            num_kv_blocks=_kv_blocks(args, dep),
+            step_overhead_s=args.step_overhead_ms / 1e3,
+        )
+        runs.append((config, cost))
+    return runs
+
+
+def simulate_from_args(args: argparse.Namespace) -> dict:
+    """Everything `plan --simulate --json` prints."""
+    from sp_serve.bench.metrics import parse_goodput, parse_percentiles
+    from sp_serve.planner.simulator import save_trace, simulate
+
+    percentiles = parse_percentiles(args.metric_percentiles)
+    goodput = parse_goodput(args.goodput)
+    trace, source = build_workload(args)
+    if args.save_trace:
+        save_trace(trace, args.save_trace)
+    runs = []
+    for config, cost in build_simulations(args):
+        runs.append(simulate(trace, config, cost).summary(percentiles, goodput))
+    prompt_lens = [r.prompt_len for r in trace]
+    workload = {
+        **source,
+        "num_requests": len(trace),
+        "total_prompt_tokens": sum(prompt_lens),
+        "max_prompt_len": max(prompt_lens),
+        "mean_prompt_len": sum(prompt_lens) / len(trace),
+        "total_output_tokens": sum(r.output_len for r in trace),
+        "last_arrival_s": max(r.arrival_time for r in trace),
+    }
+    return {
+        "model": args.model or DEFAULT_MODEL,
+        "hardware": None if args.cost_model else build_hardware(args).name,
+        "cost_model": args.cost_model,
+        "percentiles": percentiles,
+        "workload": workload,
+        "runs": runs,
+    }
+
+
+def _ms(value: float) -> str:
+    return _time(value / 1e3)
+
+
+def print_simulation(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sp_serve.bench.metrics import percentile_key
+
+    w, runs = out["workload"], out["runs"]
+    where = out["cost_model"] or f"{out['model']} on {out['hardware']}"
+    table = Table(
+        title=f"simulated serving: {where}; {w['num_requests']} requests ({w['source']}), "
+        f"prompts {w['mean_prompt_len']:,.0f} mean / {w['max_prompt_len']:,} max tokens",
+        title_justify="left",
+    )
+    table.add_column("quantity")
+    for r in runs:
+        table.add_column(
+            f"sp={r['sp_size']} {r['scheduler']}\nSLO {r['ttft_slo_ms']:g}/{r['tbt_slo_ms']:g} ms",
+            justify="right",
+        )
+
+    def row(name: str, fn) -> None:
+        table.add_row(name, *(fn(r) for r in runs))
+
+    keys = [percentile_key(p) for p in out["percentiles"]]
+    row("completed / rejected", lambda r: f"{r['metrics']['completed']} / {r['rejected']}")
+    row("duration", lambda r: _time(r["duration_s"]))
+    for metric, name in (("ttft", "TTFT"), ("itl", "TBT (ITL)"), ("tpot", "TPOT"),
+                         ("e2el", "E2E")):
+        for key in keys:
+            row(f"{name} {key}", lambda r, k=f"{key}_{metric}_ms": _ms(r["metrics"][k]))
+    if any("median_short_ttft_ms" in r["metrics"] for r in runs):
+        for kind in ("short", "long"):
+            for key in ("median", keys[-1]):
+                row(
+                    f"TTFT {kind} {key}",
+                    lambda r, k=f"{key}_{kind}_ttft_ms": _ms(r["metrics"].get(k, 0.0)),
+                )
+    if runs[0]["goodput_slos_ms"]:
+        slos = " ".join(f"{k}:{v:g}" for k, v in runs[0]["goodput_slos_ms"].items())
+        row(f"goodput ({slos} ms)", lambda r: f"{r['metrics']['request_goodput']:.3f} req/s "
+            f"({100 * r['goodput_fraction']:.0f}%)")
+    row("output throughput", lambda r: f"{r['metrics']['output_throughput']:,.1f} tok/s")
+    row("steps (prefill/decode/mixed)", lambda r: "/".join(
+        str(r["steps"][k]["count"]) for k in ("prefill", "decode", "mixed")))
+    for kind in ("prefill", "decode", "mixed"):
+        if any(r["steps"][kind]["count"] for r in runs):
+            row(f"{kind} step mean / max", lambda r, k=kind: (
+                f"{_ms(r['steps'][k]['mean_step_ms'])} / {_ms(r['steps'][k]['max_step_ms'])}"
+                if r["steps"][k]["count"] else "-"))
+    row("busy fraction", lambda r: f"{100 * r['steps']['busy_fraction']:.0f}%")
+    row("preemptions", lambda r: str(r["num_preemptions"]))
+    row("KV blocks per rank / peak use", lambda r: f"{r['kv_blocks_per_rank']:,} / "
+        f"{100 * r['peak_kv_usage']:.0f}%")
+    console = Console()
+    console.print(table)
+    for r in runs:
+        for reason in r["rejection_reasons"]:
+            console.print(f"[yellow]sp={r['sp_size']}: rejected:[/yellow] {reason}")
+    errors = {r["step_cost"]: r["scheduler_cost_fit_max_rel_error"] for r in runs}
+    for description, error in errors.items():
+        note = "" if error is None else (
+            f"; the scheduler's CostModel fits it within {100 * error:.0f}% (max over the grid)")
+        console.print(f"step times: {description}{note}", highlight=False)
+
+
+def run_simulation(args: argparse.Namespace) -> int:
+    try:
+        out = simulate_from_args(args)
+    except ValueError as exc:
+        print(f"sp-serve plan: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print_simulation(out)
     return 0
 
 

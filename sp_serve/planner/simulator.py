@@ -1,0 +1,592 @@
+"""What the engine would do with a workload on a cluster that need not exist: a discrete-event
+simulation in which the engine's own Scheduler and BlockManager (imported, not re-implemented)
+run against modelled step times on a fake clock.
+
+Each simulated step does what LLMEngine.step does, minus the tensors:
+
+    step = scheduler.schedule()                  # the real policy, clock = simulated time
+    now += step_seconds(cost, step)              # instead of running the plan on the ranks
+    prefill chunk ending at prefill_target       -> scheduler.prefill_done(seq), first token
+    every decode entry                           -> one token
+    output_len tokens                            -> finished, scheduler.remove(seq)
+
+Requests join the scheduler at the first step boundary after they arrive (the async engine
+drains its inbox between steps); an idle engine jumps to the next arrival. A request whose
+prompt + output cannot fit in any rank's KV pool is rejected, as LLMEngine.check_prompt does.
+
+Step times come from one of two cost models:
+  - calibrated: a CostModel JSON saved from a real engine (`CostModel.save`, see
+    `calibrate_cost_model`); a step costs the sum of its chunks' prefill_s plus decode_s, because
+    the worker runs the chunks of a step one after another and then the decode batch.
+  - analytic: sp_serve.planner.analytic's prefill_seconds / decode_step_seconds for a model and
+    hardware preset, for any SP x TP layout. The scheduler itself still sees a CostModel, as in
+    the engine: one least-squares fitted to the analytic step times over the workload's range,
+    as a calibration on that hardware would produce (its fit error is reported).
+
+The results are keyed like `sp-serve bench serve` results (bench.metrics.compute_metrics runs on
+the simulated requests), so a prediction and a measurement compare key by key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from sp_serve.bench.arrivals import arrival_times
+from sp_serve.bench.client import RequestResult
+from sp_serve.bench.datasets import _sample_lengths
+from sp_serve.bench.metrics import compute_metrics, summarize
+from sp_serve.engine.cost_model import CostModel
+from sp_serve.engine.sampling import SamplingParams
+from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from sp_serve.engine.sequence import SeqStatus, Sequence
+from sp_serve.kv.block_manager import BlockManager
+from sp_serve.planner.analytic import (
+    Deployment,
+    ModelShape,
+    decode_step_seconds,
+    free_kv_bytes_per_rank,
+    kv_bytes_per_token_per_rank,
+    prefill_seconds,
+)
+from sp_serve.planner.hardware import Hardware
+
+TRACE_EXAMPLE = '{"arrival_time": 0.5, "prompt_len": 32768, "output_len": 128}'
+
+# --- workloads ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_time: float  # seconds from the start of the run
+    prompt_len: int
+    output_len: int
+    is_long: bool | None = None  # long-doc workloads mark their long requests
+
+
+def _check_request(req: TraceRequest, where: str) -> None:
+    ok = (
+        isinstance(req.prompt_len, int)
+        and req.prompt_len >= 1
+        and isinstance(req.output_len, int)
+        and req.output_len >= 1
+        and math.isfinite(req.arrival_time)
+        and req.arrival_time >= 0
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: need arrival_time >= 0 seconds and integer prompt_len, output_len >= 1; "
+            f"got {req}"
+        )
+
+
+def load_trace(path: str | Path) -> list[TraceRequest]:
+    """A JSONL trace (one object per line: arrival_time in seconds, prompt_len, output_len,
+    optional is_long), or a `sp-serve bench serve` result JSON (its measured requests: send
+    times, prompt and output lengths). Arrival times are shifted so the first is at 0."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--trace {str(path)!r} is not a file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and "input_lens" in whole:
+        return trace_from_bench_result(whole)
+    trace = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{where}: not valid JSON ({exc.msg}); write lines like {TRACE_EXAMPLE}") from None
+        keys = {"arrival_time", "prompt_len", "output_len"}
+        if not isinstance(obj, dict) or not keys <= obj.keys():
+            raise ValueError(f"{where}: each line needs arrival_time, prompt_len and output_len, "
+                             f"like {TRACE_EXAMPLE}")
+        req = TraceRequest(float(obj["arrival_time"]), obj["prompt_len"], obj["output_len"],
+                           obj.get("is_long"))
+        _check_request(req, where)
+        trace.append(req)
+    if not trace:
+        raise ValueError(
+            f"{path} holds no requests; write one JSON object per line like {TRACE_EXAMPLE}")
+    return _from_zero(trace)
+
+
+def trace_from_bench_result(result: dict[str, Any]) -> list[TraceRequest]:
+    """The requests a bench run completed, at the times it sent them (failed ones left out)."""
+    is_long = result.get("is_long") or [None] * len(result["input_lens"])
+    trace = [
+        TraceRequest(float(t), int(n), int(m), long)
+        for t, n, m, err, long in zip(result["start_times"], result["input_lens"],
+                                      result["output_lens"], result["errors"], is_long)
+        if not err and n and m
+    ]
+    if not trace:
+        raise ValueError("the bench result holds no completed request to replay")
+    return _from_zero(trace)
+
+
+def _from_zero(trace: list[TraceRequest]) -> list[TraceRequest]:
+    t0 = min(r.arrival_time for r in trace)
+    return sorted((TraceRequest(r.arrival_time - t0, r.prompt_len, r.output_len, r.is_long)
+                   for r in trace), key=lambda r: r.arrival_time)
+
+
+def save_trace(trace: list[TraceRequest], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(
+            json.dumps({k: v for k, v in asdict(r).items() if v is not None}) + "\n" for r in trace)
+
+
+def generate_trace(
+    dataset: str = "random",
+    num_prompts: int = 100,
+    request_rate: float = math.inf,
+    burstiness: float = 1.0,
+    seed: int = 0,
+    input_len: int = 1024,
+    output_len: int = 128,
+    range_ratio: float = 0.0,
+    long_fraction: float = 0.1,
+    long_input_len: int = 32768,
+    short_input_len: int = 512,
+) -> list[TraceRequest]:
+    """A workload of the bench datasets' shapes without building prompts: `random` (input_len
+    +- range_ratio) or `long-doc` (exactly round(n x long_fraction) long requests at seeded
+    positions), output_len +- range_ratio, sent at Poisson (gamma) arrival times."""
+    if dataset not in ("random", "long-doc"):
+        raise ValueError(f"dataset {dataset!r}: the simulator generates random or long-doc "
+                         "workloads; pass --trace FILE for anything else")
+    for name, value in (("num-prompts", num_prompts), ("input-len", input_len),
+                        ("output-len", output_len), ("long-input-len", long_input_len),
+                        ("short-input-len", short_input_len)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    if not 0 <= long_fraction <= 1:
+        raise ValueError(f"--long-fraction must be in [0, 1], got {long_fraction}")
+    rng = np.random.default_rng(seed)
+    outputs = _sample_lengths(output_len, range_ratio, num_prompts, rng)
+    if dataset == "random":
+        inputs = _sample_lengths(input_len, range_ratio, num_prompts, rng)
+        longs: list[bool | None] = [None] * num_prompts
+    else:
+        is_long = np.zeros(num_prompts, dtype=bool)
+        is_long[rng.permutation(num_prompts)[: round(num_prompts * long_fraction)]] = True
+        longs = is_long.tolist()
+        inputs = [_sample_lengths(long_input_len if x else short_input_len, range_ratio, 1, rng)[0]
+                  for x in longs]
+    times = arrival_times(num_prompts, request_rate, burstiness, np.random.default_rng([seed, 1]))
+    return [TraceRequest(t, n, m, x) for t, n, m, x in zip(times, inputs, outputs, longs)]
+
+
+# --- step costs -----------------------------------------------------------------------------------
+
+
+class StepCost(Protocol):
+    description: str
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float: ...
+
+    def decode_s(self, context_lens: list[int]) -> float: ...
+
+    def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
+        """The CostModel the scheduler sizes chunks and orders prompts with."""
+        ...
+
+
+class CalibratedStepCost:
+    """Step times from a CostModel calibrated on real hardware (per SP group, at the SP degree
+    it was calibrated at)."""
+
+    def __init__(self, model: CostModel, description: str = "calibrated cost model"):
+        self.model, self.description = model, description
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
+        return self.model.prefill_s(new_tokens, cached_tokens)
+
+    def decode_s(self, context_lens: list[int]) -> float:
+        return self.model.decode_s(len(context_lens), sum(context_lens))
+
+    def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
+        return self.model
+
+
+class AnalyticStepCost:
+    """Step times from the planner's analytic model of a model on a hardware preset."""
+
+    def __init__(self, shape: ModelShape, hw: Hardware, dep: Deployment):
+        self.shape, self.hw, self.dep = shape, hw, dep
+        self.description = (f"analytic: {shape.name} on {dep.sp_size * dep.tp_size} x {hw.name} "
+                            f"(sp={dep.sp_size}, tp={dep.tp_size})")
+        self.fit_max_rel_error: float | None = None
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
+        return prefill_seconds(self.shape, self.hw, self.dep, new_tokens, cached_tokens)
+
+    def decode_s(self, context_lens: list[int]) -> float:
+        if not context_lens:
+            return 0.0
+        return decode_step_seconds(self.shape, self.hw, self.dep, context_lens)
+
+    def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
+        """CostModel.fit over a grid covering the workload: chunk sizes up to max_chunk over
+        cached prefixes up to max_context, decode batches over contexts up to max_context."""
+        chunks = sorted({min(max_chunk, n) for n in (32, 128, 512, 2048, 8192, max_chunk)})
+        prefixes = sorted({0, *(int(max_context * f) for f in (0.1, 0.25, 0.5, 0.9))})
+        prefill = [(n, c, self.prefill_s(n, c)) for n in chunks for c in prefixes]
+        contexts = sorted({min(max_context, k) for k in (128, 1024, 8192)} | {max_context})
+        decode = [(b, b * k, self.decode_s([k] * b)) for b in (1, 4, 16, 64) for k in contexts]
+        model = CostModel.fit(prefill, decode)
+        errors = [abs(model.prefill_s(n, c) / s - 1) for n, c, s in prefill]
+        errors += [abs(model.decode_s(b, k) / s - 1) for b, k, s in decode]
+        self.fit_max_rel_error = max(errors)
+        return model
+
+
+def step_seconds(cost: StepCost, step: ScheduledStep) -> float:
+    """The worker runs a step's prefill chunks one after another, then the decode batch. The
+    decode context counts each sequence's cached tokens including the one decoded now."""
+    prefill = sum(cost.prefill_s(end - start, start) for _, start, end in step.prefill)
+    return prefill + cost.decode_s([seq.num_cached for seq, _ in step.decode])
+
+
+def kv_blocks_per_rank(kv_bytes_per_rank: float, kv_bytes_per_token_per_rank_: float,
+                       block_size: int) -> int:
+    """Blocks of one rank's pool; every token a rank stores costs all layers' K and V."""
+    return int(kv_bytes_per_rank // (kv_bytes_per_token_per_rank_ * block_size))
+
+
+def analytic_kv_blocks(shape: ModelShape, hw: Hardware, dep: Deployment, block_size: int,
+                       kv_bytes_per_rank: float | None = None) -> int:
+    """Blocks per rank: the given bytes, else the HBM left after the weights."""
+    budget = kv_bytes_per_rank
+    if budget is None:
+        budget = free_kv_bytes_per_rank(shape, hw, dep)
+    # kv_bytes_per_token_per_rank averages a token over the SP ranks; a rank storing a token
+    # pays sp times that.
+    per_token = kv_bytes_per_token_per_rank(shape, dep) * dep.sp_size
+    return max(0, kv_blocks_per_rank(budget, per_token, block_size))
+
+
+# --- the simulation -------------------------------------------------------------------------------
+
+
+@dataclass
+class SimConfig:
+    sp_size: int = 1
+    scheduler: str = "slo"
+    ttft_slo_s: float = 2.0
+    tbt_slo_s: float = 0.2
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int = 8192  # per rank
+    step_overhead_s: float = 0.0  # per step, outside the modelled work (sampling, Python)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sp_size >= 1, f"--sp-size must be >= 1, got {self.sp_size}"),
+            (self.scheduler in ("slo", "fcfs"),
+             f"--scheduler must be slo or fcfs, got {self.scheduler!r}"),
+            (self.ttft_slo_s > 0, f"--ttft-slo-ms must be > 0, got {self.ttft_slo_s * 1e3}"),
+            (self.tbt_slo_s > 0, f"--tbt-slo-ms must be > 0, got {self.tbt_slo_s * 1e3}"),
+            (self.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.max_num_batched_tokens >= 1,
+             f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (self.block_size >= 1, f"--block-size must be >= 1, got {self.block_size}"),
+            (self.num_kv_blocks >= 1,
+             (f"no KV block fits per rank ({self.num_kv_blocks}): raise --kv-cache-memory, "
+              "--tp-size or the HBM, or use a smaller model or --weight-dtype")),
+            (self.step_overhead_s >= 0,
+             f"--step-overhead-ms must be >= 0, got {self.step_overhead_s * 1e3}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class _PromptLength:
+    """Stands in for a prompt's token ids: the scheduler only asks a prompt for its length, and
+    a million-token prompt need not hold a million ints. Anything else fails loudly."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class RequestRecord:
+    arrival_time: float
+    prompt_len: int
+    output_len: int
+    is_long: bool | None
+    prefill_alone_s: float  # the prompt's prefill in one step on an idle engine: a TTFT floor
+    token_times: list[float] = field(default_factory=list)
+    num_preemptions: int = 0
+    rejected: str = ""  # why the engine would refuse it (empty when accepted)
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.arrival_time
+
+    @property
+    def e2e(self) -> float:
+        return self.token_times[-1] - self.arrival_time
+
+
+@dataclass
+class StepRecord:
+    start: float
+    seconds: float
+    prefill_tokens: int
+    cached_tokens: int  # sum over the step's chunks of tokens already cached before them
+    num_chunks: int
+    decode_batch: int
+    decode_context: int
+
+    @property
+    def kind(self) -> str:
+        if self.num_chunks and self.decode_batch:
+            return "mixed"
+        return "prefill" if self.num_chunks else "decode"
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    cost_description: str
+    requests: list[RequestRecord]
+    steps: list[StepRecord]
+    duration_s: float
+    num_preemptions: int
+    peak_kv_usage: float
+    peak_waiting: int
+    scheduler_cost: CostModel
+    scheduler_cost_fit_error: float | None = None
+    kv_blocks_in_use_at_end: int = 0  # 0 unless the scheduler leaks blocks
+
+    def bench_results(self) -> list[RequestResult]:
+        """The simulated requests as the bench client would have measured them."""
+        out = []
+        for r in self.requests:
+            if r.rejected:
+                out.append(RequestResult(success=False, prompt_len=r.prompt_len,
+                                         start_time=r.arrival_time, error=r.rejected,
+                                         is_long=r.is_long))
+                continue
+            out.append(RequestResult(
+                success=True, prompt_len=r.prompt_len, output_tokens=len(r.token_times),
+                num_text_chunks=len(r.token_times), ttft=r.ttft,
+                itl=np.diff(r.token_times).tolist(), latency=r.e2e, start_time=r.arrival_time,
+                is_long=r.is_long))
+        return out
+
+    def summary(self, percentiles: list[float] | None = None,
+                goodput_slos_ms: dict[str, float] | None = None) -> dict[str, Any]:
+        percentiles = percentiles or [50.0, 90.0, 99.0]
+        results = self.bench_results()
+        metrics = compute_metrics(results, max(self.duration_s, 1e-9), percentiles,
+                                  goodput_slos_ms or None)
+        metrics.pop("output_lens")
+        completed = metrics["completed"]
+        good = None
+        if goodput_slos_ms:
+            good = metrics["request_goodput"] * max(self.duration_s, 1e-9)
+        errors = sorted({r.rejected for r in self.requests if r.rejected})
+        return {
+            "sp_size": self.config.sp_size,
+            "scheduler": self.config.scheduler,
+            "ttft_slo_ms": self.config.ttft_slo_s * 1e3,
+            "tbt_slo_ms": self.config.tbt_slo_s * 1e3,
+            "step_cost": self.cost_description,
+            "scheduler_cost_model": asdict(self.scheduler_cost),
+            "scheduler_cost_fit_max_rel_error": self.scheduler_cost_fit_error,
+            "kv_blocks_per_rank": self.config.num_kv_blocks,
+            "block_size": self.config.block_size,
+            "num_requests": len(self.requests),
+            "rejected": sum(1 for r in self.requests if r.rejected),
+            "rejection_reasons": errors,
+            "duration_s": self.duration_s,
+            "goodput_slos_ms": goodput_slos_ms or None,
+            "goodput_fraction": None if good is None else (good / completed if completed else 0.0),
+            "num_preemptions": self.num_preemptions,
+            "peak_kv_usage": self.peak_kv_usage,
+            "peak_waiting": self.peak_waiting,
+            "kv_blocks_in_use_at_end": self.kv_blocks_in_use_at_end,
+            "steps": self.step_stats(percentiles),
+            # Keyed exactly as a `sp-serve bench serve` result: mean/median/std/pXX of
+            # ttft, tpot, itl (TBT) and e2el in ms, throughputs, request_goodput, ...
+            "metrics": metrics,
+            "ttft_floor_violations": sum(
+                1 for r in self.requests if not r.rejected and r.ttft < r.prefill_alone_s - 1e-9),
+        }
+
+    def step_stats(self, percentiles: list[float]) -> dict[str, Any]:
+        busy = sum(s.seconds for s in self.steps)
+        out: dict[str, Any] = {
+            "num_steps": len(self.steps),
+            "busy_s": busy,
+            "busy_fraction": busy / self.duration_s if self.duration_s > 0 else 0.0,
+        }
+        for kind in ("prefill", "decode", "mixed"):
+            times = [s.seconds for s in self.steps if s.kind == kind]
+            out[kind] = {"count": len(times)}
+            if times:
+                out[kind].update(summarize(times, percentiles, "step"))
+            if times:
+                out[kind]["max_step_ms"] = max(times) * 1e3
+        chunks = [s.prefill_tokens for s in self.steps if s.num_chunks]
+        out["mean_prefill_tokens_per_step"] = float(np.mean(chunks)) if chunks else 0.0
+        batches = [s.decode_batch for s in self.steps if s.decode_batch]
+        out["mean_decode_batch"] = float(np.mean(batches)) if batches else 0.0
+        return out
+
+
+def _rejection(blocks: BlockManager, req: TraceRequest) -> str:
+    """LLMEngine.check_prompt's KV test: the whole request must fit in every rank's pool."""
+    need = blocks.prefill_shares(req.prompt_len + req.output_len)
+    per_rank = max(-(-t // blocks.block_size) for t in need)
+    if per_rank > blocks.blocks_per_rank:
+        return (f"needs {per_rank} KV blocks per rank but each rank has {blocks.blocks_per_rank}; "
+                "raise --kv-cache-memory or --sp-size")
+    return ""
+
+
+def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
+             max_steps: int = 50_000_000) -> SimResult:
+    """Runs the engine's scheduler over the trace; see the module docstring."""
+    if not trace:
+        raise ValueError("the workload is empty")
+    clock = _Clock()
+    blocks = BlockManager(config.sp_size, config.num_kv_blocks, config.block_size)
+    max_context = max(r.prompt_len + r.output_len for r in trace)
+    sched_cost = cost.scheduler_cost(config.max_num_batched_tokens, max_context)
+    scheduler = Scheduler(
+        SchedulerConfig(config.scheduler, config.max_num_seqs, config.max_num_batched_tokens,
+                        config.ttft_slo_s, config.tbt_slo_s),
+        blocks, sched_cost, clock=clock)
+
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_time)
+    records = [RequestRecord(r.arrival_time, r.prompt_len, r.output_len, r.is_long,
+                             cost.prefill_s(r.prompt_len, 0)) for r in trace]
+    record_of: dict[int, RequestRecord] = {}
+    steps: list[StepRecord] = []
+    next_arrival, peak_usage, peak_waiting = 0, 0.0, 0
+
+    def admit_arrivals() -> None:
+        nonlocal next_arrival
+        while next_arrival < len(order) and trace[order[next_arrival]].arrival_time <= clock.now:
+            i = order[next_arrival]
+            next_arrival += 1
+            req, rec = trace[i], records[i]
+            rec.rejected = _rejection(blocks, req)
+            if rec.rejected:
+                continue
+            seq = Sequence(i, str(i), _PromptLength(req.prompt_len),  # type: ignore[arg-type]
+                           SamplingParams(max_tokens=req.output_len, ignore_eos=True),
+                           req.arrival_time)
+            record_of[seq.seq_id] = rec
+            scheduler.add(seq)
+
+    def emit_token(seq: Sequence) -> None:
+        rec = record_of[seq.seq_id]
+        seq.output_token_ids.append(0)
+        seq.last_token_time = clock.now
+        rec.token_times.append(clock.now)
+        if len(seq.output_token_ids) >= seq.params.max_tokens:
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, "length"
+            rec.num_preemptions = seq.num_preemptions
+            scheduler.remove(seq)
+
+    for _ in range(max_steps):
+        admit_arrivals()
+        if scheduler.num_unfinished == 0:
+            if next_arrival == len(order):
+                break
+            clock.now = trace[order[next_arrival]].arrival_time
+            continue
+        peak_waiting = max(peak_waiting, len(scheduler.waiting))
+        step = scheduler.schedule()
+        peak_usage = max(peak_usage, blocks.usage())
+        if step.is_empty:
+            # Nothing fits until something arrives (the real engine spins until then).
+            if next_arrival == len(order):
+                raise RuntimeError(
+                    f"the scheduler made no progress at t={clock.now:.3f} s with "
+                    f"{len(scheduler.waiting)} waiting and {len(scheduler.running)} running "
+                    "and no arrival left (a scheduler bug, or a request the KV pool cannot hold)")
+            clock.now = max(clock.now, trace[order[next_arrival]].arrival_time)
+            continue
+        seconds = step_seconds(cost, step) + config.step_overhead_s
+        steps.append(StepRecord(
+            clock.now, seconds, sum(b - a for _, a, b in step.prefill),
+            sum(a for _, a, _ in step.prefill), len(step.prefill), len(step.decode),
+            sum(s.num_cached for s, _ in step.decode)))
+        clock.now += seconds
+        for seq, _, end in step.prefill:
+            if end == seq.prefill_target:
+                scheduler.prefill_done(seq)
+                emit_token(seq)
+        for seq, _ in step.decode:
+            emit_token(seq)
+    else:
+        raise RuntimeError(f"the simulation did not finish within {max_steps} steps")
+
+    return SimResult(
+        config=config,
+        cost_description=cost.description,
+        requests=records,
+        steps=steps,
+        duration_s=clock.now,
+        num_preemptions=scheduler.num_preemptions,
+        peak_kv_usage=peak_usage,
+        peak_waiting=peak_waiting,
+        scheduler_cost=sched_cost,
+        scheduler_cost_fit_error=getattr(cost, "fit_max_rel_error", None),
+        kv_blocks_in_use_at_end=blocks.num_used_blocks(),
+    )
+
+
+# --- a calibration from this machine --------------------------------------------------------------
+
+
+def calibrate_cost_model(model: str, out_path: str | Path, sp_size: int = 1,
+                         **engine_args: Any) -> CostModel:
+    """Starts a real engine (LLMEngine, sp_size ranks) on `model`, lets it run its start-up
+    calibration (LLMEngine.calibrate) and saves the fitted CostModel to out_path: the file
+    `sp-serve serve --cost-model` and `sp-serve plan --simulate --cost-model` load."""
+    from sp_serve.config import EngineConfig
+    from sp_serve.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=model, sp_size=sp_size, scheduler="slo", **engine_args))
+    try:
+        cost = engine.scheduler.cost
+        cost.save(str(out_path))
+    finally:
+        engine.shutdown()
+    return cost
