@@ -3,7 +3,8 @@
 Policy "slo" (default): a step is a prefill step or a decode step, never both.
   - While sequences are decoding and prompts wait, steps alternate decode / prefill, and the
     prefill step is sized by the cost model so that decode + prefill fits in the TBT target:
-    every running sequence gets its next token within --tbt-slo-ms.
+    every running sequence gets its next token within --tbt-slo-ms. Each chunk of a step is
+    costed with its own cached context (a chunk deep into a long prompt costs more per token).
   - Waiting prompts are ordered by slack: predicted remaining prefill time minus time waited,
     both relative to the TTFT target. A short prompt arriving behind a 100K-token one goes
     first; the long one ages, so it is never starved.
@@ -12,17 +13,20 @@ Policy "slo" (default): a step is a prefill step or a decode step, never both.
 Policy "fcfs" (baseline): first come, first served; each step mixes the whole decode batch with
 as much of the oldest prompts as --max-num-batched-tokens allows.
 
-Memory: a prompt is admitted only if every rank can hold its whole prompt; when a decode token
-finds no room, the newest sequence is preempted (its KV dropped, to be recomputed later).
+Memory: a prompt is admitted only if every rank can hold its whole prompt beside the rest of the
+prompts already admitted; admission follows the policy's order, and one that does not fit holds
+back the ones behind it. When a decode token or a prompt chunk finds no room, the newest
+sequence holding KV (decoding or mid-prefill) is preempted: its KV is dropped, to be recomputed
+later. The oldest sequence can always go on, so the scheduler never stalls.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from sp_serve.engine.cost_model import CostModel
-from sp_serve.engine.sequence import Sequence, SeqStatus
+from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.kv.block_manager import BlockManager
 
 
@@ -84,21 +88,19 @@ class Scheduler:
         if self.config.policy == "fcfs":
             self._schedule_decode(step)
             budget = self.config.max_num_batched_tokens - len(step.decode)
-            self._schedule_prefill(step, budget, sorted(self.waiting, key=lambda s: s.arrival_time))
+            self._schedule_prefill(step, budget, sorted(self.waiting, key=_age))
             return step
         decoding = bool(self.running)
         prefilling = bool(self.waiting)
         if decoding and (not prefilling or self._last_was_prefill):
             self._schedule_decode(step)
         if step.is_empty and prefilling:
-            budget = self.config.max_num_batched_tokens
-            if self.running:
+            time_left_s = None
+            if self.running:  # every running sequence waits for this step: fit it in the TBT
                 ctx = sum(s.num_cached for s in self.running)
-                left_s = self.config.tbt_slo_s - self.cost.decode_s(len(self.running), ctx)
-                head = self._by_slack()[0]
-                budget = max(self.config.min_chunk_tokens,
-                             self.cost.max_prefill_tokens(left_s, head.num_cached, budget))
-            self._schedule_prefill(step, budget, self._by_slack())
+                time_left_s = self.config.tbt_slo_s - self.cost.decode_s(len(self.running), ctx)
+            self._schedule_prefill(step, self.config.max_num_batched_tokens, self._by_slack(),
+                                   time_left_s)
             if step.is_empty and decoding:  # prompts blocked on memory: keep decoding
                 self._schedule_decode(step)
         self._last_was_prefill = bool(step.prefill)
@@ -110,74 +112,119 @@ class Scheduler:
         def slack(s: Sequence) -> float:
             return self.cost.prefill_s(s.remaining_prefill, s.num_cached) - (now - s.arrival_time) - slo
 
-        return sorted(self.waiting, key=lambda s: (slack(s), s.arrival_time))
+        return sorted(self.waiting, key=lambda s: (slack(s), _age(s)))
 
-    def _schedule_prefill(self, step: ScheduledStep, budget: int, order: list[Sequence]) -> None:
+    def _schedule_prefill(self, step: ScheduledStep, budget: int, order: list[Sequence],
+                          time_left_s: float | None = None) -> None:
+        """Chunks of the prompts in `order`, at most `budget` tokens in all and, when time_left_s
+        is given, predicted to take at most that long (the chunks of a step run one after the
+        other, each with its own cached context, so each is costed on its own)."""
+        admitting = True
         for seq in order:
             if budget <= 0:
                 break
-            if seq.num_cached == 0 and seq not in self._admitted():
-                if len(self.running) + self._num_mid_prefill() >= self.config.max_num_seqs:
+            if seq in step.preempted:  # dropped by this very step: not back before the next
+                continue
+            if seq.num_cached == 0:  # not admitted yet (new, or preempted)
+                if not admitting or len(self.running) + self._num_mid_prefill() >= self.config.max_num_seqs:
                     continue
-                # Admit only what every rank can hold to the end of its prompt, keeping a block
-                # per running sequence for its decode growth.
+                # Admit only what every rank can hold to the end of its prompt, beside the rest
+                # of the prompts already admitted and a block per running sequence for its
+                # decode growth. Admission goes in priority order: one that does not fit holds
+                # back those behind it, so a stream of small prompts cannot starve a big one.
                 shares = self.blocks.prefill_shares(seq.remaining_prefill)
-                if not self.blocks.can_hold(seq.seq_id, shares, reserve_blocks=self._decode_reserve()):
+                if not self.blocks.can_hold(seq.seq_id, shares, reserve_blocks=self._reserved_blocks()):
+                    admitting = False
                     continue
             n = min(budget, seq.remaining_prefill)
+            if time_left_s is not None:
+                fit = self.cost.max_prefill_tokens(time_left_s, seq.num_cached, n)
+                if fit == 0 and step.prefill:
+                    break
+                # Progress guarantee: the first chunk runs even when decode alone eats the TBT.
+                n = fit or min(n, self.config.min_chunk_tokens)
             shares = self.blocks.prefill_shares(n)
-            if not self.blocks.can_hold(seq.seq_id, shares):
-                if not self._preempt_for(seq, shares, step):
-                    continue
+            if not self.blocks.can_hold(seq.seq_id, shares) and not self._preempt_for(seq, shares, step):
+                continue
             self.blocks.allocate(seq.seq_id, shares)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = self.clock()
             step.prefill.append((seq, seq.num_cached, seq.num_cached + n))
+            if time_left_s is not None:
+                time_left_s -= self.cost.prefill_s(n, seq.num_cached)
             seq.num_cached += n
             budget -= n
 
-    def _admitted(self) -> list[Sequence]:
+    def _mid_prefill(self) -> list[Sequence]:
         return [s for s in self.waiting if s.num_cached > 0]
 
     def _num_mid_prefill(self) -> int:
         return sum(1 for s in self.waiting if s.num_cached > 0)
 
-    def _decode_reserve(self) -> int:
-        return -(-len(self.running) // self.blocks.world_size)
+    def _reserved_blocks(self) -> list[int]:
+        """Blocks per rank spoken for: the rest of every admitted prompt, and one per running
+        sequence (spread over the ranks) for its next decode token."""
+        reserved = [-(-len(self.running) // self.blocks.world_size)] * self.blocks.world_size
+        for seq in self._mid_prefill():
+            need = self.blocks.extra_blocks(seq.seq_id, self.blocks.prefill_shares(seq.remaining_prefill))
+            reserved = [r + n for r, n in zip(reserved, need)]
+        return reserved
 
     def _schedule_decode(self, step: ScheduledStep) -> None:
-        i = 0
-        while i < len(self.running):
-            seq = self.running[i]
-            owner = self.blocks.decode_rank(seq.seq_id)
-            add = [0] * self.blocks.world_size
-            add[owner] = 1
-            while not self.blocks.can_hold(seq.seq_id, add):
-                victim = self.running[-1]
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING:  # preempted for an older one this step
+                continue
+            owner = self._decode_owner(seq)
+            while owner is None:
+                victim = self._newest_holder()
                 self._preempt(victim, step)
                 if victim is seq:
                     break
-            if seq.status is not SeqStatus.RUNNING:
-                break  # it preempted itself: nothing newer is left
+                owner = self._decode_owner(seq)
+            if owner is None:
+                continue
+            add = [0] * self.blocks.world_size
+            add[owner] = 1
             self.blocks.allocate(seq.seq_id, add)
             step.decode.append((seq, owner))
             seq.num_cached += 1
-            i += 1
+
+    def _decode_owner(self, seq: Sequence) -> int | None:
+        """The rank for the sequence's next token: the balanced choice, else any rank with
+        room (an uneven shard beats a preemption), else None."""
+        preferred = self.blocks.decode_rank(seq.seq_id)
+        for r in [preferred] + [r for r in range(self.blocks.world_size) if r != preferred]:
+            add = [0] * self.blocks.world_size
+            add[r] = 1
+            if self.blocks.can_hold(seq.seq_id, add):
+                return r
+        return None
+
+    def _newest_holder(self) -> Sequence:
+        """The preemption victim: the latest arrival among the sequences holding KV."""
+        return max(self.running + self._mid_prefill(), key=_age)
 
     def _preempt_for(self, seq: Sequence, shares: list[int], step: ScheduledStep) -> bool:
-        """Frees room for a prompt chunk by preempting newer decoding sequences."""
+        """Frees room for a prompt chunk by preempting newer sequences, decoding or mid-prefill."""
         while not self.blocks.can_hold(seq.seq_id, shares):
-            newer = [s for s in self.running if s.arrival_time > seq.arrival_time]
-            if not newer:
+            victim = self._newest_holder()
+            if _age(victim) <= _age(seq):
                 return False
-            self._preempt(newer[-1], step)
+            self._preempt(victim, step)
         return True
 
     def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
-        self.running.remove(seq)
+        """Drops the sequence's KV; it waits to be prefilled again (prompt + tokens so far)."""
+        (self.running if seq.status is SeqStatus.RUNNING else self.waiting).remove(seq)
         step.decode = [(s, r) for s, r in step.decode if s is not seq]
+        step.prefill = [(s, a, b) for s, a, b in step.prefill if s is not seq]
         step.preempted.append(seq)
         self.blocks.free(seq.seq_id)
         seq.reset_for_recompute()
         self.waiting.append(seq)
         self.num_preemptions += 1
+
+
+def _age(seq: Sequence) -> tuple[float, int]:
+    """Arrival order (older first); the id breaks ties between same-time arrivals."""
+    return seq.arrival_time, seq.seq_id

@@ -22,17 +22,20 @@ class BlockManager:
         self.free_blocks = [blocks_per_rank] * world_size
         self.tokens: dict[int, list[int]] = {}  # seq_id -> tokens stored per rank
 
-    def _extra_blocks(self, seq_id: int, add: list[int]) -> list[int]:
+    def extra_blocks(self, seq_id: int, add: list[int]) -> list[int]:
+        """Blocks each rank must add to store `add[r]` more tokens of the sequence."""
         have = self.tokens.get(seq_id, [0] * self.world_size)
         return [_blocks(h + a, self.block_size) - _blocks(h, self.block_size) for h, a in zip(have, add)]
 
-    def can_hold(self, seq_id: int, add: list[int], reserve_blocks: int = 0) -> bool:
-        """Whether every rank can store `add[r]` more tokens of the sequence."""
-        need = self._extra_blocks(seq_id, add)
-        return all(n + reserve_blocks <= f for n, f in zip(need, self.free_blocks))
+    def can_hold(self, seq_id: int, add: list[int], reserve_blocks: int | list[int] = 0) -> bool:
+        """Whether every rank can store `add[r]` more tokens of the sequence and still keep
+        `reserve_blocks` (one count for every rank, or one per rank) free."""
+        need = self.extra_blocks(seq_id, add)
+        reserve = [reserve_blocks] * self.world_size if isinstance(reserve_blocks, int) else reserve_blocks
+        return all(n + k <= f for n, k, f in zip(need, reserve, self.free_blocks))
 
     def allocate(self, seq_id: int, add: list[int]) -> None:
-        need = self._extra_blocks(seq_id, add)
+        need = self.extra_blocks(seq_id, add)
         assert all(n <= f for n, f in zip(need, self.free_blocks)), "allocate without can_hold"
         self.free_blocks = [f - n for f, n in zip(self.free_blocks, need)]
         have = self.tokens.setdefault(seq_id, [0] * self.world_size)
