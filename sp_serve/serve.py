@@ -7,9 +7,12 @@ most), then the engine tells every rank to stop and rank 0 reaps them. A rank th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -22,6 +25,25 @@ log = logging.getLogger("sp_serve")
 GRACEFUL_S = 5
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGTERM/SIGINT once it has stopped serving (uvicorn >= 0.29),
+    which kills the process before run_server stops the ranks: exit code 143 and an orphaned
+    rank. Here the signal only starts the graceful stop; run_server then exits with 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
     engine = LLMEngine(config)  # under torchrun, ranks other than 0 serve plans in here and exit
     name = args.served_model_name or config.model
@@ -29,7 +51,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
     info = {"sp_size": engine.world_size, "attn_backend": engine.attn_backend,
             "scheduler": config.scheduler, "device": engine.device_name}
     app = build_app(aengine, served_model_name=name, chat_template=args.chat_template, extra_model_info=info)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=GRACEFUL_S))
     failed = threading.Event()
 
