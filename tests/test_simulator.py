@@ -13,8 +13,11 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 
+from sp_serve.bench.arrivals import arrival_times
+from sp_serve.bench.datasets import long_doc_requests, random_requests
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.sampling import SamplingParams
 from sp_serve.engine.scheduler import ScheduledStep
@@ -158,6 +161,22 @@ def test_generated_workload_shapes():
     assert [(r.arrival_time, r.prompt_len, r.output_len) for r in burst] == [(0.0, 77, 3)] * 5
     with pytest.raises(ValueError, match="random or long-doc"):
         generate_trace("jsonl", 5)
+
+
+def test_generated_workload_is_what_bench_serve_sends():
+    trace = generate_trace("long-doc", 30, 2.0, seed=5, long_input_len=900, short_input_len=50,
+                           output_len=7, long_fraction=0.3)
+    sent = long_doc_requests(30, 0.3, 900, 50, 7, 0.0, np.random.default_rng(5), None,
+                             "token-ids")
+    assert [(r.prompt_len, r.output_len, r.is_long) for r in trace] == [
+        (s.prompt_len, s.expected_output_len, s.is_long) for s in sent]
+    assert [r.arrival_time for r in trace] == arrival_times(30, 2.0, 1.0,
+                                                            np.random.default_rng([5, 1]))
+    trace = generate_trace("random", 20, 2.0, seed=5, input_len=900, output_len=7,
+                           range_ratio=0.5)
+    sent = random_requests(20, 900, 7, 0.5, np.random.default_rng(5), None, "token-ids")
+    assert [(r.prompt_len, r.output_len) for r in trace] == [
+        (s.prompt_len, s.expected_output_len) for s in sent]
 
 
 def test_traces_from_jsonl_and_from_a_bench_result(tmp_path):

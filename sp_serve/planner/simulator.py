@@ -177,15 +177,19 @@ def generate_trace(
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     if not 0 <= long_fraction <= 1:
         raise ValueError(f"--long-fraction must be in [0, 1], got {long_fraction}")
+    # The draws come in the bench datasets' order, so the same seed gives the workload that
+    # `bench serve` sends: exactly for random; for long-doc when range_ratio is 0 (the bench
+    # draws prompt tokens between the per-request lengths).
     rng = np.random.default_rng(seed)
-    outputs = _sample_lengths(output_len, range_ratio, num_prompts, rng)
     if dataset == "random":
         inputs = _sample_lengths(input_len, range_ratio, num_prompts, rng)
+        outputs = _sample_lengths(output_len, range_ratio, num_prompts, rng)
         longs: list[bool | None] = [None] * num_prompts
     else:
         is_long = np.zeros(num_prompts, dtype=bool)
         is_long[rng.permutation(num_prompts)[: round(num_prompts * long_fraction)]] = True
         longs = is_long.tolist()
+        outputs = _sample_lengths(output_len, range_ratio, num_prompts, rng)
         inputs = [_sample_lengths(long_input_len if x else short_input_len, range_ratio, 1, rng)[0]
                   for x in longs]
     times = arrival_times(num_prompts, request_rate, burstiness, np.random.default_rng([seed, 1]))
@@ -209,10 +213,13 @@ class StepCost(Protocol):
 
 class CalibratedStepCost:
     """Step times from a CostModel calibrated on real hardware (per SP group, at the SP degree
-    it was calibrated at)."""
+    it was calibrated at). The scheduler decides with the same model unless scheduler_model is
+    given: e.g. a server started with one calibration whose steps really take another's times."""
 
-    def __init__(self, model: CostModel, description: str = "calibrated cost model"):
+    def __init__(self, model: CostModel, description: str = "calibrated cost model",
+                 scheduler_model: CostModel | None = None):
         self.model, self.description = model, description
+        self.scheduler_model = scheduler_model or model
 
     def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
         return self.model.prefill_s(new_tokens, cached_tokens)
@@ -221,7 +228,7 @@ class CalibratedStepCost:
         return self.model.decode_s(len(context_lens), sum(context_lens))
 
     def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
-        return self.model
+        return self.scheduler_model
 
 
 class AnalyticStepCost:

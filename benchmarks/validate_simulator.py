@@ -1,0 +1,339 @@
+"""How well does `sp-serve plan --simulate` predict this machine? Measures, never asserts.
+
+    python benchmarks/validate_simulator.py                       # SP=2, a small long-doc load
+    python benchmarks/validate_simulator.py --sp-size 2 --num-prompts 24 --request-rate 2 \\
+        --long-input-len 2048 --short-input-len 128 --output-len 32 --json out.json
+
+1. Calibrate: start a real engine (LLMEngine, --sp-size ranks) on the model; its start-up
+   profile fits the CostModel, saved to OUT/cost.json.
+2. Step times: with that engine, replay the workload in real time in-process (the engine's own
+   step loop, no HTTP) and compare every step's measured time with the cost model's prediction
+   for the step the scheduler chose; also the per-step time outside the ranks' work (sampling,
+   bookkeeping) that the cost model leaves out. TTFT/TBT of this replay vs its simulation.
+3. Serving: start `sp-serve serve --cost-model OUT/cost.json`, run `bench serve`'s client with
+   the same workload (same seed: the simulator generates exactly the bench's lengths and
+   arrival times), stop the server. TTFT/TBT/E2E measured over HTTP vs simulated on the trace
+   the bench actually sent.
+Relative error = predicted / measured - 1. The target is within 20%; the machine is shared and
+has 2 cores that the ranks, the server and the client all use, so expect noise between runs.
+The default model is a small random Llama (4 layers, hidden 256) so steps do real work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sp_serve.bench.config import ServeBenchConfig
+from sp_serve.bench.serve import run_benchmark
+from sp_serve.bench.sweep import Server, log_tail
+from sp_serve.config import EngineConfig
+from sp_serve.engine.cost_model import CostModel
+from sp_serve.engine.engine import LLMEngine
+from sp_serve.engine.sampling import SamplingParams
+from sp_serve.planner.simulator import (
+    CalibratedStepCost,
+    SimConfig,
+    TraceRequest,
+    generate_trace,
+    simulate,
+    step_seconds,
+    trace_from_bench_result,
+)
+
+BENCH_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+               "num_attention_heads": 8, "num_key_value_heads": 2,
+               "max_position_embeddings": 16384}
+COMPARED = [("ttft", "TTFT"), ("itl", "TBT (ITL)"), ("tpot", "TPOT"), ("e2el", "E2E")]
+
+
+def bench_model(out: Path) -> str:
+    from sp_serve.model.tiny import make_tiny_model
+
+    path = out / "bench-model"
+    if not (path / "config.json").is_file():
+        make_tiny_model(path, seed=0, **BENCH_MODEL)
+    return str(path)
+
+
+# --- 2. the in-process replay ---------------------------------------------------------------------
+
+
+def replay(engine: LLMEngine, trace: list[TraceRequest]) -> dict[str, Any]:
+    """Feeds the trace to the engine at its arrival times, one engine.step() at a time, as the
+    async engine does; records each step's prediction and measurements and each token's time."""
+    cost = CalibratedStepCost(engine.scheduler.cost)
+    scheduler = engine.scheduler
+    schedule = scheduler.schedule
+    planned: list[dict[str, Any] | None] = []
+
+    def schedule_and_predict():
+        step = schedule()
+        kind = ("mixed" if step.prefill and step.decode else
+                "prefill" if step.prefill else "decode")
+        if step.is_empty:
+            planned.append(None)
+        else:
+            planned.append({
+                "kind": kind, "predicted_s": step_seconds(cost, step),
+                "chunks": [(end - start, start) for _, start, end in step.prefill],
+                "decode": (len(step.decode), sum(seq.num_cached for seq, _ in step.decode))})
+        return step
+
+    scheduler.schedule = schedule_and_predict  # an instance attribute: this engine only
+    vocab = engine.spec.vocab_size
+    steps, tokens = [], {str(i): [] for i in range(len(trace))}
+    t0 = time.monotonic()
+    nxt = 0
+    try:
+        while nxt < len(trace) or engine.has_unfinished():
+            now = time.monotonic() - t0
+            while nxt < len(trace) and trace[nxt].arrival_time <= now:
+                r = trace[nxt]
+                ids = [(7 * i + nxt) % (vocab - 10) + 5 for i in range(r.prompt_len)]
+                params = SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0)
+                engine.add_request(str(nxt), ids, params, arrival_time=t0 + r.arrival_time)
+                nxt += 1
+            if not engine.has_unfinished():
+                time.sleep(max(0.0, trace[nxt].arrival_time - (time.monotonic() - t0)))
+                continue
+            w0 = time.perf_counter()
+            events = engine.step()
+            wall = time.perf_counter() - w0
+            stamp = time.monotonic() - t0
+            for ev in events:
+                tokens[ev.seq.request_id].append(stamp)
+            if planned[-1] is not None:
+                steps.append({**planned[-1], "run_s": engine.last_step.seconds, "wall_s": wall})
+    finally:
+        del scheduler.schedule
+    return {"steps": steps, "token_times": [tokens[str(i)] for i in range(len(trace))]}
+
+
+def replay_as_bench_result(trace: list[TraceRequest], token_times: list[list[float]]
+                           ) -> dict[str, Any]:
+    from sp_serve.bench.client import RequestResult
+    from sp_serve.bench.metrics import compute_metrics
+
+    results = [RequestResult(success=True, prompt_len=r.prompt_len, output_tokens=len(t),
+                             num_text_chunks=len(t), ttft=t[0] - r.arrival_time,
+                             itl=np.diff(t).tolist(), latency=t[-1] - r.arrival_time,
+                             start_time=r.arrival_time, is_long=r.is_long)
+               for r, t in zip(trace, token_times)]
+    duration = max(t[-1] for t in token_times)
+    return compute_metrics(results, duration, [50.0, 90.0, 99.0])
+
+
+def refit(steps: list[dict[str, Any]]) -> CostModel | None:
+    """A CostModel fitted on the replay's measured steps (single-chunk prefill, pure decode)."""
+    prefill = [(*s["chunks"][0], s["run_s"]) for s in steps
+               if s["kind"] == "prefill" and len(s["chunks"]) == 1]
+    decode = [(*s["decode"], s["run_s"]) for s in steps if s["kind"] == "decode"]
+    if len(prefill) < 3 or len(decode) < 3:
+        return None
+    return CostModel.fit(prefill, decode)
+
+
+def step_report(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in ("prefill", "decode", "mixed", "all"):
+        chosen = [s for s in steps if kind in ("all", s["kind"])]
+        if not chosen:
+            continue
+        errors = [s["predicted_s"] / s["run_s"] - 1 for s in chosen]
+        out[kind] = {
+            "count": len(chosen),
+            "measured_mean_ms": 1e3 * statistics.fmean(s["run_s"] for s in chosen),
+            "predicted_mean_ms": 1e3 * statistics.fmean(s["predicted_s"] for s in chosen),
+            "total_rel_error": sum(s["predicted_s"] for s in chosen)
+            / sum(s["run_s"] for s in chosen) - 1,
+            "median_rel_error": statistics.median(errors),
+            "median_abs_rel_error": statistics.median(abs(e) for e in errors),
+            "overhead_median_ms": 1e3 * statistics.median(s["wall_s"] - s["run_s"] for s in chosen),
+        }
+    return out
+
+
+# --- comparison -----------------------------------------------------------------------------------
+
+
+def compare(measured: dict[str, Any], predicted: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for key, name in COMPARED:
+        for stat in ("mean", "median", "p90"):
+            m, p = measured[f"{stat}_{key}_ms"], predicted[f"{stat}_{key}_ms"]
+            rows.append({"metric": f"{name} {stat}", "measured_ms": m, "predicted_ms": p,
+                         "rel_error": p / m - 1 if m else None})
+    for kind in ("short", "long"):
+        k = f"median_{kind}_ttft_ms"
+        if k in measured and k in predicted and measured[k]:
+            rows.append({"metric": f"TTFT {kind} median", "measured_ms": measured[k],
+                         "predicted_ms": predicted[k], "rel_error": predicted[k] / measured[k] - 1})
+    return rows
+
+
+def print_comparison(title: str, columns: dict[str, list[dict[str, Any]]]) -> None:
+    names = list(columns)
+    first = columns[names[0]]
+    print(f"\n{title}")
+    header = f"  {'metric':<22}{'measured':>12}" + "".join(
+        f"{n:>14}{'err':>8}" for n in names)
+    print(header)
+    for i, row in enumerate(first):
+        line = f"  {row['metric']:<22}{row['measured_ms']:>10.1f}ms"
+        for n in names:
+            r = columns[n][i]
+            err = "" if r["rel_error"] is None else f"{100 * r['rel_error']:+.0f}%"
+            line += f"{r['predicted_ms']:>12.1f}ms{err:>8}"
+        print(line)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint dir (default: a small random Llama)")
+    p.add_argument("--sp-size", type=int, default=2)
+    p.add_argument("--kv-cache-memory", default="256MiB")
+    p.add_argument("--dataset-name", default="long-doc", choices=["random", "long-doc"])
+    p.add_argument("--num-prompts", type=int, default=24)
+    p.add_argument("--request-rate", type=float, default=2.0)
+    p.add_argument("--input-len", type=int, default=512, help="random dataset prompt length")
+    p.add_argument("--long-input-len", type=int, default=2048)
+    p.add_argument("--short-input-len", type=int, default=128)
+    p.add_argument("--long-fraction", type=float, default=0.25)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="validate-simulator-out")
+    p.add_argument("--json", default=None, help="also write every figure here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model or bench_model(out)
+    trace = generate_trace(args.dataset_name, args.num_prompts, args.request_rate, 1.0, args.seed,
+                           args.input_len, args.output_len, 0.0, args.long_fraction,
+                           args.long_input_len, args.short_input_len)
+    cost_path = out / "cost.json"
+
+    # 1 + 2: calibrate, then replay in-process with that engine.
+    t0 = time.monotonic()
+    engine = LLMEngine(EngineConfig(model=model, sp_size=args.sp_size, scheduler="slo",
+                                    kv_cache_memory=_bytes(args.kv_cache_memory)))
+    try:
+        cost = engine.scheduler.cost
+        cost.save(str(cost_path))
+        kv_blocks, block_size = engine.runtime.num_blocks, engine.config.block_size
+        econf = engine.config
+        print(f"calibrated in {time.monotonic() - t0:.1f} s (engine start included): {cost}")
+        t1 = time.monotonic()
+        replayed = replay(engine, trace)
+        print(f"in-process replay: {len(trace)} requests in {time.monotonic() - t1:.1f} s")
+    finally:
+        engine.shutdown()
+    (out / "replay-steps.json").write_text(json.dumps(replayed["steps"]))
+    steps = step_report(replayed["steps"])
+    config = SimConfig(sp_size=args.sp_size, scheduler="slo", ttft_slo_s=econf.ttft_slo_ms / 1e3,
+                       tbt_slo_s=econf.tbt_slo_ms / 1e3, max_num_seqs=econf.max_num_seqs,
+                       max_num_batched_tokens=econf.max_num_batched_tokens, block_size=block_size,
+                       num_kv_blocks=kv_blocks)
+    overhead_s = steps["all"]["overhead_median_ms"] / 1e3
+    measured_replay = replay_as_bench_result(trace, replayed["token_times"])
+    refitted = refit(replayed["steps"])
+    # Step-time models: the start-up calibration (what the server schedules with), and the
+    # model refitted on the replay's measured steps (the scheduler still decides with the
+    # start-up one, as the server did), plus the measured per-step work outside the ranks.
+    models = {"start-up": (CalibratedStepCost(cost), config)}
+    if refitted is not None:
+        models["refit+other"] = (
+            CalibratedStepCost(refitted, "refit on the replay", scheduler_model=cost),
+            dataclasses.replace(config, step_overhead_s=overhead_s))
+    sim_replay = {name: simulate(trace, c, m).summary()["metrics"]
+                  for name, (m, c) in models.items()}
+
+    # 3: a real server with the saved cost model, the bench client, the same workload.
+    server = Server(["--model", model, "--sp-size", str(args.sp_size),
+                     "--kv-cache-memory", args.kv_cache_memory, "--cost-model", str(cost_path)],
+                    out / "server.log")
+    bench = ServeBenchConfig(
+        dataset_name=args.dataset_name, num_prompts=args.num_prompts,
+        random_input_len=args.input_len, random_output_len=args.output_len,
+        long_fraction=args.long_fraction, long_input_len=args.long_input_len,
+        short_input_len=args.short_input_len, request_rate=args.request_rate, seed=args.seed,
+        ignore_eos=True, prompt_format="token-ids", num_warmups=1, show_progress=False)
+    try:
+        server.start(600)
+        bench = dataclasses.replace(bench, base_url=server.base_url)
+        result = asyncio.run(run_benchmark(bench))
+    except Exception:
+        print(log_tail(server.log_path), file=sys.stderr)
+        raise
+    finally:
+        server.stop(30)
+    (out / "bench-result.json").write_text(json.dumps(result))
+    sent = trace_from_bench_result(result)
+    same = [(r.prompt_len, r.output_len) for r in sent] == [
+        (r.prompt_len, r.output_len) for r in trace]
+    sim_bench = {name: simulate(sent, c, m).summary()["metrics"] for name, (m, c) in models.items()}
+
+    # Report.
+    print(f"\nmachine: 2 shared CPU cores; SP={args.sp_size}; model {model}; workload "
+          f"{args.dataset_name}, {args.num_prompts} requests at {args.request_rate:g} req/s, "
+          f"output {args.output_len} tokens; bench sent the simulated workload: {same}")
+    print("\nstep times, in-process replay: predicted (cost model) vs measured (ranks' work)")
+    print(f"  {'kind':<9}{'steps':>6}{'measured':>11}{'predicted':>11}{'total err':>11}"
+          f"{'median err':>12}{'median |err|':>14}{'other work':>12}")
+    for kind, s in steps.items():
+        print(f"  {kind:<9}{s['count']:>6}{s['measured_mean_ms']:>9.1f}ms"
+              f"{s['predicted_mean_ms']:>9.1f}ms{100 * s['total_rel_error']:>+10.0f}%"
+              f"{100 * s['median_rel_error']:>+11.0f}%{100 * s['median_abs_rel_error']:>13.0f}%"
+              f"{s['overhead_median_ms']:>10.1f}ms")
+    if refitted is not None:
+        print(f"  refit on these steps: {refitted}")
+    replay_rows = {name: compare(measured_replay, m) for name, m in sim_replay.items()}
+    bench_rows = {name: compare(result, m) for name, m in sim_bench.items()}
+    print_comparison("in-process replay (engine.step loop, no HTTP): measured vs simulated",
+                     replay_rows)
+    print_comparison("HTTP serving (sp-serve serve + bench client): measured vs simulated",
+                     bench_rows)
+    chunks = sum(len(itl) + 1 for itl, n in zip(result["itls"], result["output_lens"]) if n)
+    per_chunk = sum(result["output_lens"]) / max(1, chunks)
+    if per_chunk > 1.01:
+        print(f"\nOver HTTP the client sees {per_chunk:.2f} tokens per text chunk (the detokenizer "
+              "holds back incomplete UTF-8, common\nfor a random byte-level model), so HTTP ITL "
+              "is per chunk, not per token: compare TPOT there.")
+    print("\nstart-up: step times from the engine's start-up calibration (cost.json, which the "
+          "server schedules with).\nrefit+other: step times from a CostModel refitted on the "
+          "replay's measured steps, plus the median per-step\nwork outside the ranks "
+          f"({1e3 * overhead_s:.1f} ms); in-sample for the replay, out-of-sample for HTTP.")
+    figures = {
+        "sp_size": args.sp_size, "model": model, "cost_model": cost.__dict__,
+        "refit_cost_model": None if refitted is None else refitted.__dict__,
+        "kv_blocks_per_rank": kv_blocks, "workload": vars(args), "bench_sent_same_workload": same,
+        "step_times": steps, "replay": replay_rows, "serving": bench_rows,
+        "step_overhead_ms": 1e3 * overhead_s, "http_tokens_per_text_chunk": per_chunk,
+    }
+    (out / "figures.json").write_text(json.dumps(figures, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+def _bytes(text: str) -> int:
+    from sp_serve.config import parse_bytes
+
+    return parse_bytes(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
