@@ -63,7 +63,7 @@ def test_tiny_sweep_then_resume(tmp_path, tiny_model_dir, cost_model_path):
         assert result["sp_size"] == sp  # as the server itself reports it
         assert result["scheduler"] == "slo"
         assert result["output_lens"] == [4, 4, 4]
-        assert result["sweep"]["server_returncode"] in (0, -15)  # uvicorn re-raises SIGTERM
+        assert result["sweep"]["server_returncode"] == 0  # stopped cleanly, ranks included
         assert result["sweep"]["server_stop_note"] == ""
         assert (tmp_path / result["sweep"]["server_log"]).is_file()
 

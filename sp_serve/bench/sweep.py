@@ -203,7 +203,7 @@ class Server:
                 _kill_group(pgid)
                 self.proc.wait()
         self.returncode = self.proc.returncode
-        # uvicorn re-raises the SIGTERM it handled once it has shut down: -15 is a clean stop.
+        # 0 is a clean stop; so is -15 from servers whose uvicorn re-raised the SIGTERM it handled.
         if self.returncode not in (0, -signal.SIGTERM) and not note:
             note = f"the server exited with code {self.returncode}"
         # Its ranks share its process group; give them a moment to notice, then make sure.
