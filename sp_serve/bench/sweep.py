@@ -319,9 +319,11 @@ def run_sweep(config: SweepConfig, console: Any = None) -> list[RunOutcome]:
                 if not result["completed"]:
                     first = next((e for e in result["errors"] if e), "")
                     raise ServerStartError(f"no request completed; first error: {first}")
-            except (ServerStartError, ValueError, httpx.HTTPError) as exc:
+            except Exception as exc:  # noqa: BLE001 -- one run's failure must not end the sweep
                 log = out / "logs" / f"{run.name}.log"
                 tail = log_tail(log)
+                if not isinstance(exc, (ServerStartError, ValueError)):
+                    exc = RuntimeError(f"{type(exc).__name__}: {exc}")
                 message = f"run {run.name} failed: {exc}"
                 console.print(f"[red]FAILED[/red] {message}\n[dim]last lines of {log}:[/dim]",
                               highlight=False)
@@ -545,7 +547,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("the servers")
     server.add_argument("--server-args", default="",
                         help='passed to every `sp-serve serve`, e.g. "--model DIR '
-                        '--kv-cache-memory 1GiB --cost-model cost.json"')
+                        '--kv-cache-memory 1GiB --cost-model cost.json" (a single flag: '
+                        '--server-args=--flag)')
     server.add_argument("--server-start-timeout", type=float, default=600.0,
                         help="seconds to wait for /health (600)")
     server.add_argument("--server-stop-timeout", type=float, default=30.0,
