@@ -215,10 +215,15 @@ class LLMEngine:
 
     # ---- start-up profile ----------------------------------------------------------------
     def calibrate(self) -> CostModel:
-        """Times a few prefill and decode steps of dummy sequences and fits the cost model."""
+        """Times prefill and decode steps of dummy sequences and fits the cost model.
+
+        Prefill: three chunk sizes, each first over an empty cache, then over as many cached
+        tokens. Decode: batches of 1, 2, 4 and 8 short sequences (the per-sequence cost), and
+        the long prefill sequences alone (the per-context-token cost); median of 3 each."""
         cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, 2048))
         sizes = sorted({max(8, cap // 8), max(8, cap // 2), cap})
         self._profile_prefill(-1, 0, sizes[0])  # warm-up: one-off allocator and pool costs
+        self._profile_decode({-1: sizes[0]}, [], {-1: sizes[0]})
         self._release_profile([-1])
         prefill, decode, ctx = [], [], {}
         for i, n in enumerate(sizes):
@@ -226,11 +231,22 @@ class LLMEngine:
             for start in (0, n):  # a first chunk, then a chunk over n cached tokens
                 if self._profile_prefill(sid, start, start + n, prefill):
                     ctx[sid] = start + n
-        ids = list(ctx)
-        for batch in sorted({1, len(ids)}):
-            for _ in range(2):
-                self._profile_decode({sid: ctx[sid] for sid in ids[:batch]}, decode, ctx)
-        self._release_profile([-2 - i for i in range(len(sizes))])
+        long_ids = list(ctx)
+        short = min(64, self.max_model_len // 4)
+        short_ids = [-10 - i for i in range(8)]
+        for sid in short_ids:
+            if self._profile_prefill(sid, 0, short):
+                ctx[sid] = short
+        batches = [[sid for sid in short_ids if sid in ctx][:b] for b in (1, 2, 4, 8)]
+        batches += [[sid] for sid in long_ids] + [long_ids]
+        for batch in batches:
+            if batch:
+                times = []
+                for _ in range(3):
+                    self._profile_decode({sid: ctx[sid] for sid in batch}, times, ctx)
+                if times:
+                    decode.append(sorted(times, key=lambda t: t[2])[len(times) // 2])
+        self._release_profile(list(ctx))
         if len(prefill) < 3 or len(decode) < 3:
             log.warning("KV pool too small for the start-up profile; using default step costs")
             return CostModel()
