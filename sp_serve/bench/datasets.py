@@ -116,7 +116,7 @@ def _exact_length_text(
     return text, len(encode(tokenizer, text))
 
 
-def _sample_lengths(mean: int, range_ratio: float, n: int, rng: np.random.Generator) -> list[int]:
+def sample_lengths(mean: int, range_ratio: float, n: int, rng: np.random.Generator) -> list[int]:
     """Uniform integers in [mean (1 - r), mean (1 + r)], as vLLM's random dataset draws them."""
     low = max(1, int(np.floor(mean * (1 - range_ratio))))
     high = max(low, int(np.ceil(mean * (1 + range_ratio))))
@@ -154,8 +154,8 @@ def random_requests(
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     prompt_format = resolve_prompt_format(prompt_format, tokenizer)
     source = _TokenSource(tokenizer, rng)
-    input_lens = _sample_lengths(input_len, range_ratio, num_prompts, rng)
-    output_lens = _sample_lengths(output_len, range_ratio, num_prompts, rng)
+    input_lens = sample_lengths(input_len, range_ratio, num_prompts, rng)
+    output_lens = sample_lengths(output_len, range_ratio, num_prompts, rng)
     requests = []
     for in_len, out_len in zip(input_lens, output_lens):
         prompt, real_len = _build_prompt(in_len, tokenizer, source, prompt_format)
@@ -194,11 +194,11 @@ def long_doc_requests(
     num_long = round(num_prompts * long_fraction)
     is_long = np.zeros(num_prompts, dtype=bool)
     is_long[rng.permutation(num_prompts)[:num_long]] = True
-    output_lens = _sample_lengths(output_len, range_ratio, num_prompts, rng)
+    output_lens = sample_lengths(output_len, range_ratio, num_prompts, rng)
     requests = []
     for long, out_len in zip(is_long.tolist(), output_lens):
         mean = long_input_len if long else short_input_len
-        in_len = _sample_lengths(mean, range_ratio, 1, rng)[0]
+        in_len = sample_lengths(mean, range_ratio, 1, rng)[0]
         prompt, real_len = _build_prompt(in_len, tokenizer, source, prompt_format)
         requests.append(SampleRequest(prompt, real_len, out_len, is_long=long))
     return requests

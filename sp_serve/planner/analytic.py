@@ -367,22 +367,32 @@ def prefill_breakdown(
         hw.hbm_bandwidth * dep.bandwidth_efficiency
     )
 
-    # Ring: sp steps per layer; in each, a rank attends its queries to the KV block in hand
-    # (1/sp^2 of the layer's attention, equal on every step under zigzag) while the next block
-    # -- its (num_tokens + cached_tokens)/sp tokens of KV -- travels to the neighbour.
+    # Ring: sp steps per layer over the chunk's fresh KV; in each, a rank attends its queries to
+    # the block in hand (1/sp^2 of the chunk's causal attention, equal on every step under
+    # zigzag) while the next block -- num_tokens/sp tokens of KV -- travels to the neighbour.
+    # Cached tokens never travel: the chunk's queries are all-gathered, every rank attends them
+    # to its own shard, and an all-to-all returns the (out, lse) partials (not overlapped).
     kv_token_layer_bytes = (
         2 * kv_heads_per_rank(shape, dep) * shape.head_dim * DTYPE_BYTES[dep.kv_dtype]
     )
     ring_min_tokens: float | None = None
+    cached_comm_s = 0.0
     if sp > 1:
-        ring_compute_step_s = attention / layers / (sp * sp * tp) / flops_s
-        block_tokens = (num_tokens + cached_tokens) / sp
+        fresh_attention = prefill_flops(shape, dep, num_tokens, 0)[1]
+        ring_compute_step_s = fresh_attention / layers / (sp * sp * tp) / flops_s
+        block_tokens = num_tokens / sp
         ring_comm_step_s = latency + block_tokens * kv_token_layer_bytes / link_bw
         ring_exposed_s = layers * (sp - 1) * max(0.0, ring_comm_step_s - ring_compute_step_s)
         # Fresh prompt, b tokens per rank: compute a*b^2 (b^2/2 pairs per step), comm k*b + latency.
         a = _flops_per_attention_pair(shape, dep) / 2 / tp / flops_s
         k = kv_token_layer_bytes / link_bw
         ring_min_tokens = (k + math.sqrt(k * k + 4 * a * latency)) / (2 * a)
+        if cached_tokens > 0:
+            q_heads = shape.num_heads / tp
+            q_bytes = num_tokens * q_heads * shape.head_dim * ACT_BYTES
+            partial_bytes = num_tokens * q_heads * (shape.head_dim + 1) * 4  # fp32 out + lse
+            moved = (sp - 1) / sp * (q_bytes + partial_bytes)
+            cached_comm_s = layers * (2 * latency + moved / link_bw)
     else:
         ring_compute_step_s = ring_comm_step_s = ring_exposed_s = 0.0
 
@@ -392,7 +402,7 @@ def prefill_breakdown(
         bytes_ = num_tokens / sp * shape.hidden_size * ACT_BYTES
         tp_comm_s = layers * 2 * (latency + 2 * (tp - 1) / tp * bytes_ / link_bw)
 
-    total_s = max(compute_s, weight_read_s) + ring_exposed_s + tp_comm_s
+    total_s = max(compute_s, weight_read_s) + ring_exposed_s + cached_comm_s + tp_comm_s
     return PrefillBreakdown(
         num_tokens=num_tokens,
         cached_tokens=cached_tokens,
@@ -672,9 +682,11 @@ def assumptions(shape: ModelShape, hw: Hardware, dep: Deployment) -> list[str]:
             "exposed ring communication + TP all-reduces; zigzag makes every rank's share equal"
         ),
         (
-            "ring step (per layer): the next KV block, (prompt + cached tokens)/sp tokens, "
-            "travels over the interconnect (+ one collective latency) while 1/sp^2 of the layer's "
-            "attention runs; only the excess over compute is exposed, on sp - 1 of the sp steps"
+            "ring step (per layer): the next KV block of the chunk, chunk tokens/sp, travels over "
+            "the interconnect (+ one collective latency) while 1/sp^2 of the chunk's causal "
+            "attention runs; only the excess over compute is exposed, on sp - 1 of the sp steps; "
+            "a chunk after cached tokens adds, per layer, an all-gather of its queries and an "
+            "all-to-all of (out, lse) partials (cached KV stays in place), not overlapped"
         ),
         (
             "decode step = max((weights read + KV shard read) / HBM bandwidth, FLOPs / peak) + "

@@ -39,7 +39,7 @@ import numpy as np
 
 from sp_serve.bench.arrivals import arrival_times
 from sp_serve.bench.client import RequestResult
-from sp_serve.bench.datasets import _sample_lengths
+from sp_serve.bench.datasets import sample_lengths
 from sp_serve.bench.metrics import compute_metrics, summarize
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.sampling import SamplingParams
@@ -182,15 +182,15 @@ def generate_trace(
     # draws prompt tokens between the per-request lengths).
     rng = np.random.default_rng(seed)
     if dataset == "random":
-        inputs = _sample_lengths(input_len, range_ratio, num_prompts, rng)
-        outputs = _sample_lengths(output_len, range_ratio, num_prompts, rng)
+        inputs = sample_lengths(input_len, range_ratio, num_prompts, rng)
+        outputs = sample_lengths(output_len, range_ratio, num_prompts, rng)
         longs: list[bool | None] = [None] * num_prompts
     else:
         is_long = np.zeros(num_prompts, dtype=bool)
         is_long[rng.permutation(num_prompts)[: round(num_prompts * long_fraction)]] = True
         longs = is_long.tolist()
-        outputs = _sample_lengths(output_len, range_ratio, num_prompts, rng)
-        inputs = [_sample_lengths(long_input_len if x else short_input_len, range_ratio, 1, rng)[0]
+        outputs = sample_lengths(output_len, range_ratio, num_prompts, rng)
+        inputs = [sample_lengths(long_input_len if x else short_input_len, range_ratio, 1, rng)[0]
                   for x in longs]
     times = arrival_times(num_prompts, request_rate, burstiness, np.random.default_rng([seed, 1]))
     return [TraceRequest(t, n, m, x) for t, n, m, x in zip(times, inputs, outputs, longs)]
