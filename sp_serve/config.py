@@ -1,6 +1,7 @@
 """Engine configuration in one place; flags keep vLLM's spellings. ValueError on bad input."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -53,21 +54,18 @@ class EngineConfig:
                 raise ValueError(message)
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 def parse_bytes(text: str) -> int:
-    """'8GiB', '512MB', '1e9' -> bytes (GiB/MiB are powers of 2, GB/MB powers of 10)."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
-    s = text.strip().lower()
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            s, factor = s[: -len(unit)], mult
-            break
-    else:
-        factor = 1
-    try:
-        value = float(s) * factor
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a size in bytes; write e.g. 2GiB, 512MB or 1e9") from None
+    """'80GiB' -> 85899345920, '512MB' -> 512e6, '1e9' -> 1e9 (GB = 1e9 bytes, GiB = 2**30)."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size in bytes; write a number with an optional "
+                         "unit, e.g. 2GiB, 512MB or 8.59e10 (GB = 1e9 bytes, GiB = 2**30 bytes)")
+    value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:
         raise ValueError(f"a size in bytes must be positive, got {text!r}")
-    return int(value)
+    return value

@@ -46,6 +46,7 @@ import httpx
 from sp_serve.bench.config import ServeBenchConfig
 from sp_serve.bench.metrics import parse_goodput
 from sp_serve.bench.serve import run_benchmark
+from sp_serve.parallel.launch import free_port
 
 SCHEDULERS = ("slo", "fcfs")
 # Flags the sweep sets on every server itself.
@@ -126,14 +127,6 @@ class SweepConfig:
 
 class ServerStartError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

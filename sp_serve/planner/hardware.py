@@ -7,8 +7,9 @@ an "80GB" A100 shows 81920 MiB in nvidia-smi, i.e. 80 GiB = 85.9e9 bytes.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
+
+from sp_serve.config import parse_bytes  # noqa: F401  (the planner's flags take sizes too)
 
 GB = 1e9
 GIB = float(2**30)
@@ -80,32 +81,3 @@ def get_hardware(name: str) -> Hardware:
             "or 'custom' with --peak-tflops, --hbm, --hbm-bw-gbs, --interconnect-bw-gbs and "
             "--pcie-bw-gbs"
         ) from None
-
-
-_UNITS = {
-    "": 1.0,
-    "b": 1.0,
-    "kb": 1e3,
-    "mb": 1e6,
-    "gb": GB,
-    "tb": TB,
-    "kib": 2.0**10,
-    "mib": 2.0**20,
-    "gib": GIB,
-    "tib": 2.0**40,
-}
-
-
-def parse_bytes(text: str) -> float:
-    """'80GiB' -> 85899345920.0, '85.9GB' -> 85.9e9, '1e9' -> 1e9 (GB = 1e9, GiB = 2**30)."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(
-            f"cannot read {text!r} as a size; write a number with an optional unit, "
-            "e.g. 80GiB, 85.9GB or 8.59e10 (GB = 1e9 bytes, GiB = 2**30 bytes)"
-        )
-    value = float(match.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise ValueError(f"size {text!r} must be positive")
-    return value
