@@ -24,10 +24,13 @@ TBT_S = 0.2
 
 
 class Sim:
+    """slowdown: how much longer than the cost model's prediction each step really takes."""
+
     def __init__(self, policy: str = "slo", world_size: int = 2, blocks_per_rank: int = 100_000,
-                 block_size: int = 16, cost: CostModel = COST, **config):
+                 block_size: int = 16, cost: CostModel = COST, slowdown: float = 1.0, **config):
         self.now = 0.0
         self.cost = cost
+        self.slowdown = slowdown
         self.blocks = BlockManager(world_size, blocks_per_rank, block_size)
         self.sched = Scheduler(SchedulerConfig(policy=policy, tbt_slo_s=TBT_S, **config),
                                self.blocks, cost, clock=lambda: self.now)
@@ -51,7 +54,7 @@ class Sim:
     def step(self) -> ScheduledStep:
         step = self.sched.schedule()
         self.steps.append(step)
-        self.now += self.predicted_s(step) if not step.is_empty else 1e-3
+        self.now += self.predicted_s(step) * self.slowdown if not step.is_empty else 1e-3
         for seq, _, end in step.prefill:
             if end == seq.prefill_target:
                 self.sched.prefill_done(seq)
@@ -167,20 +170,87 @@ def test_prefill_chunks_fit_the_tbt_budget_beside_running_decodes():
     assert long.status is not SeqStatus.WAITING, "the long prompt never finished its prefill"
 
 
+@pytest.mark.parametrize("slowdown", [0.5, 2.0])
+def test_tbt_holds_in_measured_time_when_the_cost_model_is_off(slowdown):
+    """The calibration says 1 s where a step takes `slowdown` s. After a few steps the scheduler
+    has measured that (from its own clock) and sizes chunks so that decode + prefill fit the TBT
+    target in real time: not over it when steps run slow, not far under it when they run fast."""
+    sim = Sim("slo", max_num_batched_tokens=8192, slowdown=slowdown)
+    for _ in range(4):
+        sim.add(1000, max_tokens=100_000)
+    for _ in range(8):
+        sim.step()
+    assert len(sim.sched.running) == 4
+    sim.add(1_000_000, max_tokens=1)  # still prefilling at the end
+    cycles, last = [], None  # measured seconds of a decode step and the prefill step after it
+    for _ in range(400):
+        step = sim.step()
+        took = sim.predicted_s(step) * slowdown  # before the next step changes the sequences
+        if step.prefill and last is not None:
+            cycles.append(last + took)
+        last = took if step.decode else None
+    assert len(cycles) >= 199
+    assert sim.sched.step_time.scale("prefill_beside_decode") == pytest.approx(slowdown)
+    assert sim.sched.step_time.scale("decode") == pytest.approx(slowdown)
+    late = cycles[20:]  # once measured
+    assert max(late) <= TBT_S + 1e-9
+    assert min(late) > 0.9 * TBT_S
+    if slowdown > 1:
+        assert max(cycles[:8]) > TBT_S  # before measuring, the calibration's error shows
+
+
+def test_idle_time_is_not_taken_for_step_time():
+    sim = Sim("slo")
+    for _ in range(20):  # one request at a time, with idle gaps in between
+        sim.add(100, max_tokens=3)
+        sim.run()
+        sim.now += 30.0
+    for kind in ("prefill_alone", "prefill_beside_decode", "decode"):
+        assert sim.sched.step_time.scale(kind) == pytest.approx(1.0)
+    assert len(sim.sched.step_time._ratios["decode"]) >= 8  # measured, not just unmeasured
+
+
+def test_prefill_steps_are_bounded_in_time_with_nothing_decoding():
+    """A 100K prompt alone is still cut into steps of at most a quarter of the TTFT target
+    (predicted): a prompt arriving mid-step waits for one such step at most."""
+    sim = Sim("slo", max_num_batched_tokens=65536, ttft_slo_s=2.0)
+    seq = sim.add(100_000, max_tokens=1)
+    sizes = []
+    while seq.status is SeqStatus.WAITING:
+        step = sim.step()
+        assert not step.decode
+        assert sim.predicted_s(step) <= 0.5
+        sizes += [b - a for _, a, b in step.prefill]
+    assert sum(sizes) == 100_000 and len(sizes) > 20
+    assert sizes[0] > 4000  # not needlessly small: a 0.5 s step holds thousands of tokens here
+    # A different cap, set explicitly.
+    sim = Sim("slo", max_num_batched_tokens=65536, max_prefill_step_s=0.25)
+    sim.add(20_000, max_tokens=1)
+    step = sim.step()
+    assert 0.2 < sim.predicted_s(step) <= 0.25
+
+
 def test_short_prompt_is_not_stuck_behind_a_100k_prompt():
+    """Short prompts arriving at the start, the middle and near the end of a 100K prompt's
+    prefill (~15 s predicted) each get their first token within about one prefill step, long
+    before the long one finishes: time the long one spends being served earns it no priority."""
     sim = Sim("slo", max_num_batched_tokens=8192)
     long = sim.add(100_000, max_tokens=4)
-    sim.step()  # the long prompt's first chunk runs alone
-    short = sim.add(50, max_tokens=4)
-    short_arrival = sim.now
+    shorts = []
+    for fraction in (0.0, 0.5, 0.9):
+        while long.num_cached < fraction * 100_000 or not long.num_cached:
+            sim.step()
+        shorts.append((sim.add(50, max_tokens=4), sim.now))
+        while shorts[-1][0].seq_id not in sim.first_token_at:
+            sim.step()
+        assert long.status is SeqStatus.WAITING  # still prefilling
     sim.run()
     long_prefill_done = sim.first_token_at[long.seq_id]
-    short_ttft = sim.first_token_at[short.seq_id] - short_arrival
-    # The short one waits for at most the chunk in flight and its own prefill, the long one's
-    # prefill takes ~15 s of predicted time.
-    assert short_ttft < 2.0
-    assert short_ttft * 5 < long_prefill_done
-    assert sim.first_token_at[short.seq_id] < long_prefill_done
+    for short, arrival in shorts:
+        # It waits for at most the step in flight (<= 0.5 s predicted) and its own step.
+        assert sim.first_token_at[short.seq_id] - arrival <= 1.0
+        assert sim.first_token_at[short.seq_id] < long_prefill_done
+    assert long_prefill_done > 14
     sim.assert_all_free()
 
 

@@ -5,11 +5,14 @@ Policy "slo" (default): a step is a prefill step or a decode step, never both.
     prefill step is sized by the cost model so that decode + prefill fits in the TBT target:
     every running sequence gets its next token within --tbt-slo-ms. Each chunk of a step is
     costed with its own cached context (a chunk deep into a long prompt costs more per token).
-  - Waiting prompts are ordered by slack: predicted remaining prefill time minus time waited,
-    both relative to the TTFT target. A short prompt arriving behind a 100K-token one goes
-    first; the long one ages, so it is never starved.
+  - Waiting prompts are ordered by predicted remaining prefill time minus time waited unserved.
+    A short prompt arriving behind a 100K-token one goes first, even while the long one is
+    being prefilled; the long one ages while it is passed over, so it is never starved.
   - Prompts longer than the chunk budget are prefilled in chunks; each chunk attends in place to
-    the sharded KV of the earlier ones.
+    the sharded KV of the earlier ones. With nothing decoding, a prefill step is still bounded
+    in time (a quarter of the TTFT target): a short prompt arriving mid-step waits for that step
+    and then its own, whose first tokens come only when the whole step (and any long prompt's
+    chunk in it) is done, so a short prompt's TTFT stays within about half the target.
 Policy "fcfs" (baseline): first come, first served; each step mixes the whole decode batch with
 as much of the oldest prompts as --max-num-batched-tokens allows.
 
@@ -22,6 +25,7 @@ later. The oldest sequence can always go on, so the scheduler never stalls.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +42,10 @@ class SchedulerConfig:
     ttft_slo_s: float = 2.0
     tbt_slo_s: float = 0.2
     min_chunk_tokens: int = 32  # progress guarantee when decode alone eats the TBT budget
+    # Longest predicted prefill step when nothing decodes (None: a quarter of the TTFT target).
+    # A prompt arriving mid-step waits for the step and then its own: this bounds a short
+    # prompt's TTFT behind a long one. Longer steps amortise the per-chunk cost better.
+    max_prefill_step_s: float | None = None
 
 
 @dataclass
@@ -59,9 +67,17 @@ class Scheduler:
         self.running: list[Sequence] = []  # decoding, oldest first
         self.num_preemptions = 0
         self._last_was_prefill = False
+        # Predicted prefill seconds each waiting sequence has been given so far: time in service
+        # is not time waited, so it earns no priority (see _by_slack).
+        self._served_s: dict[int, float] = {}
+        self.step_time = StepTimeCorrection()
+        self._last_step: tuple[str, float, float] | None = None  # (kind, predicted s, start)
+        self._prefill_kind = "prefill_alone"
 
     # ---- bookkeeping -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        if not self.num_unfinished:  # the engine was idle: the time since the last step is no step's
+            self._last_step = None
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -71,10 +87,12 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.blocks.free(seq.seq_id)
+        self._served_s.pop(seq.seq_id, None)
 
     def prefill_done(self, seq: Sequence) -> None:
         """The last chunk ran and its first token was sampled: the sequence decodes now."""
         self.waiting.remove(seq)
+        self._served_s.pop(seq.seq_id, None)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
@@ -84,6 +102,23 @@ class Scheduler:
 
     # ---- policy ------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
+        now = self.clock()
+        if self._last_step is not None:  # the engine ran the last step and came straight back
+            kind, predicted_s, started = self._last_step
+            self.step_time.observe(kind, predicted_s, now - started)
+        step = self._schedule()
+        self._last_step = None
+        if not step.is_empty and not (step.prefill and step.decode):
+            kind = self._prefill_kind if step.prefill else "decode"
+            self._last_step = (kind, self._predicted_s(step), now)
+        return step
+
+    def _predicted_s(self, step: ScheduledStep) -> float:
+        """The cost model's time for a step (each chunk runs on its own)."""
+        return (sum(self.cost.prefill_s(b - a, a) for _, a, b in step.prefill)
+                + self.cost.decode_s(len(step.decode), sum(s.num_cached for s, _ in step.decode)))
+
+    def _schedule(self) -> ScheduledStep:
         step = ScheduledStep()
         if self.config.policy == "fcfs":
             self._schedule_decode(step)
@@ -95,24 +130,37 @@ class Scheduler:
         if decoding and (not prefilling or self._last_was_prefill):
             self._schedule_decode(step)
         if step.is_empty and prefilling:
-            time_left_s = None
             if self.running:  # every running sequence waits for this step: fit it in the TBT
                 ctx = sum(s.num_cached for s in self.running)
-                time_left_s = self.config.tbt_slo_s - self.cost.decode_s(len(self.running), ctx)
+                decode_s = self.cost.decode_s(len(self.running), ctx) * self.step_time.scale("decode")
+                time_left_s = self.config.tbt_slo_s - decode_s
+                self._prefill_kind = "prefill_beside_decode"  # small chunks, deep in long prompts
+            else:
+                time_left_s = self.config.max_prefill_step_s
+                if time_left_s is None:
+                    time_left_s = self.config.ttft_slo_s / 4
+                self._prefill_kind = "prefill_alone"  # big chunks: the model errs differently
+            # The budget in the cost model's seconds, which measured steps show run slow or fast.
             self._schedule_prefill(step, self.config.max_num_batched_tokens, self._by_slack(),
-                                   time_left_s)
+                                   time_left_s / self.step_time.scale(self._prefill_kind))
             if step.is_empty and decoding:  # prompts blocked on memory: keep decoding
                 self._schedule_decode(step)
         self._last_was_prefill = bool(step.prefill)
         return step
 
     def _by_slack(self) -> list[Sequence]:
-        now, slo = self.clock(), self.config.ttft_slo_s
+        """Waiting prompts, most urgent first: predicted remaining prefill time minus time spent
+        waiting unserved (shortest remaining first, with aging). Time in service does not age a
+        prompt: otherwise a long prompt being prefilled would gain a second of priority every
+        second and no short prompt arriving behind it could go first. Starved, it ages until
+        it goes first; served, its remaining time only shrinks, so it keeps going."""
+        now = self.clock()
 
-        def slack(s: Sequence) -> float:
-            return self.cost.prefill_s(s.remaining_prefill, s.num_cached) - (now - s.arrival_time) - slo
+        def priority(s: Sequence) -> float:
+            unserved_s = now - s.arrival_time - self._served_s.get(s.seq_id, 0.0)
+            return self.cost.prefill_s(s.remaining_prefill, s.num_cached) - unserved_s
 
-        return sorted(self.waiting, key=lambda s: (slack(s), _age(s)))
+        return sorted(self.waiting, key=lambda s: (priority(s), _age(s)))
 
     def _schedule_prefill(self, step: ScheduledStep, budget: int, order: list[Sequence],
                           time_left_s: float | None = None) -> None:
@@ -150,8 +198,10 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = self.clock()
             step.prefill.append((seq, seq.num_cached, seq.num_cached + n))
+            chunk_s = self.cost.prefill_s(n, seq.num_cached)
+            self._served_s[seq.seq_id] = self._served_s.get(seq.seq_id, 0.0) + chunk_s
             if time_left_s is not None:
-                time_left_s -= self.cost.prefill_s(n, seq.num_cached)
+                time_left_s -= chunk_s
             seq.num_cached += n
             budget -= n
 
@@ -220,6 +270,7 @@ class Scheduler:
         step.prefill = [(s, a, b) for s, a, b in step.prefill if s is not seq]
         step.preempted.append(seq)
         self.blocks.free(seq.seq_id)
+        self._served_s.pop(seq.seq_id, None)  # its service is lost: all of it counts as waiting
         seq.reset_for_recompute()
         self.waiting.append(seq)
         self.num_preemptions += 1
@@ -228,3 +279,37 @@ class Scheduler:
 def _age(seq: Sequence) -> tuple[float, int]:
     """Arrival order (older first); the id breaks ties between same-time arrivals."""
     return seq.arrival_time, seq.seq_id
+
+
+class StepTimeCorrection:
+    """How far the cost model is off, learnt from the steps the engine actually ran.
+
+    The start-up calibration is a handful of timed steps; on a busy or shared machine it can be
+    off by 2x either way, and every TBT-sized chunk inherits the error (too big: the TBT target
+    is missed; too small: per-chunk overhead eats throughput). The scheduler's clock tells how
+    long each step took, from one schedule() call to the next (sampling and output dispatch
+    included, as a client sees them); the scale for a kind of step is a high quantile of
+    measured/predicted over the recent steps, so the target holds for most steps, not just the
+    median one. Steps after an idle gap are not measured. With a clock that advances by the
+    cost model's own prediction (a simulation), every scale stays 1.
+    """
+
+    WINDOW = 64
+    MIN_SAMPLES = 8
+    QUANTILE = 0.9
+    LIMITS = (0.25, 4.0)
+
+    def __init__(self) -> None:
+        self._ratios: dict[str, deque[float]] = {}
+
+    def observe(self, kind: str, predicted_s: float, measured_s: float) -> None:
+        if predicted_s > 0 and measured_s >= 0:
+            self._ratios.setdefault(kind, deque(maxlen=self.WINDOW)).append(measured_s / predicted_s)
+
+    def scale(self, kind: str) -> float:
+        ratios = self._ratios.get(kind)
+        if ratios is None or len(ratios) < self.MIN_SAMPLES:
+            return 1.0
+        ordered = sorted(ratios)
+        q = ordered[min(len(ordered) - 1, int(self.QUANTILE * len(ordered)))]
+        return min(max(q, self.LIMITS[0]), self.LIMITS[1])
