@@ -6,7 +6,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from sp_serve.attention.merge import PartialAccumulator
 from sp_serve.attention.ring_prefill import ring_prefill_attention
 from sp_serve.attention.zigzag import ZigzagLayout
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
@@ -84,8 +83,7 @@ def ring_jobs(pc, cases):
         q, k, v = (torch.randn(n, h, d, generator=g) for h in (hq, hkv, hkv))
         layout = ZigzagLayout(n, pc.world_size)
         idx = layout.local_indices(pc.rank)
-        acc = PartialAccumulator(len(idx), hq, d, pc.device)
-        ring_prefill_attention(pc, layout, q[idx], k[idx], v[idx], d ** -0.5, acc)
+        acc = ring_prefill_attention(pc, layout, q[idx], k[idx], v[idx], d ** -0.5)
         parts = [None] * pc.world_size
         dist.all_gather_object(parts, (idx, acc.o_thd, acc.lse_th))
         o = torch.empty(n, hq, d)

@@ -40,10 +40,10 @@ def ring_prefill_attention(
     k_thd: torch.Tensor,
     v_thd: torch.Tensor,
     scale: float,
-    acc: PartialAccumulator,
     backend: str = "torch",
-) -> None:
-    """Adds the causal attention of the local queries over the whole chunk's K/V into `acc`."""
+) -> PartialAccumulator:
+    """The causal attention of the local queries over the whole chunk's K/V, as a running
+    (o, lse) to which the caller may merge more partials."""
     rank, world = pc.rank, pc.world_size
     early_len, late_len = layout.chunk_lens(rank)
     kv_2thd = torch.stack([k_thd, v_thd])
@@ -54,8 +54,7 @@ def ring_prefill_attention(
             incoming = layout.num_local((rank - step - 1) % world)
             pending = RingExchange(pc, kv_2thd, (2, incoming, *kv_2thd.shape[2:]))
         if step == 0:
-            o, lse = attention_with_lse(q_thd, k_thd, v_thd, True, scale, backend)
-            acc.add(slice(None), o, lse)
+            acc = PartialAccumulator(*attention_with_lse(q_thd, k_thd, v_thd, True, scale, backend))
         elif src < rank:
             src_early = layout.chunk_lens(src)[0]
             o, lse = attention_with_lse(q_thd, kv_2thd[0, :src_early], kv_2thd[1, :src_early],
@@ -70,3 +69,4 @@ def ring_prefill_attention(
             kv_2thd = pending.wait()
             RingStats.exposed_wait_s += time.perf_counter() - t0
             RingStats.steps += 1
+    return acc

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from sp_serve.attention.local import attention_with_lse
-from sp_serve.attention.merge import PartialAccumulator
 from sp_serve.attention.ring_prefill import ring_prefill_attention
 from sp_serve.attention.sharded_cache import chunk_over_shards, decode_over_shards, pack_partial
 from sp_serve.attention.zigzag import ZigzagLayout
@@ -60,8 +59,7 @@ class Worker:
 
         def attn(layer: int, q_thd, k_thd, v_thd):
             self.kv.write(layer, new_slots, k_thd, v_thd)
-            acc = PartialAccumulator(q_thd.shape[0], q_thd.shape[1], q_thd.shape[2], dev)
-            ring_prefill_attention(pc, layout, q_thd, k_thd, v_thd, self.scale, acc, self.backend)
+            acc = ring_prefill_attention(pc, layout, q_thd, k_thd, v_thd, self.scale, self.backend)
             if chunk.start_pos > 0:
                 k_cache, v_cache = self.kv.read(layer, cached_slots)
 
