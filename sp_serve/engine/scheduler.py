@@ -154,11 +154,11 @@ class Scheduler:
         prompt: otherwise a long prompt being prefilled would gain a second of priority every
         second and no short prompt arriving behind it could go first. Starved, it ages until
         it goes first; served, its remaining time only shrinks, so it keeps going."""
-        now = self.clock()
+        now, scale = self.clock(), self.step_time.scale("prefill_alone")  # in measured seconds
 
         def priority(s: Sequence) -> float:
             unserved_s = now - s.arrival_time - self._served_s.get(s.seq_id, 0.0)
-            return self.cost.prefill_s(s.remaining_prefill, s.num_cached) - unserved_s
+            return self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale - unserved_s
 
         return sorted(self.waiting, key=lambda s: (priority(s), _age(s)))
 
@@ -199,7 +199,8 @@ class Scheduler:
                 seq.first_scheduled_time = self.clock()
             step.prefill.append((seq, seq.num_cached, seq.num_cached + n))
             chunk_s = self.cost.prefill_s(n, seq.num_cached)
-            self._served_s[seq.seq_id] = self._served_s.get(seq.seq_id, 0.0) + chunk_s
+            served_s = chunk_s * self.step_time.scale(self._prefill_kind)
+            self._served_s[seq.seq_id] = self._served_s.get(seq.seq_id, 0.0) + served_s
             if time_left_s is not None:
                 time_left_s -= chunk_s
             seq.num_cached += n
@@ -226,7 +227,8 @@ class Scheduler:
                 continue
             owner = self._decode_owner(seq)
             while owner is None:
-                victim = self._newest_holder()
+                victim = self._newest_holder()  # at newest, seq itself
+                assert victim is not None
                 self._preempt(victim, step)
                 if victim is seq:
                     break
@@ -250,15 +252,15 @@ class Scheduler:
                 return r
         return None
 
-    def _newest_holder(self) -> Sequence:
+    def _newest_holder(self) -> Sequence | None:
         """The preemption victim: the latest arrival among the sequences holding KV."""
-        return max(self.running + self._mid_prefill(), key=_age)
+        return max(self.running + self._mid_prefill(), key=_age, default=None)
 
     def _preempt_for(self, seq: Sequence, shares: list[int], step: ScheduledStep) -> bool:
         """Frees room for a prompt chunk by preempting newer sequences, decoding or mid-prefill."""
         while not self.blocks.can_hold(seq.seq_id, shares):
             victim = self._newest_holder()
-            if _age(victim) <= _age(seq):
+            if victim is None or _age(victim) <= _age(seq):
                 return False
             self._preempt(victim, step)
         return True
