@@ -104,6 +104,20 @@ def _rank(pc, ckpt: str, n: int, reps: int):
             "flops": prefill_flops(spec, n), "local_tokens": local}
 
 
+def _matmul_rate(pc, seconds: float = 6.0):
+    """GFLOP/s of an MLP-shaped fp32 matmul on this rank while every rank runs one at once: the
+    machine's own ceiling for N single-thread processes (shared cores, memory, throttling)."""
+    a, b = torch.randn(2048, 512), torch.randn(512, 1536)
+    for _ in range(3):
+        a @ b
+    dist.barrier()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 2048 * 512 * 1536 * n / (time.perf_counter() - t0) / 1e9
+
+
 def _hf(pc, ckpt: str, n: int, reps: int):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
@@ -130,6 +144,11 @@ def main() -> None:
     ckpt = str(make_tiny_model(Path(tempfile.mkdtemp()) / "bench-model", **SHAPE))
     out = {"model": SHAPE, "tokens": args.tokens, "mem_tokens": args.mem_tokens, "threads_per_rank": 1,
            "device": "cpu", "runs": {}}
+    for sp in args.sp:
+        rates = run_on_ranks(sp, _matmul_rate)
+        out["runs"][f"matmul_sp{sp}"] = rates
+        print(f"{sp} concurrent single-thread matmul processes: "
+              + ", ".join(f"{x:.1f}" for x in rates) + " GFLOP/s", flush=True)
     for sp in args.sp:
         r = run_on_ranks(sp, _rank, ckpt, args.tokens, args.reps)
         out["runs"][f"sp{sp}"] = r
@@ -165,6 +184,13 @@ def report(out: dict, sps: list[int]) -> None:
     if "hf" in runs:
         t = runs["hf"][0]["seconds"]
         print(f"{'transformers':<14}{t:>9.2f}{base / t:>9.2f}")
+    solo = runs.get(f"matmul_sp{sps[0]}")
+    if solo:
+        print("\nthe machine's own scaling (independent matmuls, one thread per process, all at once):")
+        for sp in sps:
+            agg = sum(runs[f"matmul_sp{sp}"])
+            print(f"  {sp} process(es): {agg:6.1f} GFLOP/s in all = {agg / sum(solo):.2f}x of {sps[0]} "
+                  f"(ideal {sp / sps[0]:.0f}x)")
     mems = {sp: max(x["peak_mem_bytes"] for x in runs[f"mem_sp{sp}"]) for sp in sps if f"mem_sp{sp}" in runs}
     if mems:
         first = mems[sps[0]]
