@@ -24,13 +24,18 @@ TBT_S = 0.2
 
 
 class Sim:
-    """slowdown: how much longer than the cost model's prediction each step really takes."""
+    """slowdown: how much longer than the cost model's prediction each step really takes;
+    jitter: the sigma of a seeded log-normal factor on every step's time on top of that."""
 
     def __init__(self, policy: str = "slo", world_size: int = 2, blocks_per_rank: int = 100_000,
-                 block_size: int = 16, cost: CostModel = COST, slowdown: float = 1.0, **config):
+                 block_size: int = 16, cost: CostModel = COST, slowdown: float = 1.0,
+                 jitter: float = 0.0, **config):
         self.now = 0.0
         self.cost = cost
         self.slowdown = slowdown
+        self.jitter = jitter
+        self._noise = random.Random(1234)
+        self.took: list[float] = []  # each step's simulated time
         self.blocks = BlockManager(world_size, blocks_per_rank, block_size)
         self.sched = Scheduler(SchedulerConfig(policy=policy, tbt_slo_s=TBT_S, **config),
                                self.blocks, cost, clock=lambda: self.now)
@@ -54,7 +59,11 @@ class Sim:
     def step(self) -> ScheduledStep:
         step = self.sched.schedule()
         self.steps.append(step)
-        self.now += self.predicted_s(step) * self.slowdown if not step.is_empty else 1e-3
+        took = self.predicted_s(step) * self.slowdown if not step.is_empty else 1e-3
+        if self.jitter:
+            took *= self._noise.lognormvariate(0.0, self.jitter)
+        self.took.append(took)
+        self.now += took
         for seq, _, end in step.prefill:
             if end == seq.prefill_target:
                 self.sched.prefill_done(seq)
@@ -170,6 +179,30 @@ def test_prefill_chunks_fit_the_tbt_budget_beside_running_decodes():
     assert long.status is not SeqStatus.WAITING, "the long prompt never finished its prefill"
 
 
+def test_short_prompts_overtake_a_long_one_prefilled_between_decodes():
+    """A long prompt prefilled in TBT-sized chunks between decode steps (which take about half
+    of every cycle here) is served every cycle, so it does not age, however long it has been
+    going: short prompts arriving all along get their first token within about two cycles.
+    (Had it aged by the time since its arrival, minus its service, the decode half of each
+    cycle would soon put it ahead of every newcomer.)"""
+    sim = Sim("slo", max_num_batched_tokens=8192, max_num_seqs=256)
+    for _ in range(90):
+        sim.add(100, max_tokens=100_000)
+    while sim.sched.waiting:
+        sim.step()
+    assert len(sim.sched.running) == 90 and COST.decode_s(90, 90 * 100) > 0.45 * TBT_S
+    long = sim.add(40_000, max_tokens=1)
+    shorts = []
+    for i in range(100_000):
+        if i % 4 == 0:
+            shorts.append((sim.add(100, max_tokens=2), sim.now))
+        sim.step()
+        if long.status is not SeqStatus.WAITING:
+            break
+    ttfts = [sim.first_token_at[s.seq_id] - t for s, t in shorts if s.seq_id in sim.first_token_at]
+    assert len(ttfts) > 20 and max(ttfts) <= 2 * TBT_S + 0.01
+
+
 @pytest.mark.parametrize("slowdown", [0.5, 2.0])
 def test_tbt_holds_in_measured_time_when_the_cost_model_is_off(slowdown):
     """The calibration says 1 s where a step takes `slowdown` s. After a few steps the scheduler
@@ -197,6 +230,29 @@ def test_tbt_holds_in_measured_time_when_the_cost_model_is_off(slowdown):
     assert min(late) > 0.9 * TBT_S
     if slowdown > 1:
         assert max(cycles[:8]) > TBT_S  # before measuring, the calibration's error shows
+
+
+def test_tbt_holds_for_most_cycles_when_step_times_are_noisy():
+    """Every step takes a random 0.7x-1.4x (log-normal, sigma 0.15) of what the model says.
+    Aiming each decode + prefill cycle exactly at the TBT target would miss it half the time;
+    the scheduler keeps headroom from the measured spread, so about 1% miss (the target is a
+    p99), and the cycles are still not needlessly short."""
+    sim = Sim("slo", max_num_batched_tokens=8192, jitter=0.15)
+    for _ in range(4):
+        sim.add(1000, max_tokens=100_000)
+    for _ in range(8):
+        sim.step()
+    sim.add(1_000_000, max_tokens=1)
+    cycles, last = [], None
+    for _ in range(1000):
+        step = sim.step()
+        if step.prefill and last is not None:
+            cycles.append(last + sim.took[-1])
+        last = sim.took[-1] if step.decode else None
+    late = cycles[150:]
+    within = sum(c <= TBT_S for c in late) / len(late)
+    assert within >= 0.97, within  # a p99 aim read off 128 past cycles: ~1-3% over
+    assert sum(late) / len(late) > 0.5 * TBT_S
 
 
 def test_idle_time_is_not_taken_for_step_time():

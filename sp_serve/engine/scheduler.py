@@ -5,9 +5,10 @@ Policy "slo" (default): a step is a prefill step or a decode step, never both.
     prefill step is sized by the cost model so that decode + prefill fits in the TBT target:
     every running sequence gets its next token within --tbt-slo-ms. Each chunk of a step is
     costed with its own cached context (a chunk deep into a long prompt costs more per token).
-  - Waiting prompts are ordered by predicted remaining prefill time minus time waited unserved.
-    A short prompt arriving behind a 100K-token one goes first, even while the long one is
-    being prefilled; the long one ages while it is passed over, so it is never starved.
+  - Waiting prompts are ordered by predicted remaining prefill time minus the time of the
+    prefill steps that passed them over. A short prompt arriving behind a 100K-token one goes
+    first, even while the long one is being prefilled; the long one ages while it is passed
+    over, so it is never starved.
   - Prompts longer than the chunk budget are prefilled in chunks; each chunk attends in place to
     the sharded KV of the earlier ones. With nothing decoding, a prefill step is still bounded
     in time (a quarter of the TTFT target): a short prompt arriving mid-step waits for that step
@@ -67,17 +68,19 @@ class Scheduler:
         self.running: list[Sequence] = []  # decoding, oldest first
         self.num_preemptions = 0
         self._last_was_prefill = False
-        # Predicted prefill seconds each waiting sequence has been given so far: time in service
-        # is not time waited, so it earns no priority (see _by_slack).
-        self._served_s: dict[int, float] = {}
+        # Seconds of prefill steps that went by without a waiting sequence: its aging credit.
+        self._passed_over_s: dict[int, float] = {}
         self.step_time = StepTimeCorrection()
         self._last_step: tuple[str, float, float] | None = None  # (kind, predicted s, start)
         self._prefill_kind = "prefill_alone"
+        # The TBT cycle in progress: (start of the last decode step, the cost model's seconds
+        # for it and for the prefill step after it, None until that has been scheduled).
+        self._cycle: tuple[float, float, float | None] | None = None
 
     # ---- bookkeeping -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         if not self.num_unfinished:  # the engine was idle: the time since the last step is no step's
-            self._last_step = None
+            self._last_step = self._cycle = None
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -87,12 +90,12 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.blocks.free(seq.seq_id)
-        self._served_s.pop(seq.seq_id, None)
+        self._passed_over_s.pop(seq.seq_id, None)
 
     def prefill_done(self, seq: Sequence) -> None:
         """The last chunk ran and its first token was sampled: the sequence decodes now."""
         self.waiting.remove(seq)
-        self._served_s.pop(seq.seq_id, None)
+        self._passed_over_s.pop(seq.seq_id, None)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
@@ -108,10 +111,26 @@ class Scheduler:
             self.step_time.observe(kind, predicted_s, now - started)
         step = self._schedule()
         self._last_step = None
+        kind, predicted_s = None, 0.0
         if not step.is_empty and not (step.prefill and step.decode):
             kind = self._prefill_kind if step.prefill else "decode"
-            self._last_step = (kind, self._predicted_s(step), now)
+            predicted_s = self._predicted_s(step)
+            self._last_step = (kind, predicted_s, now)
+        self._track_cycle(kind, predicted_s, now)
         return step
+
+    def _track_cycle(self, kind: str | None, predicted_s: float, now: float) -> None:
+        """Measures what the TBT target is about: from one decode step to the next, across the
+        prefill step between them (see StepTimeCorrection.cycle_scale)."""
+        if kind == "decode":
+            if self._cycle is not None and self._cycle[2] is not None:
+                start, decode_s, prefill_s = self._cycle
+                self.step_time.observe_cycle(decode_s, prefill_s, now - start)
+            self._cycle = (now, predicted_s, None)
+        elif kind == "prefill_beside_decode" and self._cycle is not None and self._cycle[2] is None:
+            self._cycle = (self._cycle[0], self._cycle[1], predicted_s)
+        else:
+            self._cycle = None
 
     def _predicted_s(self, step: ScheduledStep) -> float:
         """The cost model's time for a step (each chunk runs on its own)."""
@@ -133,7 +152,7 @@ class Scheduler:
             if self.running:  # every running sequence waits for this step: fit it in the TBT
                 ctx = sum(s.num_cached for s in self.running)
                 decode_s = self.cost.decode_s(len(self.running), ctx) * self.step_time.scale("decode")
-                time_left_s = self.config.tbt_slo_s - decode_s
+                time_left_s = self.config.tbt_slo_s / self.step_time.cycle_scale() - decode_s
                 self._prefill_kind = "prefill_beside_decode"  # small chunks, deep in long prompts
             else:
                 time_left_s = self.config.max_prefill_step_s
@@ -149,16 +168,20 @@ class Scheduler:
         return step
 
     def _by_slack(self) -> list[Sequence]:
-        """Waiting prompts, most urgent first: predicted remaining prefill time minus time spent
-        waiting unserved (shortest remaining first, with aging). Time in service does not age a
-        prompt: otherwise a long prompt being prefilled would gain a second of priority every
-        second and no short prompt arriving behind it could go first. Starved, it ages until
-        it goes first; served, its remaining time only shrinks, so it keeps going."""
-        now, scale = self.clock(), self.step_time.scale("prefill_alone")  # in measured seconds
+        """Waiting prompts, most urgent first: predicted remaining prefill time minus the time of
+        the prefill steps that passed it over (shortest remaining first, with aging).
+
+        Only being passed over ages a prompt. Time waited since arrival would not do: a long
+        prompt prefilled in small chunks between decode steps gains a second of it every
+        second, soon outranks every short prompt arriving, and they queue behind it as under
+        FCFS. A long prompt that gets a chunk in every step is not starved and does not age;
+        one that short prompts keep crowding out ages until it goes first, and then, as its
+        remaining time only shrinks, it keeps going."""
+        scale = self.step_time.scale("prefill_alone")  # remaining time in measured seconds
 
         def priority(s: Sequence) -> float:
-            unserved_s = now - s.arrival_time - self._served_s.get(s.seq_id, 0.0)
-            return self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale - unserved_s
+            remaining_s = self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale
+            return remaining_s - self._passed_over_s.get(s.seq_id, 0.0)
 
         return sorted(self.waiting, key=lambda s: (priority(s), _age(s)))
 
@@ -167,7 +190,7 @@ class Scheduler:
         """Chunks of the prompts in `order`, at most `budget` tokens in all and, when time_left_s
         is given, predicted to take at most that long (the chunks of a step run one after the
         other, each with its own cached context, so each is costed on its own)."""
-        admitting = True
+        admitting, step_s = True, 0.0
         for seq in order:
             if budget <= 0:
                 break
@@ -199,12 +222,16 @@ class Scheduler:
                 seq.first_scheduled_time = self.clock()
             step.prefill.append((seq, seq.num_cached, seq.num_cached + n))
             chunk_s = self.cost.prefill_s(n, seq.num_cached)
-            served_s = chunk_s * self.step_time.scale(self._prefill_kind)
-            self._served_s[seq.seq_id] = self._served_s.get(seq.seq_id, 0.0) + served_s
+            step_s += chunk_s
             if time_left_s is not None:
                 time_left_s -= chunk_s
             seq.num_cached += n
             budget -= n
+        served = {s.seq_id for s, _, _ in step.prefill}
+        step_s *= self.step_time.scale(self._prefill_kind)
+        for seq in self.waiting:
+            if seq.seq_id not in served:
+                self._passed_over_s[seq.seq_id] = self._passed_over_s.get(seq.seq_id, 0.0) + step_s
 
     def _mid_prefill(self) -> list[Sequence]:
         return [s for s in self.waiting if s.num_cached > 0]
@@ -272,7 +299,7 @@ class Scheduler:
         step.prefill = [(s, a, b) for s, a, b in step.prefill if s is not seq]
         step.preempted.append(seq)
         self.blocks.free(seq.seq_id)
-        self._served_s.pop(seq.seq_id, None)  # its service is lost: all of it counts as waiting
+        self._passed_over_s.pop(seq.seq_id, None)  # its service is lost: all of it counts as waiting
         seq.reset_for_recompute()
         self.waiting.append(seq)
         self.num_preemptions += 1
@@ -291,27 +318,45 @@ class StepTimeCorrection:
     is missed; too small: per-chunk overhead eats throughput). The scheduler's clock tells how
     long each step took, from one schedule() call to the next (sampling and output dispatch
     included, as a client sees them); the scale for a kind of step is a high quantile of
-    measured/predicted over the recent steps, so the target holds for most steps, not just the
-    median one. Steps after an idle gap are not measured. With a clock that advances by the
-    cost model's own prediction (a simulation), every scale stays 1.
+    measured/predicted over its recent steps. Steps after an idle gap are not measured. With a
+    clock that advances by the cost model's own prediction (a simulation), every scale is 1.
     """
 
     WINDOW = 64
     MIN_SAMPLES = 8
     QUANTILE = 0.9
+    CYCLE_WINDOW = 128
+    CYCLE_QUANTILE = 0.99  # the TBT target is a p99 one
     LIMITS = (0.25, 4.0)
 
     def __init__(self) -> None:
         self._ratios: dict[str, deque[float]] = {}
+        self._cycles: deque[tuple[float, float, float]] = deque(maxlen=self.CYCLE_WINDOW)
 
     def observe(self, kind: str, predicted_s: float, measured_s: float) -> None:
         if predicted_s > 0 and measured_s >= 0:
             self._ratios.setdefault(kind, deque(maxlen=self.WINDOW)).append(measured_s / predicted_s)
 
     def scale(self, kind: str) -> float:
-        ratios = self._ratios.get(kind)
-        if ratios is None or len(ratios) < self.MIN_SAMPLES:
+        return self._quantile(self._ratios.get(kind, ()), self.QUANTILE)
+
+    def observe_cycle(self, decode_s: float, prefill_s: float, measured_s: float) -> None:
+        """A decode step and the prefill step after it: their cost-model seconds and the
+        measured time from that decode step to the next one."""
+        if decode_s + prefill_s > 0 and measured_s >= 0:
+            self._cycles.append((decode_s, prefill_s, measured_s))
+
+    def cycle_scale(self) -> float:
+        """The residual the TBT budget divides by. The per-kind scales make each step's plan
+        right on the whole; the whole cycle, planned with today's scales, still runs over now
+        and then (noise from step to step), so a high quantile of measured / planned leaves
+        the headroom for most cycles, not half, to end within the target."""
+        d, p = self.scale("decode"), self.scale("prefill_beside_decode")
+        return self._quantile([m / (ds * d + ps * p) for ds, ps, m in self._cycles], self.CYCLE_QUANTILE)
+
+    def _quantile(self, ratios, quantile: float) -> float:
+        if len(ratios) < self.MIN_SAMPLES:
             return 1.0
         ordered = sorted(ratios)
-        q = ordered[min(len(ordered) - 1, int(self.QUANTILE * len(ordered)))]
+        q = ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
         return min(max(q, self.LIMITS[0]), self.LIMITS[1])
