@@ -9,8 +9,10 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from sp_serve.config import EngineConfig, parse_bytes
+from sp_serve.jsonl import iter_jsonl_objects
 
 
 def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
@@ -82,18 +84,12 @@ def _read_prompts(args: argparse.Namespace) -> list:
     prompts: list = list(args.prompts)
     if args.input:
         try:
-            lines = open(args.input, encoding="utf-8").read().splitlines()
+            lines = Path(args.input).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise ValueError(f"cannot read --input {args.input}: {exc.strerror}") from None
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{args.input}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not ({"prompt", "prompt_token_ids"} & obj.keys()):
-                raise ValueError(f"{args.input}:{n}: each line needs 'prompt' or 'prompt_token_ids'")
+        for where, obj in iter_jsonl_objects(lines, args.input, '{"prompt": "..."}'):
+            if not ({"prompt", "prompt_token_ids"} & obj.keys()):
+                raise ValueError(f"{where}: each line needs 'prompt' or 'prompt_token_ids'")
             prompts.append(obj)
     if not prompts:
         raise ValueError("give at least one --prompt, --prompt-token-ids or --input")

@@ -9,12 +9,13 @@ accepts (vLLM, SGLang and sp-serve all do), so the length is exact by constructi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sp_serve.jsonl import iter_jsonl_objects
 
 DATASETS = ("random", "long-doc", "jsonl")
 PROMPT_FORMATS = ("auto", "text", "token-ids")
@@ -219,21 +220,7 @@ def jsonl_requests(
     example = '{"prompt": "...", "output_len": 128}'
     requests: list[SampleRequest] = []
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{where}: not valid JSON ({exc.msg}); "
-                    f"each line must be one object like {example}"
-                ) from None
-            if not isinstance(obj, dict):  # a user's file: ValueError like every other line error
-                raise ValueError(  # noqa: TRY004
-                    f"{where}: expected a JSON object like {example}, got {type(obj).__name__}"
-                )
+        for where, obj in iter_jsonl_objects(f.read().splitlines(), path, example):
             if "prompt" not in obj:
                 raise ValueError(f'{where}: missing "prompt"; each line must look like {example}')
             prompt = obj["prompt"]

@@ -45,6 +45,7 @@ from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.sampling import SamplingParams
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
+from sp_serve.jsonl import iter_jsonl_objects
 from sp_serve.kv.block_manager import BlockManager
 from sp_serve.planner.analytic import (
     Deployment,
@@ -100,17 +101,9 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
     if isinstance(whole, dict) and "input_lens" in whole:
         return trace_from_bench_result(whole)
     trace = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{where}: not valid JSON ({exc.msg}); write lines like {TRACE_EXAMPLE}") from None
+    for where, obj in iter_jsonl_objects(text.splitlines(), path, TRACE_EXAMPLE):
         keys = {"arrival_time", "prompt_len", "output_len"}
-        if not isinstance(obj, dict) or not keys <= obj.keys():
+        if not keys <= obj.keys():
             raise ValueError(f"{where}: each line needs arrival_time, prompt_len and output_len, "
                              f"like {TRACE_EXAMPLE}")
         req = TraceRequest(float(obj["arrival_time"]), obj["prompt_len"], obj["output_len"],
