@@ -313,15 +313,18 @@ def test_short_prompt_is_not_stuck_behind_a_100k_prompt():
 def test_long_prompt_is_not_starved_by_a_stream_of_short_ones():
     """Shorts arrive faster than they can all be prefilled (each fills a whole step's budget); by
     priority alone they would always go first. Aging still gets the long prompt through, while
-    shorts keep arriving."""
+    shorts keep arriving; once it has earned its turn it takes half of each step, and the
+    shorts keep the other half."""
     sim = Sim("slo", max_num_batched_tokens=512)
     long = sim.add(20_000, max_tokens=1)
     long_prefill_s = COST.prefill_s(20_000)
-    progress = []
+    progress, long_steps = [], []
     for _ in range(3000):
         sim.add(512, max_tokens=1)
         sim.add(512, max_tokens=1)
-        sim.step()
+        step = sim.step()
+        if any(s is long for s, _, _ in step.prefill):
+            long_steps.append(step)
         progress.append(long.num_cached if long.status is SeqStatus.WAITING else long.prefill_target)
         if long.status is not SeqStatus.WAITING:
             break
@@ -330,6 +333,28 @@ def test_long_prompt_is_not_starved_by_a_stream_of_short_ones():
     # Its progress is steady once it has aged: no going back (no preemption here).
     assert progress == sorted(progress)
     assert len(sim.sched.waiting) > 10  # shorts were still queueing all along
+    for step in long_steps[:-1]:  # half each, the last chunk aside
+        assert [(b - a) for _, a, b in step.prefill] == [256, 256]
+
+
+def test_short_prompts_are_not_held_up_by_long_prompts_competing_with_each_other():
+    """Two long prompts, the newer one shorter (it goes first, and the older one ages), and a
+    stream of short ones: whichever long prompt leads, every short one gets its first token
+    within about two prefill steps (each <= 0.5 s here), and both long ones finish."""
+    sim = Sim("slo", max_num_batched_tokens=8192)
+    older = sim.add(60_000, max_tokens=1)
+    sim.step()
+    newer = sim.add(30_000, max_tokens=1)
+    shorts = []
+    for _ in range(5000):
+        shorts.append((sim.add(100, max_tokens=1), sim.now))
+        sim.step()
+        if older.status is not SeqStatus.WAITING and newer.status is not SeqStatus.WAITING:
+            break
+    assert older.status is not SeqStatus.WAITING and newer.status is not SeqStatus.WAITING
+    assert sim.first_token_at[newer.seq_id] < sim.first_token_at[older.seq_id]
+    ttfts = [sim.first_token_at[s.seq_id] - t for s, t in shorts if s.seq_id in sim.first_token_at]
+    assert len(ttfts) > 20 and max(ttfts) <= 1.0 + 1e-9
 
 
 # ---- chunking, limits, admission ----------------------------------------------------------------

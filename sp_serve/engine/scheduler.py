@@ -5,10 +5,11 @@ Policy "slo" (default): a step is a prefill step or a decode step, never both.
     prefill step is sized by the cost model so that decode + prefill fits in the TBT target:
     every running sequence gets its next token within --tbt-slo-ms. Each chunk of a step is
     costed with its own cached context (a chunk deep into a long prompt costs more per token).
-  - Waiting prompts are ordered by predicted remaining prefill time minus the time of the
-    prefill steps that passed them over. A short prompt arriving behind a 100K-token one goes
-    first, even while the long one is being prefilled; the long one ages while it is passed
-    over, so it is never starved.
+  - Waiting prompts are ordered by predicted remaining prefill time minus the prefill time that
+    went to newer prompts while they waited. A short prompt arriving behind a 100K-token one
+    goes first, even while the long one is being prefilled; the long one ages while newcomers
+    overtake it, so it is never starved, and once aging puts it first it takes half of each
+    prefill step, the short ones the other half.
   - Prompts longer than the chunk budget are prefilled in chunks; each chunk attends in place to
     the sharded KV of the earlier ones. With nothing decoding, a prefill step is still bounded
     in time (a quarter of the TTFT target): a short prompt arriving mid-step waits for that step
@@ -68,7 +69,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # decoding, oldest first
         self.num_preemptions = 0
         self._last_was_prefill = False
-        # Seconds of prefill steps that went by without a waiting sequence: its aging credit.
+        # Seconds of prefill a waiting sequence saw go to newer ones: its aging credit.
         self._passed_over_s: dict[int, float] = {}
         self.step_time = StepTimeCorrection()
         self._last_step: tuple[str, float, float] | None = None  # (kind, predicted s, start)
@@ -160,38 +161,49 @@ class Scheduler:
                     time_left_s = self.config.ttft_slo_s / 4
                 self._prefill_kind = "prefill_alone"  # big chunks: the model errs differently
             # The budget in the cost model's seconds, which measured steps show run slow or fast.
-            self._schedule_prefill(step, self.config.max_num_batched_tokens, self._by_slack(),
-                                   time_left_s / self.step_time.scale(self._prefill_kind))
+            order, aged_head = self._by_slack()
+            self._schedule_prefill(step, self.config.max_num_batched_tokens, order,
+                                   time_left_s / self.step_time.scale(self._prefill_kind),
+                                   halve_head=aged_head)
             if step.is_empty and decoding:  # prompts blocked on memory: keep decoding
                 self._schedule_decode(step)
         self._last_was_prefill = bool(step.prefill)
         return step
 
-    def _by_slack(self) -> list[Sequence]:
-        """Waiting prompts, most urgent first: predicted remaining prefill time minus the time of
-        the prefill steps that passed it over (shortest remaining first, with aging).
+    def _by_slack(self) -> tuple[list[Sequence], bool]:
+        """Waiting prompts, most urgent first: predicted remaining prefill time minus the prefill
+        time that went to newer prompts while it waited (shortest remaining first, with aging).
 
-        Only being passed over ages a prompt. Time waited since arrival would not do: a long
+        Only being overtaken ages a prompt. Time waited since arrival would not do: a long
         prompt prefilled in small chunks between decode steps gains a second of it every
         second, soon outranks every short prompt arriving, and they queue behind it as under
         FCFS. A long prompt that gets a chunk in every step is not starved and does not age;
         one that short prompts keep crowding out ages until it goes first, and then, as its
-        remaining time only shrinks, it keeps going."""
+        remaining time only shrinks, it keeps going.
+
+        Also returns whether aging put the head there (ahead of a prompt with less left): such
+        a head gets half of the step, the rest goes on by priority, so a long prompt that has
+        earned its turn does not hold up short ones for the whole of its prefill either."""
         scale = self.step_time.scale("prefill_alone")  # remaining time in measured seconds
 
-        def priority(s: Sequence) -> float:
-            remaining_s = self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale
-            return remaining_s - self._passed_over_s.get(s.seq_id, 0.0)
+        def remaining_s(s: Sequence) -> float:
+            return self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale
 
-        return sorted(self.waiting, key=lambda s: (priority(s), _age(s)))
+        def priority(s: Sequence) -> tuple[float, tuple[float, int]]:
+            return remaining_s(s) - self._passed_over_s.get(s.seq_id, 0.0), _age(s)
+
+        order = sorted(self.waiting, key=priority)
+        aged_head = len(order) > 1 and remaining_s(order[0]) > min(remaining_s(s) for s in order[1:])
+        return order, aged_head
 
     def _schedule_prefill(self, step: ScheduledStep, budget: int, order: list[Sequence],
-                          time_left_s: float | None = None) -> None:
+                          time_left_s: float | None = None, halve_head: bool = False) -> None:
         """Chunks of the prompts in `order`, at most `budget` tokens in all and, when time_left_s
         is given, predicted to take at most that long (the chunks of a step run one after the
-        other, each with its own cached context, so each is costed on its own)."""
-        admitting, step_s = True, 0.0
-        for seq in order:
+        other, each with its own cached context, so each is costed on its own). halve_head:
+        the first prompt gets at most half of the tokens and of the time."""
+        admitting = True
+        for i, seq in enumerate(order):
             if budget <= 0:
                 break
             if seq in step.preempted:  # dropped by this very step: not back before the next
@@ -208,8 +220,12 @@ class Scheduler:
                     admitting = False
                     continue
             n = min(budget, seq.remaining_prefill)
-            if time_left_s is not None:
-                fit = self.cost.max_prefill_tokens(time_left_s, seq.num_cached, n)
+            limit_s = time_left_s
+            if halve_head and i == 0:
+                n = min(n, max(1, budget // 2))
+                limit_s = None if time_left_s is None else time_left_s / 2
+            if limit_s is not None:
+                fit = self.cost.max_prefill_tokens(limit_s, seq.num_cached, n)
                 if fit == 0 and step.prefill:
                     break
                 # Progress guarantee: the first chunk runs even when decode alone eats the TBT.
@@ -222,16 +238,25 @@ class Scheduler:
                 seq.first_scheduled_time = self.clock()
             step.prefill.append((seq, seq.num_cached, seq.num_cached + n))
             chunk_s = self.cost.prefill_s(n, seq.num_cached)
-            step_s += chunk_s
             if time_left_s is not None:
                 time_left_s -= chunk_s
             seq.num_cached += n
             budget -= n
+        self._age_passed_over(step)
+
+    def _age_passed_over(self, step: ScheduledStep) -> None:
+        """Credits every waiting prompt with the time this step spends on newer ones: it was
+        overtaken. Only newcomers jumping ahead is starvation; waiting behind an older prompt is
+        first come, first served, and earns nothing (else a long prompt waiting behind another
+        long one would then outrank every short prompt for as long as it had waited)."""
+        scale = self.step_time.scale(self._prefill_kind)
+        chunks = [(_age(s), self.cost.prefill_s(b - a, a) * scale) for s, a, b in step.prefill]
         served = {s.seq_id for s, _, _ in step.prefill}
-        step_s *= self.step_time.scale(self._prefill_kind)
         for seq in self.waiting:
             if seq.seq_id not in served:
-                self._passed_over_s[seq.seq_id] = self._passed_over_s.get(seq.seq_id, 0.0) + step_s
+                overtaken_s = sum(t for age, t in chunks if age > _age(seq))
+                if overtaken_s:
+                    self._passed_over_s[seq.seq_id] = self._passed_over_s.get(seq.seq_id, 0.0) + overtaken_s
 
     def _mid_prefill(self) -> list[Sequence]:
         return [s for s in self.waiting if s.num_cached > 0]
