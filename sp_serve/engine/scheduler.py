@@ -8,8 +8,8 @@ Policy "slo" (default): a step is a prefill step or a decode step, never both.
   - Waiting prompts are ordered by predicted remaining prefill time minus the prefill time that
     went to newer prompts while they waited. A short prompt arriving behind a 100K-token one
     goes first, even while the long one is being prefilled; the long one ages while newcomers
-    overtake it, so it is never starved, and once aging puts it first it takes half of each
-    prefill step, the short ones the other half.
+    overtake it, so it is never starved, and once aging puts it (or several) first, those take
+    half of each prefill step, the short ones the other half.
   - Prompts longer than the chunk budget are prefilled in chunks; each chunk attends in place to
     the sharded KV of the earlier ones. With nothing decoding, a prefill step is still bounded
     in time (a quarter of the TTFT target): a short prompt arriving mid-step waits for that step
@@ -161,16 +161,15 @@ class Scheduler:
                     time_left_s = self.config.ttft_slo_s / 4
                 self._prefill_kind = "prefill_alone"  # big chunks: the model errs differently
             # The budget in the cost model's seconds, which measured steps show run slow or fast.
-            order, aged_head = self._by_slack()
+            order, aged = self._by_slack()
             self._schedule_prefill(step, self.config.max_num_batched_tokens, order,
-                                   time_left_s / self.step_time.scale(self._prefill_kind),
-                                   halve_head=aged_head)
+                                   time_left_s / self.step_time.scale(self._prefill_kind), aged)
             if step.is_empty and decoding:  # prompts blocked on memory: keep decoding
                 self._schedule_decode(step)
         self._last_was_prefill = bool(step.prefill)
         return step
 
-    def _by_slack(self) -> tuple[list[Sequence], bool]:
+    def _by_slack(self) -> tuple[list[Sequence], set[int]]:
         """Waiting prompts, most urgent first: predicted remaining prefill time minus the prefill
         time that went to newer prompts while it waited (shortest remaining first, with aging).
 
@@ -181,9 +180,9 @@ class Scheduler:
         one that short prompts keep crowding out ages until it goes first, and then, as its
         remaining time only shrinks, it keeps going.
 
-        Also returns whether aging put the head there (ahead of a prompt with less left): such
-        a head gets half of the step, the rest goes on by priority, so a long prompt that has
-        earned its turn does not hold up short ones for the whole of its prefill either."""
+        Also returns the ids of the prompts that aging put ahead of one with less left: together
+        they get at most half of a step, the rest goes on by priority, so long prompts that have
+        earned their turn do not hold up short ones for the whole of their prefill either."""
         scale = self.step_time.scale("prefill_alone")  # remaining time in measured seconds
 
         def remaining_s(s: Sequence) -> float:
@@ -193,17 +192,25 @@ class Scheduler:
             return remaining_s(s) - self._passed_over_s.get(s.seq_id, 0.0), _age(s)
 
         order = sorted(self.waiting, key=priority)
-        aged_head = len(order) > 1 and remaining_s(order[0]) > min(remaining_s(s) for s in order[1:])
-        return order, aged_head
+        aged, least_after = set(), float("inf")
+        for seq in reversed(order):
+            left = remaining_s(seq)
+            if left > least_after:
+                aged.add(seq.seq_id)
+            least_after = min(least_after, left)
+        return order, aged
 
     def _schedule_prefill(self, step: ScheduledStep, budget: int, order: list[Sequence],
-                          time_left_s: float | None = None, halve_head: bool = False) -> None:
+                          time_left_s: float | None = None, aged: frozenset[int] | set[int] = frozenset()
+                          ) -> None:
         """Chunks of the prompts in `order`, at most `budget` tokens in all and, when time_left_s
         is given, predicted to take at most that long (the chunks of a step run one after the
-        other, each with its own cached context, so each is costed on its own). halve_head:
-        the first prompt gets at most half of the tokens and of the time."""
+        other, each with its own cached context, so each is costed on its own). The prompts in
+        `aged` get at most half of the tokens and of the time between them."""
         admitting = True
-        for i, seq in enumerate(order):
+        aged_tokens = budget // 2
+        aged_s = None if time_left_s is None else time_left_s / 2
+        for seq in order:
             if budget <= 0:
                 break
             if seq in step.preempted:  # dropped by this very step: not back before the next
@@ -221,12 +228,16 @@ class Scheduler:
                     continue
             n = min(budget, seq.remaining_prefill)
             limit_s = time_left_s
-            if halve_head and i == 0:
-                n = min(n, max(1, budget // 2))
-                limit_s = None if time_left_s is None else time_left_s / 2
+            if seq.seq_id in aged:
+                n = min(n, aged_tokens)
+                limit_s = None if aged_s is None else min(aged_s, time_left_s)
+                if n <= 0 or (limit_s is not None and limit_s <= 0 and step.prefill):
+                    continue
             if limit_s is not None:
                 fit = self.cost.max_prefill_tokens(limit_s, seq.num_cached, n)
                 if fit == 0 and step.prefill:
+                    if seq.seq_id in aged:  # its half is spent; the other half is not
+                        continue
                     break
                 # Progress guarantee: the first chunk runs even when decode alone eats the TBT.
                 n = fit or min(n, self.config.min_chunk_tokens)
@@ -240,6 +251,9 @@ class Scheduler:
             chunk_s = self.cost.prefill_s(n, seq.num_cached)
             if time_left_s is not None:
                 time_left_s -= chunk_s
+            if seq.seq_id in aged:
+                aged_tokens -= n
+                aged_s = None if aged_s is None else aged_s - chunk_s
             seq.num_cached += n
             budget -= n
         self._age_passed_over(step)
