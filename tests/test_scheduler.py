@@ -251,7 +251,7 @@ def test_tbt_holds_for_most_cycles_when_step_times_are_noisy():
         last = sim.took[-1] if step.decode else None
     late = cycles[150:]
     within = sum(c <= TBT_S for c in late) / len(late)
-    assert within >= 0.97, within  # a p99 aim read off 128 past cycles: ~1-3% over
+    assert within >= 0.98, within  # a p99 aim read off 128 past cycles: ~1% over
     assert sum(late) / len(late) > 0.5 * TBT_S
 
 
