@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -58,12 +59,46 @@ COMPARED = [("ttft", "TTFT"), ("itl", "TBT (ITL)"), ("tpot", "TPOT"), ("e2el", "
 
 
 def bench_model(out: Path) -> str:
+    """A small random Llama that answers in ASCII only, so every token is one text chunk over
+    HTTP and the client's ITL is per token (see make_tiny_model's ascii_only)."""
     from sp_serve.model.tiny import make_tiny_model
 
     path = out / "bench-model"
-    if not (path / "config.json").is_file():
-        make_tiny_model(path, seed=0, **BENCH_MODEL)
+    stamp = path / "bench-shape.json"
+    want = {**BENCH_MODEL, "ascii_only": True}
+    if not stamp.is_file() or json.loads(stamp.read_text()) != want:
+        make_tiny_model(path, seed=0, ascii_only=True, **BENCH_MODEL)
+        stamp.write_text(json.dumps(want))
     return str(path)
+
+
+def probe_request_overhead(base_url: str, prompt_len: int, vocab: int, prefill_s: float,
+                           repeats: int = 7) -> float:
+    """The serving path's per-request cost outside the engine's steps: an idle server's TTFT for
+    a prompt (streamed, as the bench sends it), minus the cost model's prefill step for it.
+    Median of `repeats` sequential requests, after one warm-up."""
+    import httpx
+
+    ttfts = []
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        for i in range(repeats + 1):
+            body = {"model": model, "prompt": [(11 * j + i) % (vocab - 10) + 5
+                                               for j in range(prompt_len)],
+                    "max_tokens": 1, "stream": True, "temperature": 0}
+            t0 = time.perf_counter()
+            with client.stream("POST", "/v1/completions", json=body) as resp:
+                resp.raise_for_status()
+                lines = resp.iter_lines()
+                for line in lines:
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        break
+                ttft = time.perf_counter() - t0
+                for _ in lines:  # the rest of the stream
+                    pass
+            if i:
+                ttfts.append(ttft)
+    return max(0.0, statistics.median(ttfts) - prefill_s)
 
 
 # --- 2. the in-process replay ---------------------------------------------------------------------
@@ -142,6 +177,19 @@ def refit(steps: list[dict[str, Any]]) -> CostModel | None:
     if len(prefill) < 3 or len(decode) < 3:
         return None
     return CostModel.fit(prefill, decode)
+
+
+def residual_sigma(steps: list[dict[str, Any]], model: CostModel) -> float:
+    """The step-to-step noise around a cost model: the standard deviation of
+    log(measured / predicted) over the replay's steps (the simulator's step_time_sigma)."""
+    cost = CalibratedStepCost(model)
+    logs = []
+    for s in steps:
+        predicted = (sum(cost.prefill_s(n, c) for n, c in s["chunks"])
+                     + (model.decode_s(*s["decode"]) if s["decode"][0] else 0.0))
+        if predicted > 0 and s["run_s"] > 0:
+            logs.append(math.log(s["run_s"] / predicted))
+    return statistics.pstdev(logs) if len(logs) > 1 else 0.0
 
 
 def step_report(steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -234,6 +282,7 @@ def main() -> int:
         cost = engine.scheduler.cost
         cost.save(str(cost_path))
         kv_blocks, block_size = engine.runtime.num_blocks, engine.config.block_size
+        vocab = engine.spec.vocab_size
         econf = engine.config
         print(f"calibrated in {time.monotonic() - t0:.1f} s (engine start included): {cost}")
         t1 = time.monotonic()
@@ -253,11 +302,14 @@ def main() -> int:
     # Step-time models: the start-up calibration (what the server schedules with), and the
     # model refitted on the replay's measured steps (the scheduler still decides with the
     # start-up one, as the server did), plus the measured per-step work outside the ranks.
+    # The calibrated column also carries the replay's step-to-step noise around that model.
+    sigma = residual_sigma(replayed["steps"], refitted or cost)
     models = {"start-up": (CalibratedStepCost(cost), config)}
     if refitted is not None:
-        models["refit+other"] = (
+        models["calibrated"] = (
             CalibratedStepCost(refitted, "refit on the replay", scheduler_model=cost),
-            dataclasses.replace(config, step_overhead_s=overhead_s))
+            dataclasses.replace(config, step_overhead_s=overhead_s, step_time_sigma=sigma,
+                                seed=args.seed))
     sim_replay = {name: simulate(trace, c, m).summary()["metrics"]
                   for name, (m, c) in models.items()}
 
@@ -273,6 +325,10 @@ def main() -> int:
         ignore_eos=True, prompt_format="token-ids", num_warmups=1, show_progress=False)
     try:
         server.start(600)
+        short = args.short_input_len if args.dataset_name == "long-doc" else args.input_len
+        step_model = refitted or cost
+        request_overhead_s = probe_request_overhead(
+            server.base_url, short, vocab, step_model.prefill_s(short, 0))
         bench = dataclasses.replace(bench, base_url=server.base_url)
         result = asyncio.run(run_benchmark(bench))
     except Exception:
@@ -284,7 +340,14 @@ def main() -> int:
     sent = trace_from_bench_result(result)
     same = [(r.prompt_len, r.output_len) for r in sent] == [
         (r.prompt_len, r.output_len) for r in trace]
-    sim_bench = {name: simulate(sent, c, m).summary()["metrics"] for name, (m, c) in models.items()}
+    # Over HTTP the calibrated column adds the serving path's per-request overhead, probed on
+    # the idle server before the run.
+    http_models = dict(models)
+    if "calibrated" in http_models:
+        m, c = http_models["calibrated"]
+        http_models["calibrated"] = (m, dataclasses.replace(c, request_overhead_s=request_overhead_s))
+    sim_bench = {name: simulate(sent, c, m).summary()["metrics"]
+                 for name, (m, c) in http_models.items()}
 
     # Report.
     print(f"\nmachine: 2 shared CPU cores; SP={args.sp_size}; model {model}; workload "
@@ -313,15 +376,19 @@ def main() -> int:
               "holds back incomplete UTF-8, common\nfor a random byte-level model), so HTTP ITL "
               "is per chunk, not per token: compare TPOT there.")
     print("\nstart-up: step times from the engine's start-up calibration (cost.json, which the "
-          "server schedules with).\nrefit+other: step times from a CostModel refitted on the "
-          "replay's measured steps, plus the median per-step\nwork outside the ranks "
-          f"({1e3 * overhead_s:.1f} ms); in-sample for the replay, out-of-sample for HTTP.")
+          "server schedules with), nothing else.\ncalibrated: step times from a CostModel "
+          "refitted on the replay's measured steps (the scheduler still decides with\nthe "
+          f"start-up one), the median per-step work outside the ranks ({1e3 * overhead_s:.1f} ms), "
+          f"log-normal step noise of sigma {sigma:.2f}\n(the replay's residuals), and over HTTP "
+          f"the idle server's per-request overhead ({1e3 * request_overhead_s:.1f} ms). "
+          "In-sample for the replay,\nout-of-sample for HTTP.")
     figures = {
         "sp_size": args.sp_size, "model": model, "cost_model": cost.__dict__,
         "refit_cost_model": None if refitted is None else refitted.__dict__,
         "kv_blocks_per_rank": kv_blocks, "workload": vars(args), "bench_sent_same_workload": same,
         "step_times": steps, "replay": replay_rows, "serving": bench_rows,
         "step_overhead_ms": 1e3 * overhead_s, "http_tokens_per_text_chunk": per_chunk,
+        "step_time_sigma": sigma, "request_overhead_ms": 1e3 * request_overhead_s,
     }
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
     if args.json:

@@ -149,12 +149,27 @@ def build_hf_model(arch: str = "llama", seed: int = 0, **config_overrides: Any):
 
 
 def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0,
-                    **overrides: Any) -> Path:
-    """Writes config, safetensors weights, tokenizer and generation config into out_dir."""
+                    ascii_only: bool = False, **overrides: Any) -> Path:
+    """Writes config, safetensors weights, tokenizer and generation config into out_dir.
+
+    ascii_only: the model never picks a byte >= 0x80 or a special token, so every generated
+    token is one printable character. A random model otherwise emits bytes that rarely form
+    valid UTF-8; a server holds such text back until a character completes, so a stream carries
+    fewer text chunks than tokens and client-side TBT (one gap per chunk, as vLLM's bench
+    measures it) spans several tokens. Benchmarks want one chunk per token. lm_head's rows for
+    those tokens are zeroed (logit 0, while ~190 ASCII rows draw from N(0, LOGIT_SCALE^2));
+    the compute is unchanged.
+    """
     from transformers import GenerationConfig
 
     out_dir = Path(out_dir)
     model = build_hf_model(arch, seed, **overrides)
+    if ascii_only:
+        if model.config.tie_word_embeddings:
+            raise ValueError("ascii_only needs an untied lm_head (tie_word_embeddings=False)")
+        never = list(range(0x80, 0x100)) + list(SPECIAL_IDS.values())
+        with torch.no_grad():
+            model.lm_head.weight[never] = 0.0
     model.save_pretrained(out_dir)  # safetensors: transformers 5 dropped safe_serialization=False
     GenerationConfig(
         bos_token_id=model.config.bos_token_id,

@@ -342,6 +342,19 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="added to every step (sampling, Python, HTTP streaming; default 0)",
     )
     sim.add_argument(
+        "--request-overhead-ms",
+        type=float,
+        default=0.0,
+        help="per request, outside the engine's steps (HTTP, tokenization, SSE): an idle "
+        "server's TTFT minus its prefill step (default 0)",
+    )
+    sim.add_argument(
+        "--step-time-sigma",
+        type=float,
+        default=0.0,
+        help="log-normal noise on every step's time (a shared CPU: ~0.1-0.3; default 0)",
+    )
+    sim.add_argument(
         "--goodput", nargs="+", default=None, metavar="KEY:MS", help="e.g. ttft:2000 tpot:100"
     )
     sim.add_argument("--metric-percentiles", default="50,90,99")
@@ -439,6 +452,9 @@ def build_simulations(args: argparse.Namespace):
             block_size=args.block_size,
             num_kv_blocks=_kv_blocks(args, dep),
             step_overhead_s=args.step_overhead_ms / 1e3,
+            request_overhead_s=args.request_overhead_ms / 1e3,
+            step_time_sigma=args.step_time_sigma,
+            seed=args.seed,
         )
         runs.append((config, cost))
     return runs

@@ -10,8 +10,11 @@ Each simulated step does what LLMEngine.step does, minus the tensors:
     every decode entry                           -> one token
     output_len tokens                            -> finished, scheduler.remove(seq)
 
-Requests join the scheduler at the first step boundary after they arrive (the async engine
-drains its inbox between steps); an idle engine jumps to the next arrival. A request whose
+Requests join the scheduler at the first step boundary after they arrive plus the serving
+path's per-request overhead (the async engine drains its inbox between steps); an idle engine
+jumps to the next arrival. Step times can carry seeded log-normal noise (step_time_sigma): on a
+real engine the scheduler's measured step-time correction reacts to that noise, and the
+simulated one, running on the simulated clock, reacts the same way. A request whose
 prompt + output cannot fit in any rank's KV pool is rejected, as LLMEngine.check_prompt does.
 
 Step times come from one of two cost models:
@@ -295,6 +298,16 @@ class SimConfig:
     block_size: int = 16
     num_kv_blocks: int = 8192  # per rank
     step_overhead_s: float = 0.0  # per step, outside the modelled work (sampling, Python)
+    # Per request: the serving path outside the engine's steps (HTTP, tokenization, the
+    # hand-off to the engine loop, the first SSE event back), modelled as a delay before the
+    # engine sees the request. It adds to TTFT and E2E, not to TBT. Measure it as an idle
+    # server's TTFT minus its prefill step (benchmarks/validate_simulator.py does).
+    request_overhead_s: float = 0.0
+    # Step-to-step noise: each step's time is multiplied by a log-normal factor of this sigma
+    # and mean 1 (seeded). A shared CPU has ~0.1-0.3; a GPU ~0. It widens the TBT tail and,
+    # as on a real engine, makes the scheduler's measured step-time correction shrink chunks.
+    step_time_sigma: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -312,6 +325,10 @@ class SimConfig:
               "--tp-size or the HBM, or use a smaller model or --weight-dtype")),
             (self.step_overhead_s >= 0,
              f"--step-overhead-ms must be >= 0, got {self.step_overhead_s * 1e3}"),
+            (self.request_overhead_s >= 0,
+             f"--request-overhead-ms must be >= 0, got {self.request_overhead_s * 1e3}"),
+            (0 <= self.step_time_sigma <= 2,
+             f"--step-time-sigma must be in [0, 2], got {self.step_time_sigma}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -442,7 +459,9 @@ class SimResult:
             # Keyed exactly as a `sp-serve bench serve` result: mean/median/std/pXX of
             # ttft, tpot, itl (TBT) and e2el in ms, throughputs, request_goodput, ...
             "metrics": metrics,
-            "ttft_floor_violations": sum(
+            # A scheduler bug check: no TTFT beats the prompt's prefill alone. Noisy step
+            # times (step_time_sigma) can, so there it is not checked (None).
+            "ttft_floor_violations": None if self.config.step_time_sigma else sum(
                 1 for r in self.requests if not r.rejected and r.ttft < r.prefill_alone_s - 1e-9),
         }
 
@@ -498,9 +517,13 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
     steps: list[StepRecord] = []
     next_arrival, peak_usage, peak_waiting = 0, 0.0, 0
 
+    delay = config.request_overhead_s
+    noise = np.random.default_rng(config.seed)
+
     def admit_arrivals() -> None:
         nonlocal next_arrival
-        while next_arrival < len(order) and trace[order[next_arrival]].arrival_time <= clock.now:
+        while (next_arrival < len(order)
+               and trace[order[next_arrival]].arrival_time + delay <= clock.now):
             i = order[next_arrival]
             next_arrival += 1
             req, rec = trace[i], records[i]
@@ -509,7 +532,7 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
                 continue
             seq = Sequence(i, str(i), _PromptLength(req.prompt_len),  # type: ignore[arg-type]
                            SamplingParams(max_tokens=req.output_len, ignore_eos=True),
-                           req.arrival_time)
+                           req.arrival_time + delay)
             record_of[seq.seq_id] = rec
             scheduler.add(seq)
 
@@ -528,7 +551,7 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
         if scheduler.num_unfinished == 0:
             if next_arrival == len(order):
                 break
-            clock.now = trace[order[next_arrival]].arrival_time
+            clock.now = trace[order[next_arrival]].arrival_time + delay
             continue
         peak_waiting = max(peak_waiting, len(scheduler.waiting))
         step = scheduler.schedule()
@@ -540,9 +563,12 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
                     f"the scheduler made no progress at t={clock.now:.3f} s with "
                     f"{len(scheduler.waiting)} waiting and {len(scheduler.running)} running "
                     "and no arrival left (a scheduler bug, or a request the KV pool cannot hold)")
-            clock.now = max(clock.now, trace[order[next_arrival]].arrival_time)
+            clock.now = max(clock.now, trace[order[next_arrival]].arrival_time + delay)
             continue
         seconds = step_seconds(cost, step) + config.step_overhead_s
+        if config.step_time_sigma:
+            sigma = config.step_time_sigma
+            seconds *= math.exp(sigma * noise.standard_normal() - sigma * sigma / 2)
         steps.append(StepRecord(
             clock.now, seconds, sum(b - a for _, a, b in step.prefill),
             sum(a for _, a, _ in step.prefill), len(step.prefill), len(step.decode),
