@@ -10,9 +10,11 @@ import torch
 
 from sp_serve.attention.local import attention_with_lse
 from sp_serve.attention.merge import PartialAccumulator, merge_partials
+from sp_serve.attention.sharded_cache import DecodeShards
 from sp_serve.attention.zigzag import ZigzagLayout
+from sp_serve.kv.cache import PagedKVCache
 from tests.dist_util import run_on_ranks
-from tests.sp_jobs import decode_jobs, reference_attention, ring_jobs
+from tests.sp_jobs import decode_jobs, engine_jobs, reference_attention, ring_jobs
 
 RING_CASES = [  # (tokens, q heads, kv heads, head_dim, seed): odd lengths, n < 2N, GQA/MQA/MHA
     (1, 4, 2, 16, 0), (2, 4, 4, 16, 1), (5, 4, 1, 16, 2), (7, 8, 2, 32, 3),
@@ -107,3 +109,59 @@ def test_backend_choice_on_cpu():
     for forced in ("triton", "flash-attn"):
         with pytest.raises(ValueError, match="needs a CUDA device"):
             resolve_backend(forced, torch.device("cpu"))
+
+
+def _needs_triton_interpreter():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 (scripts/test.sh does) to run Triton kernels on CPU")
+    pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_triton_decode_reads_paged_pool_like_torch_path(num_splits, monkeypatch):
+    """The decode partials of the triton backend (the paged split-KV kernel over the pool, in
+    place) equal the torch path's (gather, then attend one sequence at a time): shards in
+    scattered, reused blocks, one longer than a kernel step, one empty (lse -inf)."""
+    _needs_triton_interpreter()
+    import sp_serve_kernels.decode_attention as decode_kernel
+    if num_splits is not None:  # several splits: the kernel merges them into the packed layout
+        monkeypatch.setattr(decode_kernel, "default_num_splits", lambda *args: num_splits)
+    g = torch.Generator().manual_seed(21)
+    layers, hq, hkv, d, block = 2, 4, 2, 16, 4
+    kv = PagedKVCache(layers, 40, block, hkv, d, torch.float32, torch.device("cpu"))
+    kv.k_lthd.copy_(torch.randn(kv.k_lthd.shape, generator=g))  # every slot random, so a
+    kv.v_lthd.copy_(torch.randn(kv.v_lthd.shape, generator=g))  # wrong block gives wrong numbers
+    for seq, n in [(1, 5), (9, 6), (2, 3), (1, 4), (3, 9), (9, 2), (2, 7), (1, 3), (3, 30)]:
+        kv.append_slots(seq, n)
+    kv.free(9)
+    kv.append_slots(2, 6)  # reuses the freed blocks
+    seq_ids = [3, 4, 1, 2]  # 4 has nothing on this rank
+    assert [kv.num_tokens(s) for s in seq_ids] == [39, 0, 12, 16]
+    assert kv.block_table(2) != sorted(kv.block_table(2))  # blocks out of order
+    q_bhd = torch.randn(len(seq_ids), hq, d, generator=g)
+    triton = DecodeShards(kv, seq_ids, 0.25, "triton")
+    torch_path = DecodeShards(kv, seq_ids, 0.25, "torch")
+    assert triton.tables_bm.dtype == triton.lens_b.dtype == torch.int32
+    for layer in range(layers):
+        for rows in (slice(0, 4), slice(1, 3), slice(3, 4)):  # micro-batches are row slices
+            got, want = triton.partial(layer, q_bhd, rows), torch_path.partial(layer, q_bhd, rows)
+            assert got.shape == want.shape == (rows.stop - rows.start, hq, d + 1)
+            assert got.dtype == want.dtype == torch.float32
+            torch.testing.assert_close(got[..., :-1], want[..., :-1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[..., -1], want[..., -1], rtol=1e-5, atol=1e-5)
+        empty = triton.partial(layer, q_bhd, slice(1, 2))
+        assert torch.isneginf(empty[..., -1]).all() and (empty[..., :-1] == 0).all()
+
+
+def test_engine_triton_backend_matches_torch_at_sp2(tiny_model_dir):
+    """SP=2 on the tiny model, the worker driven like the engine: a chunked prompt, then greedy
+    decode; the triton backend (ring prefill, cached-chunk and paged decode kernels, all in the
+    interpreter) gives the torch backend's logits and tokens. (Not through `LLM`: on CPU
+    resolve_backend refuses --attn-backend triton, so the Worker is given the backend here.)"""
+    _needs_triton_interpreter()
+    prompt = torch.randint(3, 200, (23,), generator=torch.Generator().manual_seed(5)).tolist()
+    job = (str(tiny_model_dir), prompt, 6, 9)
+    (logits_torch, tokens_torch, _), (logits_triton, tokens_triton, _) = run_on_ranks(
+        2, engine_jobs, [(*job, "torch"), (*job, "triton")])
+    torch.testing.assert_close(logits_triton, logits_torch, rtol=1e-4, atol=1e-4)
+    assert tokens_triton == tokens_torch

@@ -13,7 +13,12 @@ Two shapes of use:
     returns to each rank the partials of its own queries.
 A rank whose shard is empty for a sequence contributes lse = -inf, which the merge weighs 0.
 
-Legend: b batch (one query per sequence), t tokens, h q heads, d head_dim, n ranks;
+A decode partial over this rank's shards (`DecodeShards`): on the triton backend one split-KV
+kernel launch per micro-batch reads the paged pool in place; other backends gather each
+sequence's slots and attend one sequence at a time.
+
+Legend: b batch (one query per sequence), t tokens, h q heads, d head_dim, n ranks,
+m blocks of the longest block table;
 a partial is packed as o (d values) followed by lse (1 value): the last dim is d+1.
 """
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from sp_serve.attention.local import attention_with_lse
 from sp_serve.attention.merge import merge_partials
+from sp_serve.kv.cache import PagedKVCache
 from sp_serve.parallel.groups import ParallelContext
 
 # torch >= 2.12 renames all_gather_into_tensor; keep both so torch 2.11 works too
@@ -39,6 +46,41 @@ def pack_partial(o_thd: torch.Tensor, lse_th: torch.Tensor) -> torch.Tensor:
 
 def merge_packed(parts_nthe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return merge_partials(parts_nthe[..., :-1], parts_nthe[..., -1])
+
+
+class DecodeShards:
+    """This rank's shards of one decode step's sequences, attended to layer after layer.
+
+    Built once per step, after the step's new slots are appended: the triton backend's block
+    tables and lengths (or the other backends' slot lists) are the same for every layer.
+    """
+
+    def __init__(self, kv: PagedKVCache, seq_ids: list[int], scale: float, backend: str):
+        self.kv, self.scale, self.backend = kv, scale, backend
+        if backend == "triton":
+            self.tables_bm, self.lens_b = kv.block_tables(seq_ids)
+        else:
+            self.slots = [kv.slots(s) for s in seq_ids]
+
+    def partial(self, layer: int, q_bhd: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Packed partial [len(rows), h, d+1] fp32 of q_bhd[rows] over this rank's shards."""
+        if self.backend != "triton":
+            parts = []
+            for b in range(rows.start, rows.stop):
+                k_thd, v_thd = self.kv.read(layer, self.slots[b])
+                parts.append(pack_partial(*attention_with_lse(q_bhd[b:b + 1], k_thd, v_thd, False,
+                                                              self.scale, self.backend)))
+            return torch.cat(parts)
+        from sp_serve_kernels import paged_decode_attention
+        q_bhd = q_bhd[rows]
+        # The kernel writes o and lse straight into the packed layout (o in fp32, no cat);
+        # a sequence with nothing on this rank (length 0) gets o = 0, lse = -inf.
+        part_bhe = torch.empty((*q_bhd.shape[:-1], q_bhd.shape[-1] + 1), dtype=torch.float32,
+                               device=q_bhd.device)
+        paged_decode_attention(q_bhd, *self.kv.pages(layer), self.tables_bm[rows],
+                               self.lens_b[rows], self.scale,
+                               out=part_bhe[..., :-1], lse_out=part_bhe[..., -1])
+        return part_bhe
 
 
 def decode_over_shards(

@@ -5,7 +5,9 @@ Prefill chunk on rank r: its zigzag share of the chunk's tokens at their global 
 written to this rank's cache; attention = zigzag ring over the chunk's fresh K/V, plus (for a
 chunk after earlier chunks) the queries' attention to every rank's cached shard in place.
 Decode: dense layers run replicated for the batch; each token's K/V is stored on one rank only
-(the engine's placement); attention is each rank's partial over its shard, merged by lse.
+(the engine's placement); attention is each rank's partial over its shard, merged by lse. On
+the triton backend that partial is one paged split-KV kernel launch per micro-batch, reading the
+pool in place; other backends gather each sequence's shard first.
 
 Legend: t tokens, h heads, d head_dim, b batch.
 """
@@ -16,7 +18,12 @@ import torch.distributed as dist
 
 from sp_serve.attention.local import attention_with_lse
 from sp_serve.attention.ring_prefill import ring_prefill_attention
-from sp_serve.attention.sharded_cache import chunk_over_shards, decode_over_shards, pack_partial
+from sp_serve.attention.sharded_cache import (
+    DecodeShards,
+    chunk_over_shards,
+    decode_over_shards,
+    pack_partial,
+)
 from sp_serve.attention.zigzag import ZigzagLayout
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.kv.cache import PagedKVCache
@@ -89,21 +96,14 @@ class Worker:
         owned = [i for i, t in enumerate(tokens) if t.owner_rank == pc.rank]
         owned_slots = torch.cat([self.kv.append_slots(tokens[i].seq_id, 1) for i in owned]) if owned else None
         owned_t = torch.tensor(owned, dtype=torch.long, device=dev)
-        shard_slots = [self.kv.slots(t.seq_id) for t in tokens]
+        shards = DecodeShards(self.kv, [t.seq_id for t in tokens], self.scale, self.backend)
 
         def attn(layer: int, q_thd, k_thd, v_thd):
             if owned_slots is not None:
                 self.kv.write(layer, owned_slots, k_thd[owned_t], v_thd[owned_t])
-
-            def local_partial(rows: slice):
-                parts = []
-                for b in range(rows.start, rows.stop):
-                    k_cache, v_cache = self.kv.read(layer, shard_slots[b])
-                    parts.append(pack_partial(*attention_with_lse(q_thd[b:b + 1], k_cache, v_cache,
-                                                                  False, self.scale, self.backend)))
-                return torch.cat(parts)
-
-            return decode_over_shards(pc, len(tokens), local_partial).to(q_thd.dtype)
+            o_thd = decode_over_shards(pc, len(tokens),
+                                       lambda rows: shards.partial(layer, q_thd, rows))
+            return o_thd.to(q_thd.dtype)
 
         hidden_td = self.model(ids_t, pos_t, attn, pos_t + 1)
         return self.model.compute_logits(hidden_td) if pc.is_driver else None

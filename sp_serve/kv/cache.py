@@ -8,7 +8,8 @@ plan never carries block ids and allocation here cannot fail where the engine ad
 A shard is a bag of tokens: decode and later prompt chunks attend to all of it without a mask,
 so the order of tokens inside a rank's shard does not matter.
 
-Legend: l layers, n blocks, s block_size (slots), h kv heads, d head_dim, t tokens.
+Legend: l layers, n blocks, s block_size (slots), h kv heads, d head_dim, t tokens,
+b sequences, m blocks of the longest block table.
 """
 from __future__ import annotations
 
@@ -62,6 +63,21 @@ class PagedKVCache:
 
     def read(self, layer: int, slots_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_lthd[layer].index_select(0, slots_t), self.v_lthd[layer].index_select(0, slots_t)
+
+    def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy."""
+        shape = (self.num_blocks, self.block_size, *self.k_lthd.shape[2:])
+        return self.k_lthd[layer].view(shape), self.v_lthd[layer].view(shape)
+
+    def block_tables(self, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables int32 [b, m] and shard lengths int32 [b] on the cache's device, for the
+        paged decode kernel. Built once per step (one copy each), not per layer; rows are padded
+        with block 0, which the kernel never reads (it stops at the shard's length)."""
+        tables = [self._tables.get(s, []) for s in seq_ids]
+        width = max([1, *map(len, tables)])
+        tables_bm = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        lens_b = torch.tensor([self._lens.get(s, 0) for s in seq_ids], dtype=torch.int32)
+        return tables_bm.to(self.k_lthd.device), lens_b.to(self.k_lthd.device)
 
     def free(self, seq_id: int) -> None:
         self._free.extend(reversed(self._tables.pop(seq_id, [])))
