@@ -10,10 +10,16 @@
    step loop, no HTTP) and compare every step's measured time with the cost model's prediction
    for the step the scheduler chose; also the per-step time outside the ranks' work (sampling,
    bookkeeping) that the cost model leaves out. TTFT/TBT of this replay vs its simulation.
-3. Serving: start `sp-serve serve --cost-model OUT/cost.json`, run `bench serve`'s client with
-   the same workload (same seed: the simulator generates exactly the bench's lengths and
-   arrival times), stop the server. TTFT/TBT/E2E measured over HTTP vs simulated on the trace
-   the bench actually sent.
+3. Serving, twice. A calibration run: `sp-serve serve --cost-model OUT/cost.json --step-log
+   FILE`, the idle server's per-request overhead probed (TTFT minus the prefill step), then
+   `bench serve`'s client with the replay's workload; the server logs every step as it measured
+   it under HTTP load. A measured run: a fresh server, a workload of the same shape drawn with
+   another seed (--serve-seed; the simulator generates exactly the bench's lengths and arrival
+   times). TTFT/TBT/E2E measured over HTTP vs simulated on the trace the bench actually sent.
+Two predictions: "start-up" (the start-up calibration alone, what `plan --simulate
+--cost-model cost.json` gives) and "calibrated": for the replay, step times refitted on the
+replay plus its noise (in-sample); for HTTP, what `plan --simulate --cost-model cost.json
+--step-log FILE --request-overhead-ms X` gives (out of sample).
 Relative error = predicted / measured - 1. The target is within 20%; the machine is shared and
 has 2 cores that the ranks, the server and the client all use, so expect noise between runs.
 The default model is a small random Llama (4 layers, hidden 256) so steps do real work.
@@ -46,6 +52,7 @@ from sp_serve.planner.simulator import (
     CalibratedStepCost,
     SimConfig,
     TraceRequest,
+    fit_step_log,
     generate_trace,
     simulate,
     step_seconds,
@@ -72,33 +79,41 @@ def bench_model(out: Path) -> str:
     return str(path)
 
 
-def probe_request_overhead(base_url: str, prompt_len: int, vocab: int, prefill_s: float,
-                           repeats: int = 7) -> float:
-    """The serving path's per-request cost outside the engine's steps: an idle server's TTFT for
-    a prompt (streamed, as the bench sends it), minus the cost model's prefill step for it.
-    Median of `repeats` sequential requests, after one warm-up."""
-    import httpx
+def request_overhead(result: dict[str, Any], simulated_ttfts: list[float]) -> float:
+    """The serving path's per-request latency under load (HTTP, the hand-off to the engine
+    loop, the first SSE event back, on cores the ranks and the client share): the median of
+    measured minus simulated TTFT (seconds) over a calibration run's completed requests (those
+    trace_from_bench_result replays), simulated without it."""
+    rows = zip(result["start_times"], result["ttfts"], result["input_lens"],
+               result["output_lens"], result["errors"])
+    # in the replayed trace's order: by send time, as trace_from_bench_result sorts them
+    measured = [t for _, t, n, m, err in sorted(rows, key=lambda r: r[0]) if not err and n and m]
+    assert len(measured) == len(simulated_ttfts)
+    return max(0.0, statistics.median(m - s for m, s in zip(measured, simulated_ttfts)))
 
-    ttfts = []
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        model = client.get("/v1/models").json()["data"][0]["id"]
-        for i in range(repeats + 1):
-            body = {"model": model, "prompt": [(11 * j + i) % (vocab - 10) + 5
-                                               for j in range(prompt_len)],
-                    "max_tokens": 1, "stream": True, "temperature": 0}
-            t0 = time.perf_counter()
-            with client.stream("POST", "/v1/completions", json=body) as resp:
-                resp.raise_for_status()
-                lines = resp.iter_lines()
-                for line in lines:
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        break
-                ttft = time.perf_counter() - t0
-                for _ in lines:  # the rest of the stream
-                    pass
-            if i:
-                ttfts.append(ttft)
-    return max(0.0, statistics.median(ttfts) - prefill_s)
+
+def serve_and_bench(model: str, args: argparse.Namespace, cost_path: Path, seed: int,
+                    log_path: Path, step_log: Path | None = None) -> dict[str, Any]:
+    """Starts `sp-serve serve` with the saved cost model, runs the bench client with the
+    workload of `seed`, stops the server; the bench result."""
+    extra = [] if step_log is None else ["--step-log", str(step_log)]
+    server = Server(["--model", model, "--sp-size", str(args.sp_size), "--kv-cache-memory",
+                     args.kv_cache_memory, "--cost-model", str(cost_path), *extra], log_path)
+    bench = ServeBenchConfig(
+        dataset_name=args.dataset_name, num_prompts=args.num_prompts,
+        random_input_len=args.input_len, random_output_len=args.output_len,
+        long_fraction=args.long_fraction, long_input_len=args.long_input_len,
+        short_input_len=args.short_input_len, request_rate=args.request_rate, seed=seed,
+        ignore_eos=True, prompt_format="token-ids", num_warmups=1, show_progress=False)
+    try:
+        server.start(600)
+        result = asyncio.run(run_benchmark(dataclasses.replace(bench, base_url=server.base_url)))
+    except Exception:
+        print(log_tail(server.log_path), file=sys.stderr)
+        raise
+    finally:
+        server.stop(30)
+    return result
 
 
 # --- 2. the in-process replay ---------------------------------------------------------------------
@@ -260,7 +275,9 @@ def main() -> int:
     p.add_argument("--short-input-len", type=int, default=128)
     p.add_argument("--long-fraction", type=float, default=0.25)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the calibration replay's workload")
+    p.add_argument("--serve-seed", type=int, default=None,
+                   help="the HTTP run's workload (default: --seed + 1, out of sample)")
     p.add_argument("--out-dir", default="validate-simulator-out")
     p.add_argument("--json", default=None, help="also write every figure here")
     args = p.parse_args()
@@ -273,6 +290,7 @@ def main() -> int:
                            args.input_len, args.output_len, 0.0, args.long_fraction,
                            args.long_input_len, args.short_input_len)
     cost_path = out / "cost.json"
+    serve_seed = args.seed + 1 if args.serve_seed is None else args.serve_seed
 
     # 1 + 2: calibrate, then replay in-process with that engine.
     t0 = time.monotonic()
@@ -282,7 +300,6 @@ def main() -> int:
         cost = engine.scheduler.cost
         cost.save(str(cost_path))
         kv_blocks, block_size = engine.runtime.num_blocks, engine.config.block_size
-        vocab = engine.spec.vocab_size
         econf = engine.config
         print(f"calibrated in {time.monotonic() - t0:.1f} s (engine start included): {cost}")
         t1 = time.monotonic()
@@ -313,46 +330,43 @@ def main() -> int:
     sim_replay = {name: simulate(trace, c, m).summary()["metrics"]
                   for name, (m, c) in models.items()}
 
-    # 3: a real server with the saved cost model, the bench client, the same workload.
-    server = Server(["--model", model, "--sp-size", str(args.sp_size),
-                     "--kv-cache-memory", args.kv_cache_memory, "--cost-model", str(cost_path)],
-                    out / "server.log")
-    bench = ServeBenchConfig(
-        dataset_name=args.dataset_name, num_prompts=args.num_prompts,
-        random_input_len=args.input_len, random_output_len=args.output_len,
-        long_fraction=args.long_fraction, long_input_len=args.long_input_len,
-        short_input_len=args.short_input_len, request_rate=args.request_rate, seed=args.seed,
-        ignore_eos=True, prompt_format="token-ids", num_warmups=1, show_progress=False)
-    try:
-        server.start(600)
-        short = args.short_input_len if args.dataset_name == "long-doc" else args.input_len
-        step_model = refitted or cost
-        request_overhead_s = probe_request_overhead(
-            server.base_url, short, vocab, step_model.prefill_s(short, 0))
-        bench = dataclasses.replace(bench, base_url=server.base_url)
-        result = asyncio.run(run_benchmark(bench))
-    except Exception:
-        print(log_tail(server.log_path), file=sys.stderr)
-        raise
-    finally:
-        server.stop(30)
+    # 3: serving. A calibration run (the replay's workload) logs every step as the server
+    # measured it under HTTP load; the step times, their noise and the probed per-request
+    # overhead are the calibrated prediction for a second run with another workload.
+    step_log = out / "steps-calibration.jsonl"
+    step_log.unlink(missing_ok=True)
+    calib_result = serve_and_bench(model, args, cost_path, args.seed,
+                                   out / "server-calibration.log", step_log)
+    fit = fit_step_log(step_log)
+    calib_sent = trace_from_bench_result(calib_result)
+    fitted = (CalibratedStepCost(fit.model, "fitted on the calibration run's step log",
+                                 scheduler_model=cost),
+              dataclasses.replace(config, step_time_sigma=fit.sigma, seed=args.seed))
+    bare = simulate(calib_sent, fitted[1], fitted[0]).requests
+    request_overhead_s = request_overhead(calib_result, [r.ttft for r in bare])
+    result = serve_and_bench(model, args, cost_path, serve_seed, out / "server.log")
     (out / "bench-result.json").write_text(json.dumps(result))
     sent = trace_from_bench_result(result)
+    serve_trace = generate_trace(args.dataset_name, args.num_prompts, args.request_rate, 1.0,
+                                 serve_seed, args.input_len, args.output_len, 0.0,
+                                 args.long_fraction, args.long_input_len, args.short_input_len)
     same = [(r.prompt_len, r.output_len) for r in sent] == [
-        (r.prompt_len, r.output_len) for r in trace]
-    # Over HTTP the calibrated column adds the serving path's per-request overhead, probed on
-    # the idle server before the run.
-    http_models = dict(models)
-    if "calibrated" in http_models:
-        m, c = http_models["calibrated"]
-        http_models["calibrated"] = (m, dataclasses.replace(c, request_overhead_s=request_overhead_s))
+        (r.prompt_len, r.output_len) for r in serve_trace]
+    http_models = {
+        "start-up": (CalibratedStepCost(cost), config),
+        "calibrated": (fitted[0], dataclasses.replace(fitted[1],
+                                                      request_overhead_s=request_overhead_s)),
+    }
     sim_bench = {name: simulate(sent, c, m).summary()["metrics"]
+                 for name, (m, c) in http_models.items()}
+    sim_calib = {name: simulate(calib_sent, c, m).summary()["metrics"]
                  for name, (m, c) in http_models.items()}
 
     # Report.
     print(f"\nmachine: 2 shared CPU cores; SP={args.sp_size}; model {model}; workload "
           f"{args.dataset_name}, {args.num_prompts} requests at {args.request_rate:g} req/s, "
-          f"output {args.output_len} tokens; bench sent the simulated workload: {same}")
+          f"output {args.output_len} tokens; replay seed {args.seed}, HTTP seed {serve_seed}; "
+          f"bench sent the simulated workload: {same}")
     print("\nstep times, in-process replay: predicted (cost model) vs measured (ranks' work)")
     print(f"  {'kind':<9}{'steps':>6}{'measured':>11}{'predicted':>11}{'total err':>11}"
           f"{'median err':>12}{'median |err|':>14}{'other work':>12}")
@@ -367,6 +381,8 @@ def main() -> int:
     bench_rows = {name: compare(result, m) for name, m in sim_bench.items()}
     print_comparison("in-process replay (engine.step loop, no HTTP): measured vs simulated",
                      replay_rows)
+    print_comparison("HTTP calibration run (its own step log: in-sample): measured vs simulated",
+                     {name: compare(calib_result, m) for name, m in sim_calib.items()})
     print_comparison("HTTP serving (sp-serve serve + bench client): measured vs simulated",
                      bench_rows)
     chunks = sum(len(itl) + 1 for itl, n in zip(result["itls"], result["output_lens"]) if n)
@@ -379,16 +395,20 @@ def main() -> int:
           "server schedules with), nothing else.\ncalibrated: step times from a CostModel "
           "refitted on the replay's measured steps (the scheduler still decides with\nthe "
           f"start-up one), the median per-step work outside the ranks ({1e3 * overhead_s:.1f} ms), "
-          f"log-normal step noise of sigma {sigma:.2f}\n(the replay's residuals), and over HTTP "
-          f"the idle server's per-request overhead ({1e3 * request_overhead_s:.1f} ms). "
-          "In-sample for the replay,\nout-of-sample for HTTP.")
+          f"log-normal step noise of sigma {sigma:.2f}\n(the replay's residuals); in-sample. Over "
+          f"HTTP: step times fitted on a calibration run's step log ({fit.num_steps} steps, seed "
+          f"{args.seed}),\ntheir noise (sigma {fit.sigma:.2f}), and the serving path's "
+          f"per-request latency fitted on that run ({1e3 * request_overhead_s:.1f} ms); the measured run is "
+          f"another workload (seed {serve_seed}).\nHTTP calibrated model: {fit.model}")
     figures = {
         "sp_size": args.sp_size, "model": model, "cost_model": cost.__dict__,
         "refit_cost_model": None if refitted is None else refitted.__dict__,
         "kv_blocks_per_rank": kv_blocks, "workload": vars(args), "bench_sent_same_workload": same,
         "step_times": steps, "replay": replay_rows, "serving": bench_rows,
         "step_overhead_ms": 1e3 * overhead_s, "http_tokens_per_text_chunk": per_chunk,
-        "step_time_sigma": sigma, "request_overhead_ms": 1e3 * request_overhead_s,
+        "step_time_sigma": sigma, "http_fit": {"cost_model": fit.model.__dict__,
+                                               "sigma": fit.sigma, "num_steps": fit.num_steps},
+        "request_overhead_ms": 1e3 * request_overhead_s,
     }
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
     if args.json:

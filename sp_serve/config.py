@@ -24,6 +24,7 @@ class EngineConfig:
     dist_timeout_s: float = 120.0
     seed: int = 0
     cost_model_path: str | None = None  # a saved calibration (skips the start-up profile run)
+    step_log: str | None = None  # JSONL of every measured step, for `plan --simulate --step-log`
     cpu_threads: int | None = None  # torch threads per rank on CPU (default: cores // ranks)
 
     def __post_init__(self) -> None:

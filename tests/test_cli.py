@@ -107,6 +107,7 @@ def test_bad_checkpoints_fail_with_one_clear_line(tiny_model_dir, tmp_path):
     (["--prompt-token-ids", "1,x"], "comma-separated integers"),
     (["--temperature", "-1"], "temperature"),
     (["--input", "/nonexistent.jsonl"], "cannot read --input"),
+    (["--step-log", "/nonexistent-dir/steps.jsonl"], "--step-log '/nonexistent-dir/steps.jsonl': cannot write"),
 ])
 def test_bad_arguments(tiny_model_dir, args, needle):
     mark = uuid.uuid4().hex

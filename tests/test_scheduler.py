@@ -526,3 +526,32 @@ def test_fcfs_prefills_in_arrival_order_and_mixes_steps():
     assert sim.first_token_at[long.seq_id] <= sim.first_token_at[short.seq_id]
     sim.run()
     sim.assert_all_free()
+
+
+def test_step_observer_sees_every_measured_step_with_its_shape():
+    """What `sp-serve serve --step-log` writes: each step's chunks (new, cached) and decode
+    batch (size, context), from one schedule() to the next; idle gaps are not steps."""
+    sim = Sim("slo", slowdown=2.0)
+    records: list[dict] = []
+    sim.sched.step_observer = records.append
+    sim.add(20000, max_tokens=4)
+    sim.add(40, max_tokens=8)
+    sim.run()
+    first = len(sim.steps)
+    sim.now += 30.0  # idle: the next request's first step is measured from its own start
+    sim.add(100, max_tokens=2)
+    sim.run()
+    # A run's last step has no next schedule() to end it: it is not measured.
+    measured = list(range(first - 1)) + list(range(first, len(sim.steps) - 1))
+    assert len(records) == len(measured) and first > 5
+    for rec, i in zip(records, measured):
+        step, took = sim.steps[i], sim.took[i]
+        assert rec["chunks"] == [[b - a, a] for _, a, b in step.prefill]
+        assert rec["decode"][0] == len(step.decode)
+        # The logged shape prices to what the step took (the Sim charges 2x the model).
+        from_shape = (sum(COST.prefill_s(n, c) for n, c in rec["chunks"])
+                      + COST.decode_s(*rec["decode"]))
+        assert took == pytest.approx(2.0 * from_shape)
+        assert rec["measured_s"] == pytest.approx(took)
+        assert rec["measured_s"] == pytest.approx(2.0 * rec["predicted_s"])
+        assert rec["kind"] in ("prefill_alone", "prefill_beside_decode", "decode")

@@ -8,6 +8,7 @@ No timing assertions: every wait polls with a generous deadline and only guards 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -200,8 +201,11 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     # A small --max-num-batched-tokens so the longer prompts are prefilled in chunks.
-    s = start_server(model_dir, tmp_path_factory.mktemp("logs"), "tiny-sp2",
-                     "--kv-cache-memory", "64MiB", "--max-num-batched-tokens", "512")
+    logs = tmp_path_factory.mktemp("logs")
+    s = start_server(model_dir, logs, "tiny-sp2",
+                     "--kv-cache-memory", "64MiB", "--max-num-batched-tokens", "512",
+                     "--step-log", str(logs / "steps.jsonl"))
+    s.step_log = logs / "steps.jsonl"
     yield s
     s.stop()
 
@@ -260,6 +264,19 @@ def test_64_concurrent_requests_match_their_alone_outputs(server):
     mismatched = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
     assert not mismatched, f"outputs differ under batching for prompts {mismatched}"
     assert len(set(alone)) > 32  # the prompts really differ
+
+
+def test_step_log_records_the_steps_served(server):
+    """`--step-log`: every measured step's shape and seconds, which `plan --simulate --step-log`
+    fits (after the 64 concurrent requests there are prefill and decode steps of all sizes)."""
+    server.client.completions.create(model=server.model, prompt="log these steps", max_tokens=6,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    records = [json.loads(line) for line in server.step_log.read_text().splitlines()]
+    decode = [r for r in records if r["decode"][0] and not r["chunks"]]
+    prefill = [r for r in records if r["chunks"] and not r["decode"][0]]
+    assert len(decode) >= 5 and len(prefill) >= 1, records[-5:]
+    assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in records)
+    assert all(n >= 1 and c >= 0 for r in prefill for n, c in r["chunks"])
 
 
 def test_metrics_exist_and_move(server):

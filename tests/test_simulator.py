@@ -31,6 +31,7 @@ from sp_serve.planner.simulator import (
     SimConfig,
     TraceRequest,
     analytic_kv_blocks,
+    fit_step_log,
     generate_trace,
     load_trace,
     save_trace,
@@ -302,3 +303,64 @@ def test_cli_simulate_table_and_calibrated_cost(tmp_path, capsys):
     # One --sp-size without --simulate, as before.
     assert cli.run(_args("-sp", "2", "4")) == 2
     assert "--simulate" in capsys.readouterr().err
+
+
+def _write_step_log(path, model: CostModel, sigma: float, seed: int = 0) -> None:
+    """A step log as `sp-serve serve --step-log` writes it, with steps costing `model` times a
+    log-normal factor of `sigma`."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(400):
+        if i % 3 == 0:
+            n, c = int(rng.integers(16, 4096)), int(rng.integers(0, 8192))
+            chunks, decode, t = [[n, c]], [0, 0], model.prefill_s(n, c)
+        else:
+            b = int(rng.integers(1, 32))
+            k = b * int(rng.integers(64, 4096))
+            chunks, decode, t = [], [b, k], model.decode_s(b, k)
+        t *= math.exp(sigma * rng.standard_normal())
+        lines.append(json.dumps({"chunks": chunks, "decode": decode, "kind": "x",
+                                 "predicted_s": 0.0, "measured_s": t}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_fit_step_log_recovers_the_step_costs_and_their_noise(tmp_path):
+    truth = CostModel(prefill_fixed_s=0.02, prefill_per_token_s=5e-5, prefill_per_pair_s=1e-7,
+                      decode_fixed_s=0.012, decode_per_seq_s=2.5e-3, decode_per_ctx_token_s=1e-6)
+    _write_step_log(tmp_path / "steps.jsonl", truth, sigma=0.2)
+    fit = fit_step_log(tmp_path / "steps.jsonl")
+    assert fit.num_steps == 400
+    assert fit.sigma == pytest.approx(0.2, abs=0.03)
+    for n, c in ((32, 0), (512, 4096), (4000, 8000)):
+        assert fit.model.prefill_s(n, c) == pytest.approx(truth.prefill_s(n, c), rel=0.15)
+    for b, k in ((1, 100), (16, 16 * 2000)):
+        assert fit.model.decode_s(b, k) == pytest.approx(truth.decode_s(b, k), rel=0.15)
+    # Bad input: a clear error naming the file and line, or what is missing.
+    (tmp_path / "bad.jsonl").write_text('{"chunks": [[5, 0]], "decode": [0, 0]}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not a step record"):
+        fit_step_log(tmp_path / "bad.jsonl")
+    (tmp_path / "few.jsonl").write_text(
+        '{"chunks": [[5, 0]], "decode": [0, 0], "measured_s": 0.1}\n')
+    with pytest.raises(ValueError, match="needs at least 3 of each"):
+        fit_step_log(tmp_path / "few.jsonl")
+    with pytest.raises(ValueError, match="is not a file"):
+        fit_step_log(tmp_path / "missing.jsonl")
+
+
+def test_cli_simulate_from_a_step_log(tmp_path, capsys):
+    _write_step_log(tmp_path / "steps.jsonl", CPU_COST, sigma=0.1)
+    CPU_COST.save(str(tmp_path / "cost.json"))
+    argv = ("--simulate", "--json", "--step-log", str(tmp_path / "steps.jsonl"),
+            "--cost-model", str(tmp_path / "cost.json"), "--num-kv-blocks", "1000",
+            "--num-prompts", "8", "--context-len", "500", "--output-len", "8",
+            "--request-overhead-ms", "20")
+    assert cli.run(_args(*argv)) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step_log"] == str(tmp_path / "steps.jsonl") and out["hardware"] is None
+    (run,) = out["runs"]
+    assert "fitted on 400 logged steps" in run["step_cost"]
+    assert run["scheduler_cost_model"] == CPU_COST.__dict__  # decides with --cost-model
+    assert run["ttft_floor_violations"] is None  # noisy: the fitted sigma applies
+    assert run["metrics"]["completed"] == 8 and run["metrics"]["median_ttft_ms"] > 20
+    assert cli.run(_args("--simulate", "--step-log", str(tmp_path / "none.jsonl"),
+                         "--num-kv-blocks", "10")) == 2

@@ -7,6 +7,7 @@ preempted) ride on the next plan, so a rank never holds a dead sequence's blocks
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -57,6 +58,14 @@ class LLMEngine:
             raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
                              f"context ({limit} tokens); use at most {limit}")
         self.max_model_len = config.max_model_len or limit
+        self._step_log = None
+        # Rank 0 only, and before any rank starts: a bad path is a plain user error.
+        if config.step_log and not (launched_by_torchrun() and torchrun_rank()[0] != 0):
+            try:
+                self._step_log = open(config.step_log, "a", encoding="utf-8", buffering=1)
+            except OSError as exc:
+                raise ValueError(f"--step-log {config.step_log!r}: cannot write it ({exc.strerror}); "
+                                 "give a path in a writable directory") from exc
         self._procs = []
         if launched_by_torchrun():
             rank, world, local_rank = torchrun_rank()
@@ -87,6 +96,9 @@ class LLMEngine:
         self.dead = False
         if config.scheduler == "slo" and not config.cost_model_path:
             self.scheduler.cost = self.calibrate()
+        if self._step_log is not None:
+            log_file = self._step_log
+            self.scheduler.step_observer = lambda rec: log_file.write(json.dumps(rec) + "\n")
         log.info("sp-serve engine: %d rank(s) on %s, attention backend %s, %d KV blocks of %d tokens "
                  "per rank, scheduler %s", self.world_size, self.device_name, self.attn_backend,
                  self.runtime.num_blocks, config.block_size, config.scheduler)
@@ -286,6 +298,9 @@ class LLMEngine:
         self._run(StepPlan(free_seq_ids=ids))
 
     def shutdown(self) -> None:
+        if getattr(self, "_step_log", None) is not None:
+            self._step_log.close()
+            self._step_log = None
         if getattr(self, "runtime", None) is None:
             return
         try:

@@ -72,7 +72,10 @@ class Scheduler:
         # Seconds of prefill a waiting sequence saw go to newer ones: its aging credit.
         self._passed_over_s: dict[int, float] = {}
         self.step_time = StepTimeCorrection()
-        self._last_step: tuple[str, float, float] | None = None  # (kind, predicted s, start)
+        # (kind, predicted s, start, shape): the step in flight, measured at the next schedule()
+        self._last_step: tuple[str, float, float, dict] | None = None
+        # Called with every measured step's shape and seconds (`sp-serve serve --step-log`).
+        self.step_observer: Callable[[dict], None] | None = None
         self._prefill_kind = "prefill_alone"
         # The TBT cycle in progress: (start of the last decode step, the cost model's seconds
         # for it and for the prefill step after it, None until that has been scheduled).
@@ -108,15 +111,20 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         now = self.clock()
         if self._last_step is not None:  # the engine ran the last step and came straight back
-            kind, predicted_s, started = self._last_step
+            kind, predicted_s, started, shape = self._last_step
             self.step_time.observe(kind, predicted_s, now - started)
+            if self.step_observer is not None:
+                self.step_observer({**shape, "kind": kind, "predicted_s": predicted_s,
+                                    "measured_s": now - started})
         step = self._schedule()
         self._last_step = None
         kind, predicted_s = None, 0.0
         if not step.is_empty and not (step.prefill and step.decode):
             kind = self._prefill_kind if step.prefill else "decode"
             predicted_s = self._predicted_s(step)
-            self._last_step = (kind, predicted_s, now)
+            shape = {"chunks": [[b - a, a] for _, a, b in step.prefill],
+                     "decode": [len(step.decode), sum(s.num_cached for s, _ in step.decode)]}
+            self._last_step = (kind, predicted_s, now, shape)
         self._track_cycle(kind, predicted_s, now)
         return step
 

@@ -319,6 +319,14 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="a CostModel JSON saved from a real engine (its start-up calibration): step times "
         "from it instead of the analytic model. It holds for the SP degree it was measured at",
     )
+    sim.add_argument(
+        "--step-log",
+        default=None,
+        metavar="FILE",
+        help="a server's step log (`sp-serve serve --step-log FILE`): step times and their noise "
+        "fitted on real traffic. The scheduler still decides with --cost-model when given "
+        "(what that server was started with)",
+    )
     sim.add_argument("--scheduler", nargs="+", default=["slo"], choices=["slo", "fcfs"])
     sim.add_argument("--ttft-slo-ms", type=float, nargs="+", default=[2000.0])
     sim.add_argument("--tbt-slo-ms", type=float, nargs="+", default=[200.0])
@@ -351,8 +359,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--step-time-sigma",
         type=float,
-        default=0.0,
-        help="log-normal noise on every step's time (a shared CPU: ~0.1-0.3; default 0)",
+        default=None,
+        help="log-normal noise on every step's time (a shared CPU: ~0.1-0.3; default: the "
+        "--step-log's, else 0)",
     )
     sim.add_argument(
         "--goodput", nargs="+", default=None, metavar="KEY:MS", help="e.g. ttft:2000 tpot:100"
@@ -392,7 +401,7 @@ def _kv_blocks(args: argparse.Namespace, dep: Deployment) -> int:
 
     if args.num_kv_blocks is not None:
         return args.num_kv_blocks
-    if args.cost_model is None:
+    if args.cost_model is None and args.step_log is None:
         return analytic_kv_blocks(
             resolve_model(args.model or DEFAULT_MODEL),
             build_hardware(args),
@@ -402,7 +411,7 @@ def _kv_blocks(args: argparse.Namespace, dep: Deployment) -> int:
         )
     if args.model is None:
         raise ValueError(
-            "with --cost-model, give --model (the checkpoint it was calibrated on, and "
+            "with --cost-model or --step-log, give --model (the checkpoint it was calibrated on, and "
             "--kv-dtype fp32 for a float32 one) or --num-kv-blocks, to size the KV pool"
         )
     from sp_serve.engine.runtime import DEFAULT_CPU_KV_BYTES
@@ -417,26 +426,40 @@ def build_simulations(args: argparse.Namespace):
     import itertools
 
     from sp_serve.engine.cost_model import CostModel
-    from sp_serve.planner.simulator import AnalyticStepCost, CalibratedStepCost, SimConfig
+    from sp_serve.planner.simulator import (
+        AnalyticStepCost,
+        CalibratedStepCost,
+        SimConfig,
+        fit_step_log,
+    )
 
-    calibrated = None
+    calibrated = fitted = None
     if args.cost_model is not None:
         try:
             calibrated = CostModel.load(args.cost_model)
         except (OSError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read --cost-model {args.cost_model}: {exc}") from None
-        if len(args.sp_size) > 1:
-            print(
-                "sp-serve plan: warning: a calibrated --cost-model holds for the SP degree it was "
-                "measured at; across --sp-size only the KV capacity changes",
-                file=sys.stderr,
-            )
+    if args.step_log is not None:
+        fitted = fit_step_log(args.step_log)
+    if (calibrated or fitted) is not None and len(args.sp_size) > 1:
+        print(
+            "sp-serve plan: warning: a calibrated --cost-model or --step-log holds for the SP "
+            "degree it was measured at; across --sp-size only the KV capacity changes",
+            file=sys.stderr,
+        )
+    sigma = args.step_time_sigma
+    if sigma is None:
+        sigma = fitted.sigma if fitted is not None else 0.0
     runs = []
     for sp, scheduler, ttft, tbt in itertools.product(
         args.sp_size, args.scheduler, args.ttft_slo_ms, args.tbt_slo_ms
     ):
         dep = build_deployment(args, sp)
-        if calibrated is not None:
+        if fitted is not None:
+            cost = CalibratedStepCost(
+                fitted.model, f"fitted on {fitted.num_steps} logged steps: {args.step_log}",
+                scheduler_model=calibrated)
+        elif calibrated is not None:
             cost = CalibratedStepCost(calibrated, f"calibrated: {args.cost_model}")
         else:
             cost = AnalyticStepCost(
@@ -453,7 +476,7 @@ def build_simulations(args: argparse.Namespace):
             num_kv_blocks=_kv_blocks(args, dep),
             step_overhead_s=args.step_overhead_ms / 1e3,
             request_overhead_s=args.request_overhead_ms / 1e3,
-            step_time_sigma=args.step_time_sigma,
+            step_time_sigma=sigma,
             seed=args.seed,
         )
         runs.append((config, cost))
@@ -485,8 +508,9 @@ def simulate_from_args(args: argparse.Namespace) -> dict:
     }
     return {
         "model": args.model or DEFAULT_MODEL,
-        "hardware": None if args.cost_model else build_hardware(args).name,
+        "hardware": None if args.cost_model or args.step_log else build_hardware(args).name,
         "cost_model": args.cost_model,
+        "step_log": args.step_log,
         "percentiles": percentiles,
         "workload": workload,
         "runs": runs,
@@ -504,7 +528,7 @@ def print_simulation(out: dict) -> None:
     from sp_serve.bench.metrics import percentile_key
 
     w, runs = out["workload"], out["runs"]
-    where = out["cost_model"] or f"{out['model']} on {out['hardware']}"
+    where = out["step_log"] or out["cost_model"] or f"{out['model']} on {out['hardware']}"
     table = Table(
         title=f"simulated serving: {where}; {w['num_requests']} requests ({w['source']}), "
         f"prompts {w['mean_prompt_len']:,.0f} mean / {w['max_prompt_len']:,} max tokens",

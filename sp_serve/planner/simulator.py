@@ -227,6 +227,48 @@ class CalibratedStepCost:
         return self.scheduler_model
 
 
+@dataclass
+class StepLogFit:
+    model: CostModel
+    sigma: float  # std of log(measured / model) over the logged steps
+    num_steps: int
+
+
+def fit_step_log(path: str | Path) -> StepLogFit:
+    """Step times as a server measured them (`sp-serve serve --step-log FILE`): each step from
+    one schedule() to the next, so sampling, streaming and whatever else shares the machine
+    under that load are in. A CostModel fitted on the single-chunk prefill steps and the decode
+    steps, and the log-normal noise around it (SimConfig.step_time_sigma)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--step-log {str(path)!r} is not a file; write one with "
+                         "`sp-serve serve --step-log FILE`")
+    example = '{"chunks": [[512, 0]], "decode": [0, 0], "measured_s": 0.1}'
+    steps = []
+    for where, obj in iter_jsonl_objects(path.read_text(encoding="utf-8").splitlines(), path,
+                                         example):
+        try:
+            chunks = [(int(n), int(c)) for n, c in obj["chunks"]]
+            batch, context = (int(x) for x in obj["decode"])
+            measured = float(obj["measured_s"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where}: not a step record; expected lines like {example}") from None
+        if measured > 0:
+            steps.append((chunks, batch, context, measured))
+    prefill = [(*chunks[0], t) for chunks, b, _, t in steps if len(chunks) == 1 and not b]
+    decode = [(b, k, t) for chunks, b, k, t in steps if b and not chunks]
+    if len(prefill) < 3 or len(decode) < 3:
+        raise ValueError(f"{path}: {len(prefill)} prefill and {len(decode)} decode steps; a fit "
+                         "needs at least 3 of each (log a longer run with prompts and outputs)")
+    model = CostModel.fit(prefill, decode)
+    logs = []
+    for chunks, b, k, t in steps:
+        predicted = sum(model.prefill_s(n, c) for n, c in chunks) + model.decode_s(b, k)
+        if predicted > 0:
+            logs.append(math.log(t / predicted))
+    return StepLogFit(model, float(np.std(logs)), len(steps))
+
+
 class AnalyticStepCost:
     """Step times from the planner's analytic model of a model on a hardware preset."""
 
