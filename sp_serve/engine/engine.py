@@ -21,12 +21,17 @@ from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
 from sp_serve.engine.sampling import SampleResult, SamplingParams, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
-from sp_serve.engine.sequence import Sequence, SeqStatus
+from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.kv.block_manager import BlockManager
 from sp_serve.model.loader import load_tokenizer
 from sp_serve.model.spec import load_spec
 from sp_serve.parallel.groups import shutdown_parallel
-from sp_serve.parallel.launch import launched_by_torchrun, spawn_ranks, torchrun_rank, wait_for_ranks
+from sp_serve.parallel.launch import (
+    launched_by_torchrun,
+    spawn_ranks,
+    torchrun_rank,
+    wait_for_ranks,
+)
 
 log = logging.getLogger("sp_serve")
 
@@ -97,8 +102,7 @@ class LLMEngine:
         if config.scheduler == "slo" and not config.cost_model_path:
             self.scheduler.cost = self.calibrate()
         if self._step_log is not None:
-            log_file = self._step_log
-            self.scheduler.step_observer = lambda rec: log_file.write(json.dumps(rec) + "\n")
+            self.scheduler.step_observer = self._log_step
         log.info("sp-serve engine: %d rank(s) on %s, attention backend %s, %d KV blocks of %d tokens "
                  "per rank, scheduler %s", self.world_size, self.device_name, self.attn_backend,
                  self.runtime.num_blocks, config.block_size, config.scheduler)
@@ -296,6 +300,15 @@ class LLMEngine:
         for sid in ids:
             self.blocks.free(sid)
         self._run(StepPlan(free_seq_ids=ids))
+
+    def _log_step(self, record: dict) -> None:
+        """--step-log: one JSON line per measured step. A failing write (disk full) stops the
+        log with a warning; it never fails a step."""
+        try:
+            self._step_log.write(json.dumps(record) + "\n")
+        except (OSError, ValueError) as exc:
+            log.warning("--step-log: stopped writing (%s)", exc)
+            self.scheduler.step_observer = None
 
     def shutdown(self) -> None:
         if getattr(self, "_step_log", None) is not None:
