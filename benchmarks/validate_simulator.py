@@ -32,7 +32,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import statistics
 import sys
 import time
@@ -45,14 +44,15 @@ from sp_serve.bench.config import ServeBenchConfig
 from sp_serve.bench.serve import run_benchmark
 from sp_serve.bench.sweep import Server, log_tail
 from sp_serve.config import EngineConfig
-from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.engine import LLMEngine
 from sp_serve.engine.sampling import SamplingParams
 from sp_serve.planner.simulator import (
     CalibratedStepCost,
     SimConfig,
+    StepLogFit,
     TraceRequest,
     fit_step_log,
+    fit_steps,
     generate_trace,
     simulate,
     step_seconds,
@@ -184,27 +184,13 @@ def replay_as_bench_result(trace: list[TraceRequest], token_times: list[list[flo
     return compute_metrics(results, duration, [50.0, 90.0, 99.0])
 
 
-def refit(steps: list[dict[str, Any]]) -> CostModel | None:
-    """A CostModel fitted on the replay's measured steps (single-chunk prefill, pure decode)."""
-    prefill = [(*s["chunks"][0], s["run_s"]) for s in steps
-               if s["kind"] == "prefill" and len(s["chunks"]) == 1]
-    decode = [(*s["decode"], s["run_s"]) for s in steps if s["kind"] == "decode"]
-    if len(prefill) < 3 or len(decode) < 3:
+def refit(steps: list[dict[str, Any]]) -> StepLogFit | None:
+    """A CostModel fitted on the replay's measured steps and the noise around it, as
+    `plan --simulate --step-log` fits a server's (None: too few steps of a kind)."""
+    try:
+        return fit_steps([(s["chunks"], *s["decode"], s["run_s"]) for s in steps], "the replay")
+    except ValueError:
         return None
-    return CostModel.fit(prefill, decode)
-
-
-def residual_sigma(steps: list[dict[str, Any]], model: CostModel) -> float:
-    """The step-to-step noise around a cost model: the standard deviation of
-    log(measured / predicted) over the replay's steps (the simulator's step_time_sigma)."""
-    cost = CalibratedStepCost(model)
-    logs = []
-    for s in steps:
-        predicted = (sum(cost.prefill_s(n, c) for n, c in s["chunks"])
-                     + (model.decode_s(*s["decode"]) if s["decode"][0] else 0.0))
-        if predicted > 0 and s["run_s"] > 0:
-            logs.append(math.log(s["run_s"] / predicted))
-    return statistics.pstdev(logs) if len(logs) > 1 else 0.0
 
 
 def step_report(steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -315,12 +301,13 @@ def main() -> int:
                        num_kv_blocks=kv_blocks)
     overhead_s = steps["all"]["overhead_median_ms"] / 1e3
     measured_replay = replay_as_bench_result(trace, replayed["token_times"])
-    refitted = refit(replayed["steps"])
+    replay_fit = refit(replayed["steps"])
+    refitted = None if replay_fit is None else replay_fit.model
     # Step-time models: the start-up calibration (what the server schedules with), and the
     # model refitted on the replay's measured steps (the scheduler still decides with the
     # start-up one, as the server did), plus the measured per-step work outside the ranks.
     # The calibrated column also carries the replay's step-to-step noise around that model.
-    sigma = residual_sigma(replayed["steps"], refitted or cost)
+    sigma = 0.0 if replay_fit is None else replay_fit.sigma
     models = {"start-up": (CalibratedStepCost(cost), config)}
     if refitted is not None:
         models["calibrated"] = (

@@ -73,7 +73,7 @@ class Scheduler:
         self._passed_over_s: dict[int, float] = {}
         self.step_time = StepTimeCorrection()
         # (kind, predicted s, start, shape): the step in flight, measured at the next schedule()
-        self._last_step: tuple[str, float, float, dict] | None = None
+        self._last_step: tuple[str, float, float, dict | None] | None = None
         # Called with every measured step's shape and seconds (`sp-serve serve --step-log`).
         self.step_observer: Callable[[dict], None] | None = None
         self._prefill_kind = "prefill_alone"
@@ -113,7 +113,7 @@ class Scheduler:
         if self._last_step is not None:  # the engine ran the last step and came straight back
             kind, predicted_s, started, shape = self._last_step
             self.step_time.observe(kind, predicted_s, now - started)
-            if self.step_observer is not None:
+            if self.step_observer is not None and shape is not None:
                 self.step_observer({**shape, "kind": kind, "predicted_s": predicted_s,
                                     "measured_s": now - started})
         step = self._schedule()
@@ -122,8 +122,9 @@ class Scheduler:
         if not step.is_empty and not (step.prefill and step.decode):
             kind = self._prefill_kind if step.prefill else "decode"
             predicted_s = self._predicted_s(step)
-            shape = {"chunks": [[b - a, a] for _, a, b in step.prefill],
-                     "decode": [len(step.decode), sum(s.num_cached for s, _ in step.decode)]}
+            shape = None if self.step_observer is None else {  # only for a step log
+                "chunks": [[b - a, a] for _, a, b in step.prefill],
+                "decode": [len(step.decode), sum(s.num_cached for s, _ in step.decode)]}
             self._last_step = (kind, predicted_s, now, shape)
         self._track_cycle(kind, predicted_s, now)
         return step

@@ -353,8 +353,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--request-overhead-ms",
         type=float,
         default=0.0,
-        help="per request, outside the engine's steps (HTTP, tokenization, SSE): an idle "
-        "server's TTFT minus its prefill step (default 0)",
+        help="per request, outside the engine's steps (HTTP, tokenization, SSE): a serving "
+        "run's median TTFT beyond the simulated one (default 0)",
     )
     sim.add_argument(
         "--step-time-sigma",

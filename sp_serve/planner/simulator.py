@@ -253,12 +253,19 @@ def fit_step_log(path: str | Path) -> StepLogFit:
             measured = float(obj["measured_s"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{where}: not a step record; expected lines like {example}") from None
-        if measured > 0:
-            steps.append((chunks, batch, context, measured))
+        steps.append((chunks, batch, context, measured))
+    return fit_steps(steps, str(path))
+
+
+def fit_steps(steps: list[tuple[list[tuple[int, int]], int, int, float]], source: str
+              ) -> StepLogFit:
+    """fit_step_log's fit on parsed steps: (chunks [(new, cached)], decode batch, decode
+    context, measured seconds); steps measured at 0 s or less are left out."""
+    steps = [s for s in steps if s[3] > 0]
     prefill = [(*chunks[0], t) for chunks, b, _, t in steps if len(chunks) == 1 and not b]
     decode = [(b, k, t) for chunks, b, k, t in steps if b and not chunks]
     if len(prefill) < 3 or len(decode) < 3:
-        raise ValueError(f"{path}: {len(prefill)} prefill and {len(decode)} decode steps; a fit "
+        raise ValueError(f"{source}: {len(prefill)} prefill and {len(decode)} decode steps; a fit "
                          "needs at least 3 of each (log a longer run with prompts and outputs)")
     model = CostModel.fit(prefill, decode)
     logs = []
@@ -342,8 +349,8 @@ class SimConfig:
     step_overhead_s: float = 0.0  # per step, outside the modelled work (sampling, Python)
     # Per request: the serving path outside the engine's steps (HTTP, tokenization, the
     # hand-off to the engine loop, the first SSE event back), modelled as a delay before the
-    # engine sees the request. It adds to TTFT and E2E, not to TBT. Measure it as an idle
-    # server's TTFT minus its prefill step (benchmarks/validate_simulator.py does).
+    # engine sees the request. It adds to TTFT and E2E, not to TBT. benchmarks/
+    # validate_simulator.py measures it as a serving run's median TTFT beyond the simulated.
     request_overhead_s: float = 0.0
     # Step-to-step noise: each step's time is multiplied by a log-normal factor of this sigma
     # and mean 1 (seeded). A shared CPU has ~0.1-0.3; a GPU ~0. It widens the TBT tail and,
