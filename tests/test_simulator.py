@@ -37,6 +37,7 @@ from sp_serve.planner.simulator import (
     save_trace,
     simulate,
     step_seconds,
+    step_sigma,
 )
 
 # Roughly what the engine calibrates on this 2-core machine for the tiny model at SP=2.
@@ -177,6 +178,35 @@ def test_step_time_noise_is_seeded_mean_one_and_the_scheduler_reacts():
         SimConfig(step_time_sigma=-0.1)
 
 
+def test_step_time_noise_shrinks_with_the_step_length_when_given_a_reference():
+    # Decode steps of ~10 ms and prefill chunks of ~55 ms: with the noise's sigma given for a
+    # 10 ms step, a step of t s gets sigma * sqrt(0.01 / t), always of mean 1.
+    trace = sorted([TraceRequest(0.05 * i, 100, 64) for i in range(10)]
+                   + [TraceRequest(0.3, 12000, 8, True), TraceRequest(0.35, 9000, 8, True)],
+                   key=lambda r: r.arrival_time)
+    result = simulate(trace, SimConfig(sp_size=2, num_kv_blocks=4096, tbt_slo_s=0.1,
+                                       step_time_sigma=0.3, step_time_sigma_at_s=0.01),
+                      CalibratedStepCost(CPU_COST))
+    check_invariants(trace, result)
+    short, long = [], []
+    for step in result.steps:
+        if step.num_chunks <= 1:
+            modelled = step_seconds_of(step)
+            z = math.log(step.seconds / modelled) / step_sigma(0.3, 0.01, modelled)
+            (short if modelled < 0.02 else long if modelled > 0.04 else []).append(
+                (step.seconds / modelled, z))
+    assert len(short) > 100 and len(long) > 20
+    for group in (short, long):  # standardised by its own sigma, each group is N(-s/2, 1)
+        assert 0.75 < np.std([z for _, z in group]) < 1.3
+    assert np.mean([r for r, _ in short]) == pytest.approx(1.0, abs=0.05)
+    assert np.std(np.log([r for r, _ in long])) < 0.6 * np.std(np.log([r for r, _ in short]))
+    assert step_sigma(0.3, 0.025, 0.1) == pytest.approx(0.15)
+    assert step_sigma(0.3, 0.0, 0.1) == 0.3  # no reference: every step gets the sigma
+    assert step_sigma(0.3, 0.025, 1e-7) == 2.0  # capped
+    with pytest.raises(ValueError, match="step-time-sigma-at-ms"):
+        SimConfig(step_time_sigma_at_s=-1)
+
+
 def step_seconds_of(step) -> float:
     """What CPU_COST says a recorded simulated step costs (one chunk or one decode batch)."""
     if step.num_chunks:
@@ -305,9 +335,10 @@ def test_cli_simulate_table_and_calibrated_cost(tmp_path, capsys):
     assert "--simulate" in capsys.readouterr().err
 
 
-def _write_step_log(path, model: CostModel, sigma: float, seed: int = 0) -> None:
+def _write_step_log(path, model: CostModel, sigma: float, seed: int = 0, at_s: float = 0.05
+                    ) -> None:
     """A step log as `sp-serve serve --step-log` writes it, with steps costing `model` times a
-    log-normal factor of `sigma`."""
+    log-normal factor of mean 1 and of `sigma` for a step of `at_s` (step_sigma's scaling)."""
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(400):
@@ -318,23 +349,66 @@ def _write_step_log(path, model: CostModel, sigma: float, seed: int = 0) -> None
             b = int(rng.integers(1, 32))
             k = b * int(rng.integers(64, 4096))
             chunks, decode, t = [], [b, k], model.decode_s(b, k)
-        t *= math.exp(sigma * rng.standard_normal())
+        s = step_sigma(sigma, at_s, t)
+        t *= math.exp(s * rng.standard_normal() - s * s / 2)
         lines.append(json.dumps({"chunks": chunks, "decode": decode, "kind": "x",
                                  "predicted_s": 0.0, "measured_s": t}))
     path.write_text("\n".join(lines) + "\n")
 
 
+def test_cost_model_fit_is_of_the_mean_step_time_under_noise():
+    # Steps with mean-one log-normal noise of sigma 0.3, as on a shared CPU. Weighting each
+    # step by 1 / its measured time would favour the fast ones and fit ~17% low; the fit
+    # weighs by 1 / its own prediction and lands on the mean.
+    rng = np.random.default_rng(0)
+    truth = CPU_COST
+    prefill, decode = [], []
+    for _ in range(3000):
+        n, c = int(rng.integers(16, 4096)), int(rng.integers(0, 8192))
+        prefill.append((n, c, truth.prefill_s(n, c) * math.exp(0.3 * rng.standard_normal() - 0.045)))
+        b = int(rng.integers(1, 32))
+        k = b * int(rng.integers(64, 4096))
+        decode.append((b, k, truth.decode_s(b, k) * math.exp(0.3 * rng.standard_normal() - 0.045)))
+    fit = CostModel.fit(prefill, decode)
+    assert sum(fit.prefill_s(n, c) for n, c, _ in prefill) == pytest.approx(
+        sum(truth.prefill_s(n, c) for n, c, _ in prefill), rel=0.03)
+    assert sum(fit.decode_s(b, k) for b, k, _ in decode) == pytest.approx(
+        sum(truth.decode_s(b, k) for b, k, _ in decode), rel=0.03)
+    # Without noise the fit is exact, and a negative coefficient is clamped to 0.
+    exact = CostModel.fit([(n, c, truth.prefill_s(n, c)) for n, c, _ in prefill],
+                          [(b, k, truth.decode_s(b, k)) for b, k, _ in decode])
+    for name, value in truth.__dict__.items():
+        assert getattr(exact, name) == pytest.approx(value, rel=1e-6)
+    clamped = CostModel.fit([(n, 0, 0.01 - 1e-7 * n) for n in (10, 100, 1000)] * 2,
+                            [(b, 0, 0.001 * b) for b in (1, 2, 4)])
+    assert clamped.prefill_per_token_s == 0.0 and clamped.prefill_fixed_s > 0
+
+
 def test_fit_step_log_recovers_the_step_costs_and_their_noise(tmp_path):
     truth = CostModel(prefill_fixed_s=0.02, prefill_per_token_s=5e-5, prefill_per_pair_s=1e-7,
                       decode_fixed_s=0.012, decode_per_seq_s=2.5e-3, decode_per_ctx_token_s=1e-6)
-    _write_step_log(tmp_path / "steps.jsonl", truth, sigma=0.2)
+    _write_step_log(tmp_path / "steps.jsonl", truth, sigma=0.25, at_s=0.05)
     fit = fit_step_log(tmp_path / "steps.jsonl")
     assert fit.num_steps == 400
-    assert fit.sigma == pytest.approx(0.2, abs=0.03)
+    # The noise is reported for the logged steps' median length; rescaled to 50 ms it is the
+    # 0.25 the log was written with.
+    assert 0.03 < fit.sigma_at_s < 0.3
+    assert step_sigma(fit.sigma, fit.sigma_at_s, 0.05) == pytest.approx(0.25, abs=0.03)
+    # The model is of the mean step time (the noise has mean 1), so no fit bias: within 8%.
     for n, c in ((32, 0), (512, 4096), (4000, 8000)):
-        assert fit.model.prefill_s(n, c) == pytest.approx(truth.prefill_s(n, c), rel=0.15)
+        assert fit.model.prefill_s(n, c) == pytest.approx(truth.prefill_s(n, c), rel=0.08)
     for b, k in ((1, 100), (16, 16 * 2000)):
-        assert fit.model.decode_s(b, k) == pytest.approx(truth.decode_s(b, k), rel=0.15)
+        assert fit.model.decode_s(b, k) == pytest.approx(truth.decode_s(b, k), rel=0.08)
+    assert fit.run_speed == [pytest.approx(1.0, abs=0.05)]
+    # Two runs, the second 30% slower throughout (a shared machine drifting between runs): the
+    # model is of both, each run's speed is reported, and the noise is the one within a run.
+    _write_step_log(tmp_path / "slow.jsonl", CostModel(**{
+        k: 1.3 * v for k, v in truth.__dict__.items()}), sigma=0.25, seed=1, at_s=0.05)
+    both = fit_step_log([tmp_path / "steps.jsonl", str(tmp_path / "slow.jsonl")])
+    assert both.num_steps == 800
+    assert both.run_speed[1] / both.run_speed[0] == pytest.approx(1.3, rel=0.06)
+    assert step_sigma(both.sigma, both.sigma_at_s, 0.05) == pytest.approx(0.25, abs=0.03)
+    assert both.model.decode_s(4, 4000) == pytest.approx(1.15 * truth.decode_s(4, 4000), rel=0.08)
     # Bad input: a clear error naming the file and line, or what is missing.
     (tmp_path / "bad.jsonl").write_text('{"chunks": [[5, 0]], "decode": [0, 0]}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: not a step record"):
@@ -347,6 +421,36 @@ def test_fit_step_log_recovers_the_step_costs_and_their_noise(tmp_path):
         fit_step_log(tmp_path / "missing.jsonl")
 
 
+def test_fit_step_log_learns_each_decode_batch_size_s_departure_from_the_linear_model(tmp_path):
+    # Decode steps concave in the batch, as on this CPU (batch 2 costs 1.5x batch 1, batch 6
+    # only 2x): the linear model alone misses batch sizes by 10-20%; the per-batch factors put
+    # each logged size on its measured mean. Batch 9 is logged once: its factor stays near 1.
+    rng = np.random.default_rng(0)
+    true_s = {1: 0.014, 2: 0.021, 3: 0.024, 4: 0.026, 5: 0.027, 6: 0.028, 9: 0.035}
+    lines = []
+    for i in range(600):
+        if i % 4 == 0:
+            n = int(rng.integers(64, 2048))
+            chunks, decode, t = [[n, 0]], [0, 0], CPU_COST.prefill_s(n, 0)
+        else:
+            b = 9 if i == 1 else int(rng.integers(1, 7))
+            chunks, decode, t = [], [b, 200 * b], true_s[b]
+        t *= math.exp(0.1 * rng.standard_normal() - 0.005)
+        lines.append(json.dumps({"chunks": chunks, "decode": decode, "measured_s": t}))
+    (tmp_path / "steps.jsonl").write_text("\n".join(lines) + "\n")
+    fit = fit_step_log(tmp_path / "steps.jsonl")
+    plain, fitted = CalibratedStepCost(fit.model), fit.step_cost("fitted")
+    assert max(abs(plain.decode_s([200] * b) / t - 1) for b, t in true_s.items() if b < 9) > 0.1
+    for b in range(1, 7):
+        assert fitted.decode_s([200] * b) == pytest.approx(true_s[b], rel=0.04)
+    logged_once = true_s[9] / plain.decode_s([200] * 9)  # ~ its one step's measured / model
+    assert abs(fit.decode_batch_factor[9] - 1) < 0.25 * abs(logged_once - 1) + 0.02  # shrunk
+    assert fitted.decode_s([200] * 12) == plain.decode_s([200] * 12)  # never logged: the model
+    assert fitted.prefill_s(512, 0) == plain.prefill_s(512, 0)
+    # The noise is what is left around the corrected model, not the model's misfit.
+    assert step_sigma(fit.sigma, fit.sigma_at_s, 0.02) == pytest.approx(0.1, abs=0.03)
+
+
 def test_cli_simulate_from_a_step_log(tmp_path, capsys):
     _write_step_log(tmp_path / "steps.jsonl", CPU_COST, sigma=0.1)
     CPU_COST.save(str(tmp_path / "cost.json"))
@@ -356,11 +460,22 @@ def test_cli_simulate_from_a_step_log(tmp_path, capsys):
             "--request-overhead-ms", "20")
     assert cli.run(_args(*argv)) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["step_log"] == str(tmp_path / "steps.jsonl") and out["hardware"] is None
+    assert out["step_log"] == [str(tmp_path / "steps.jsonl")] and out["hardware"] is None
     (run,) = out["runs"]
     assert "fitted on 400 logged steps" in run["step_cost"]
     assert run["scheduler_cost_model"] == CPU_COST.__dict__  # decides with --cost-model
     assert run["ttft_floor_violations"] is None  # noisy: the fitted sigma applies
+    fit = fit_step_log(tmp_path / "steps.jsonl")
+    assert run["step_time_sigma"] == fit.sigma
+    assert run["step_time_sigma_at_ms"] == pytest.approx(1e3 * fit.sigma_at_s)
     assert run["metrics"]["completed"] == 8 and run["metrics"]["median_ttft_ms"] > 20
+    # Several logs: one fit on all their steps.
+    _write_step_log(tmp_path / "more.jsonl", CPU_COST, sigma=0.1, seed=3)
+    two = list(argv)
+    two.insert(two.index("--step-log") + 2, str(tmp_path / "more.jsonl"))
+    assert cli.run(_args(*two)) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert "fitted on 800 logged steps" in run["step_cost"] and "more.jsonl" in run["step_cost"]
+    assert "each log's speed vs the fit" in run["step_cost"]
     assert cli.run(_args("--simulate", "--step-log", str(tmp_path / "none.jsonl"),
                          "--num-kv-blocks", "10")) == 2

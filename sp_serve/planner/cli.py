@@ -322,10 +322,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--step-log",
         default=None,
+        nargs="+",
         metavar="FILE",
-        help="a server's step log (`sp-serve serve --step-log FILE`): step times and their noise "
-        "fitted on real traffic. The scheduler still decides with --cost-model when given "
-        "(what that server was started with)",
+        help="one or more server step logs (`sp-serve serve --step-log FILE`): step times and "
+        "their noise fitted on real traffic (several runs average out a shared machine's "
+        "run-to-run drift). The scheduler still decides with --cost-model when given (what "
+        "that server was started with)",
     )
     sim.add_argument("--scheduler", nargs="+", default=["slo"], choices=["slo", "fcfs"])
     sim.add_argument("--ttft-slo-ms", type=float, nargs="+", default=[2000.0])
@@ -362,6 +364,14 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="log-normal noise on every step's time (a shared CPU: ~0.1-0.3; default: the "
         "--step-log's, else 0)",
+    )
+    sim.add_argument(
+        "--step-time-sigma-at-ms",
+        type=float,
+        default=None,
+        help="the step length --step-time-sigma holds for; a step of t ms gets sigma * "
+        "sqrt(this / t), so long steps average the noise out (default: the --step-log's when "
+        "its sigma is used, else 0: every step gets --step-time-sigma)",
     )
     sim.add_argument(
         "--goodput", nargs="+", default=None, metavar="KEY:MS", help="e.g. ttft:2000 tpot:100"
@@ -447,17 +457,22 @@ def build_simulations(args: argparse.Namespace):
             "degree it was measured at; across --sp-size only the KV capacity changes",
             file=sys.stderr,
         )
-    sigma = args.step_time_sigma
-    if sigma is None:
-        sigma = fitted.sigma if fitted is not None else 0.0
+    sigma, sigma_at_ms = args.step_time_sigma, args.step_time_sigma_at_ms
+    if sigma is None and fitted is not None:
+        sigma = fitted.sigma
+        if sigma_at_ms is None:
+            sigma_at_ms = 1e3 * fitted.sigma_at_s
     runs = []
     for sp, scheduler, ttft, tbt in itertools.product(
         args.sp_size, args.scheduler, args.ttft_slo_ms, args.tbt_slo_ms
     ):
         dep = build_deployment(args, sp)
         if fitted is not None:
-            cost = CalibratedStepCost(
-                fitted.model, f"fitted on {fitted.num_steps} logged steps: {args.step_log}",
+            speeds = "" if len(fitted.run_speed) < 2 else (
+                "; each log's speed vs the fit "
+                + " / ".join(f"{x:.2f}" for x in fitted.run_speed))
+            cost = fitted.step_cost(
+                f"fitted on {fitted.num_steps} logged steps: {', '.join(args.step_log)}{speeds}",
                 scheduler_model=calibrated)
         elif calibrated is not None:
             cost = CalibratedStepCost(calibrated, f"calibrated: {args.cost_model}")
@@ -476,7 +491,8 @@ def build_simulations(args: argparse.Namespace):
             num_kv_blocks=_kv_blocks(args, dep),
             step_overhead_s=args.step_overhead_ms / 1e3,
             request_overhead_s=args.request_overhead_ms / 1e3,
-            step_time_sigma=sigma,
+            step_time_sigma=sigma or 0.0,
+            step_time_sigma_at_s=(sigma_at_ms or 0.0) / 1e3,
             seed=args.seed,
         )
         runs.append((config, cost))
@@ -528,7 +544,8 @@ def print_simulation(out: dict) -> None:
     from sp_serve.bench.metrics import percentile_key
 
     w, runs = out["workload"], out["runs"]
-    where = out["step_log"] or out["cost_model"] or f"{out['model']} on {out['hardware']}"
+    where = (", ".join(out["step_log"] or []) or out["cost_model"]
+             or f"{out['model']} on {out['hardware']}")
     table = Table(
         title=f"simulated serving: {where}; {w['num_requests']} requests ({w['source']}), "
         f"prompts {w['mean_prompt_len']:,.0f} mean / {w['max_prompt_len']:,} max tokens",

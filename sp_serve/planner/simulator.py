@@ -12,9 +12,10 @@ Each simulated step does what LLMEngine.step does, minus the tensors:
 
 Requests join the scheduler at the first step boundary after they arrive plus the serving
 path's per-request overhead (the async engine drains its inbox between steps); an idle engine
-jumps to the next arrival. Step times can carry seeded log-normal noise (step_time_sigma): on a
-real engine the scheduler's measured step-time correction reacts to that noise, and the
-simulated one, running on the simulated clock, reacts the same way. A request whose
+jumps to the next arrival. Step times can carry seeded log-normal noise (step_time_sigma, for
+a step of step_time_sigma_at_s; longer steps average more of it out): on a real engine the
+scheduler's measured step-time correction reacts to that noise, and the simulated one, running
+on the simulated clock, reacts the same way. A request whose
 prompt + output cannot fit in any rank's KV pool is rejected, as LLMEngine.check_prompt does.
 
 Step times come from one of two cost models:
@@ -210,70 +211,129 @@ class StepCost(Protocol):
 class CalibratedStepCost:
     """Step times from a CostModel calibrated on real hardware (per SP group, at the SP degree
     it was calibrated at). The scheduler decides with the same model unless scheduler_model is
-    given: e.g. a server started with one calibration whose steps really take another's times."""
+    given: e.g. a server started with one calibration whose steps really take another's times.
+    decode_batch_factor: per decode batch size, a factor on the model's decode time (measured
+    in a step log, see StepLogFit; batch sizes not in it: 1)."""
 
     def __init__(self, model: CostModel, description: str = "calibrated cost model",
-                 scheduler_model: CostModel | None = None):
+                 scheduler_model: CostModel | None = None,
+                 decode_batch_factor: dict[int, float] | None = None):
         self.model, self.description = model, description
         self.scheduler_model = scheduler_model or model
+        self.decode_batch_factor = decode_batch_factor or {}
 
     def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
         return self.model.prefill_s(new_tokens, cached_tokens)
 
     def decode_s(self, context_lens: list[int]) -> float:
-        return self.model.decode_s(len(context_lens), sum(context_lens))
+        batch = len(context_lens)
+        return (self.model.decode_s(batch, sum(context_lens))
+                * self.decode_batch_factor.get(batch, 1.0))
 
     def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
         return self.scheduler_model
 
 
+Step = tuple[list[tuple[int, int]], int, int, float]  # chunks [(new, cached)], batch, context, s
+
+
 @dataclass
 class StepLogFit:
     model: CostModel
-    sigma: float  # std of log(measured / model) over the logged steps
+    # The log-normal noise around the model, as SimConfig.step_time_sigma(_at_s) take it: the
+    # sigma of a step of sigma_at_s seconds (the logged steps' median predicted time), longer
+    # steps less (variance ~ 1 / length), fitted on log(measured / model) within each log.
+    sigma: float
+    sigma_at_s: float
     num_steps: int
+    # Per log: its steps' mean measured / model. Logs of two runs on one machine can differ
+    # (a shared CPU's speed drifts between runs): the model is of their pooled steps, and this
+    # says how far each run was from it.
+    run_speed: list[float]
+    # Per decode batch size in the logs: the mean measured / model of its decode steps, shrunk
+    # towards 1 by BATCH_FACTOR_PRIOR steps' worth (few steps: little correction). The model is
+    # linear in the batch; on a CPU the real cost is not (the batch's matmuls are nearly free
+    # next to the per-step work), and the workload's mix of batch sizes would carry that error.
+    decode_batch_factor: dict[int, float]
+
+    BATCH_FACTOR_PRIOR = 8
+
+    def step_cost(self, description: str, scheduler_model: CostModel | None = None
+                  ) -> CalibratedStepCost:
+        """Step times as fitted: the model and its per-batch decode factors."""
+        return CalibratedStepCost(self.model, description, scheduler_model,
+                                  self.decode_batch_factor)
 
 
-def fit_step_log(path: str | Path) -> StepLogFit:
+def fit_step_log(paths: str | Path | list[str] | list[Path]) -> StepLogFit:
     """Step times as a server measured them (`sp-serve serve --step-log FILE`): each step from
     one schedule() to the next, so sampling, streaming and whatever else shares the machine
     under that load are in. A CostModel fitted on the single-chunk prefill steps and the decode
-    steps, and the log-normal noise around it (SimConfig.step_time_sigma)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--step-log {str(path)!r} is not a file; write one with "
-                         "`sp-serve serve --step-log FILE`")
+    steps of one or more logs, and the log-normal noise around it (SimConfig.step_time_sigma
+    and _at_s)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     example = '{"chunks": [[512, 0]], "decode": [0, 0], "measured_s": 0.1}'
-    steps = []
-    for where, obj in iter_jsonl_objects(path.read_text(encoding="utf-8").splitlines(), path,
-                                         example):
-        try:
-            chunks = [(int(n), int(c)) for n, c in obj["chunks"]]
-            batch, context = (int(x) for x in obj["decode"])
-            measured = float(obj["measured_s"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{where}: not a step record; expected lines like {example}") from None
-        steps.append((chunks, batch, context, measured))
-    return fit_steps(steps, str(path))
+    logs = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ValueError(f"--step-log {str(path)!r} is not a file; write one with "
+                             "`sp-serve serve --step-log FILE`")
+        steps: list[Step] = []
+        for where, obj in iter_jsonl_objects(path.read_text(encoding="utf-8").splitlines(), path,
+                                             example):
+            try:
+                chunks = [(int(n), int(c)) for n, c in obj["chunks"]]
+                batch, context = (int(x) for x in obj["decode"])
+                measured = float(obj["measured_s"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{where}: not a step record; expected lines like {example}") from None
+            steps.append((chunks, batch, context, measured))
+        logs.append(steps)
+    return fit_steps(logs, ", ".join(map(str, paths)))
 
 
-def fit_steps(steps: list[tuple[list[tuple[int, int]], int, int, float]], source: str
-              ) -> StepLogFit:
-    """fit_step_log's fit on parsed steps: (chunks [(new, cached)], decode batch, decode
-    context, measured seconds); steps measured at 0 s or less are left out."""
-    steps = [s for s in steps if s[3] > 0]
+def fit_steps(logs: list[list[Step]], source: str) -> StepLogFit:
+    """fit_step_log's fit on parsed steps, one list per log: (chunks [(new, cached)], decode
+    batch, decode context, measured seconds); steps measured at 0 s or less are left out."""
+    logs = [[s for s in steps if s[3] > 0] for steps in logs]
+    steps = [s for log in logs for s in log]
     prefill = [(*chunks[0], t) for chunks, b, _, t in steps if len(chunks) == 1 and not b]
     decode = [(b, k, t) for chunks, b, k, t in steps if b and not chunks]
     if len(prefill) < 3 or len(decode) < 3:
         raise ValueError(f"{source}: {len(prefill)} prefill and {len(decode)} decode steps; a fit "
                          "needs at least 3 of each (log a longer run with prompts and outputs)")
     model = CostModel.fit(prefill, decode)
-    logs = []
-    for chunks, b, k, t in steps:
-        predicted = sum(model.prefill_s(n, c) for n, c in chunks) + model.decode_s(b, k)
-        if predicted > 0:
-            logs.append(math.log(t / predicted))
-    return StepLogFit(model, float(np.std(logs)), len(steps))
+    ratios: dict[int, list[float]] = {}
+    for b, k, t in decode:
+        if model.decode_s(b, k) > 0:
+            ratios.setdefault(b, []).append(t / model.decode_s(b, k))
+    prior = StepLogFit.BATCH_FACTOR_PRIOR
+    factor = {b: (sum(r) + prior) / (len(r) + prior) for b, r in sorted(ratios.items())}
+
+    def residuals(log: list[Step]) -> tuple[np.ndarray, np.ndarray]:
+        predicted = np.array([sum(model.prefill_s(n, c) for n, c in chunks)
+                              + model.decode_s(b, k) * factor.get(b, 1.0)
+                              for chunks, b, k, _ in log])
+        measured = np.array([t for *_, t in log])
+        keep = predicted > 0
+        return predicted[keep], np.log(measured[keep] / predicted[keep])
+
+    runs = [residuals(log) for log in logs if log]
+    at_s = float(np.median(np.concatenate([p for p, _ in runs])))
+    # Within a log, log(measured / model) ~ N(offset - v/2, v) with v = sigma^2 * at_s / t (the
+    # noise has mean 1; offset: that run's speed). sigma^2 by the method of moments,
+    # E[(log - offset + v/2)^2 * t / at_s] = sigma^2, a fixed point.
+    sigma2 = 0.0
+    for _ in range(20):
+        centred = []
+        for predicted, log_ratio in runs:
+            x = log_ratio + sigma2 * at_s / predicted / 2
+            centred.append((x - x.mean()) * np.sqrt(predicted / at_s))
+        sigma2 = float(np.mean(np.concatenate(centred) ** 2))
+    speed = [float(np.mean(np.exp(log_ratio))) for _, log_ratio in runs]
+    return StepLogFit(model, math.sqrt(sigma2), at_s, len(steps), speed, factor)
 
 
 class AnalyticStepCost:
@@ -352,10 +412,17 @@ class SimConfig:
     # engine sees the request. It adds to TTFT and E2E, not to TBT. benchmarks/
     # validate_simulator.py measures it as a serving run's median TTFT beyond the simulated.
     request_overhead_s: float = 0.0
-    # Step-to-step noise: each step's time is multiplied by a log-normal factor of this sigma
-    # and mean 1 (seeded). A shared CPU has ~0.1-0.3; a GPU ~0. It widens the TBT tail and,
-    # as on a real engine, makes the scheduler's measured step-time correction shrink chunks.
+    # Step-to-step noise: each step's time is multiplied by a log-normal factor of mean 1
+    # (seeded). A shared CPU has sigma ~0.1-0.3 on its short steps; a GPU ~0. It widens the TBT
+    # tail and, as on a real engine, makes the scheduler's measured step-time correction shrink
+    # chunks. With step_time_sigma_at_s > 0, step_time_sigma is the sigma of a step that long
+    # and a step of t seconds gets step_time_sigma * sqrt(step_time_sigma_at_s / t) (at most
+    # MAX_STEP_SIGMA): the noise's variance grows with the step's length, as when other work
+    # on the same cores steals time slices at random, so a long prefill step averages most of it
+    # out (what a server's step log shows: sigma ~0.25 on 25 ms decode steps, < 0.1 on 150 ms
+    # prefill steps). With 0, every step gets step_time_sigma.
     step_time_sigma: float = 0.0
+    step_time_sigma_at_s: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -378,6 +445,8 @@ class SimConfig:
              f"--request-overhead-ms must be >= 0, got {self.request_overhead_s * 1e3}"),
             (0 <= self.step_time_sigma <= 2,
              f"--step-time-sigma must be in [0, 2], got {self.step_time_sigma}"),
+            (self.step_time_sigma_at_s >= 0,
+             f"--step-time-sigma-at-ms must be >= 0, got {self.step_time_sigma_at_s * 1e3}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -490,6 +559,8 @@ class SimResult:
             "ttft_slo_ms": self.config.ttft_slo_s * 1e3,
             "tbt_slo_ms": self.config.tbt_slo_s * 1e3,
             "step_cost": self.cost_description,
+            "step_time_sigma": self.config.step_time_sigma,
+            "step_time_sigma_at_ms": self.config.step_time_sigma_at_s * 1e3,
             "scheduler_cost_model": asdict(self.scheduler_cost),
             "scheduler_cost_fit_max_rel_error": self.scheduler_cost_fit_error,
             "kv_blocks_per_rank": self.config.num_kv_blocks,
@@ -543,6 +614,16 @@ def _rejection(blocks: BlockManager, req: TraceRequest) -> str:
         return (f"needs {per_rank} KV blocks per rank but each rank has {blocks.blocks_per_rank}; "
                 "raise --kv-cache-memory or --sp-size")
     return ""
+
+
+MAX_STEP_SIGMA = 2.0
+
+
+def step_sigma(sigma: float, at_s: float, seconds: float) -> float:
+    """The log-normal sigma of a step of `seconds` (see SimConfig.step_time_sigma_at_s)."""
+    if at_s <= 0 or sigma <= 0:
+        return sigma
+    return min(MAX_STEP_SIGMA, sigma * math.sqrt(at_s / max(seconds, 1e-9)))
 
 
 def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
@@ -616,7 +697,7 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
             continue
         seconds = step_seconds(cost, step) + config.step_overhead_s
         if config.step_time_sigma:
-            sigma = config.step_time_sigma
+            sigma = step_sigma(config.step_time_sigma, config.step_time_sigma_at_s, seconds)
             seconds *= math.exp(sigma * noise.standard_normal() - sigma * sigma / 2)
         steps.append(StepRecord(
             clock.now, seconds, sum(b - a for _, a, b in step.prefill),
