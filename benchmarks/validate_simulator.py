@@ -10,16 +10,18 @@
    step loop, no HTTP) and compare every step's measured time with the cost model's prediction
    for the step the scheduler chose; also the per-step time outside the ranks' work (sampling,
    bookkeeping) that the cost model leaves out. TTFT/TBT of this replay vs its simulation.
-3. Serving, twice. A calibration run: `sp-serve serve --cost-model OUT/cost.json --step-log
-   FILE`, the idle server's per-request overhead probed (TTFT minus the prefill step), then
-   `bench serve`'s client with the replay's workload; the server logs every step as it measured
-   it under HTTP load. A measured run: a fresh server, a workload of the same shape drawn with
-   another seed (--serve-seed; the simulator generates exactly the bench's lengths and arrival
-   times). TTFT/TBT/E2E measured over HTTP vs simulated on the trace the bench actually sent.
+3. Serving, twice: `sp-serve serve --cost-model OUT/cost.json --step-log FILE` and `bench
+   serve`'s client, run A with the replay's workload (--seed) and run B with a workload of the
+   same shape drawn with another seed (--serve-seed; the simulator generates exactly the
+   bench's lengths and arrival times). Each run's step log (every step as the server measured
+   it under HTTP load) and its per-request serving latency (median TTFT beyond the simulated)
+   calibrate a prediction of the other run: TTFT/TBT/E2E measured over HTTP vs simulated on the
+   trace the bench actually sent, both ways, plus run A from its own calibration (in-sample).
 Two predictions: "start-up" (the start-up calibration alone, what `plan --simulate
 --cost-model cost.json` gives) and "calibrated": for the replay, step times refitted on the
 replay plus its noise (in-sample); for HTTP, what `plan --simulate --cost-model cost.json
---step-log FILE --request-overhead-ms X` gives (out of sample).
+--step-log FILE --request-overhead-ms X` gives. Each simulated figure is the mean over
+--sim-seeds noise seeds.
 Relative error = predicted / measured - 1. The target is within 20%; the machine is shared and
 has 2 cores that the ranks, the server and the client all use, so expect noise between runs.
 The default model is a small random Llama (4 layers, hidden 256) so steps do real work.
@@ -44,6 +46,7 @@ from sp_serve.bench.config import ServeBenchConfig
 from sp_serve.bench.serve import run_benchmark
 from sp_serve.bench.sweep import Server, log_tail
 from sp_serve.config import EngineConfig
+from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.engine import LLMEngine
 from sp_serve.engine.sampling import SamplingParams
 from sp_serve.planner.simulator import (
@@ -188,7 +191,7 @@ def refit(steps: list[dict[str, Any]]) -> StepLogFit | None:
     """A CostModel fitted on the replay's measured steps and the noise around it, as
     `plan --simulate --step-log` fits a server's (None: too few steps of a kind)."""
     try:
-        return fit_steps([(s["chunks"], *s["decode"], s["run_s"]) for s in steps], "the replay")
+        return fit_steps([[(s["chunks"], *s["decode"], s["run_s"]) for s in steps]], "the replay")
     except ValueError:
         return None
 
@@ -213,6 +216,39 @@ def step_report(steps: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def predict(trace: list[TraceRequest], config: SimConfig, cost: CalibratedStepCost,
+            seeds: int) -> dict[str, Any]:
+    """The simulated metrics, each the mean over `seeds` noise seeds (one run without noise):
+    the prediction is the expected figure, not one draw of the simulator's noise."""
+    if not config.step_time_sigma:
+        seeds = 1
+    runs = [simulate(trace, dataclasses.replace(config, seed=seed), cost).summary()["metrics"]
+            for seed in range(seeds)]
+    return {k: statistics.fmean(r[k] for r in runs) for k, v in runs[0].items()
+            if isinstance(v, (int, float)) and all(r.get(k) is not None for r in runs)}
+
+
+def calibrate_on(runs: list[dict[str, Any]], cost, config: SimConfig) -> dict[str, Any]:
+    """What `plan --simulate --cost-model cost.json --step-log LOG [LOG ...]
+    --request-overhead-ms X` simulates with, from these serving runs: step costs and noise
+    fitted on their step logs; X the mean of each run's median TTFT beyond the simulated."""
+    fit = fit_step_log([r["step_log"] for r in runs])
+    step_cost = fit.step_cost("fitted on serving runs' step logs", scheduler_model=cost)
+    noisy = dataclasses.replace(config, step_time_sigma=fit.sigma,
+                                step_time_sigma_at_s=fit.sigma_at_s)
+    bare = dataclasses.replace(noisy, step_time_sigma=0.0)
+    latency = statistics.fmean(
+        request_overhead(r["result"], [q.ttft for q in simulate(r["sent"], bare, step_cost).requests])
+        for r in runs)
+    names = ", ".join(f"seed {r['seed']}" for r in runs)
+    return {"cost": step_cost, "fit": fit,
+            "config": dataclasses.replace(noisy, request_overhead_s=latency),
+            "summary": (f"{names}: {fit.num_steps} steps, speed vs the fit "
+                        + "/".join(f"{x:.2f}" for x in fit.run_speed)
+                        + f", noise sigma {fit.sigma:.2f} at {1e3 * fit.sigma_at_s:.0f} ms, "
+                        f"request latency {1e3 * latency:.1f} ms")}
+
+
 # --- comparison -----------------------------------------------------------------------------------
 
 
@@ -221,12 +257,12 @@ def compare(measured: dict[str, Any], predicted: dict[str, Any]) -> list[dict[st
     for key, name in COMPARED:
         for stat in ("mean", "median", "p90"):
             m, p = measured[f"{stat}_{key}_ms"], predicted[f"{stat}_{key}_ms"]
-            rows.append({"metric": f"{name} {stat}", "measured_ms": m, "predicted_ms": p,
-                         "rel_error": p / m - 1 if m else None})
+            rows.append({"metric": f"{name} {stat}", "key": f"{stat}_{key}_ms", "measured_ms": m,
+                         "predicted_ms": p, "rel_error": p / m - 1 if m else None})
     for kind in ("short", "long"):
         k = f"median_{kind}_ttft_ms"
         if k in measured and k in predicted and measured[k]:
-            rows.append({"metric": f"TTFT {kind} median", "measured_ms": measured[k],
+            rows.append({"metric": f"TTFT {kind} median", "key": k, "measured_ms": measured[k],
                          "predicted_ms": predicted[k], "rel_error": predicted[k] / measured[k] - 1})
     return rows
 
@@ -242,9 +278,80 @@ def print_comparison(title: str, columns: dict[str, list[dict[str, Any]]]) -> No
         line = f"  {row['metric']:<22}{row['measured_ms']:>10.1f}ms"
         for n in names:
             r = columns[n][i]
-            err = "" if r["rel_error"] is None else f"{100 * r['rel_error']:+.0f}%"
-            line += f"{r['predicted_ms']:>12.1f}ms{err:>8}"
+            line += f"{r['predicted_ms']:>12.1f}ms{_pct(r['rel_error']):>8}"
         print(line)
+
+
+def logged_step_errors(step_log: Path, cost: CalibratedStepCost) -> dict[str, Any]:
+    """A step cost's predictions for the steps a server logged: per kind (steps with prefill
+    chunks, decode steps), the total relative error and the median per-step |error|."""
+    out = {}
+    steps = [json.loads(line) for line in step_log.read_text().splitlines() if line.strip()]
+    for kind in ("prefill", "decode"):
+        pairs = []
+        for s in steps:
+            if bool(s["chunks"]) != (kind == "prefill"):
+                continue
+            b, k = s["decode"]
+            context = [k // b + (i < k % b) for i in range(b)] if b else []
+            predicted = sum(cost.prefill_s(n, c) for n, c in s["chunks"]) + cost.decode_s(context)
+            pairs.append((predicted, s["measured_s"]))
+        if pairs:
+            out[kind] = {"count": len(pairs),
+                         "total_rel_error": sum(p for p, _ in pairs) / sum(m for _, m in pairs) - 1,
+                         "median_abs_rel_error": statistics.median(abs(p / m - 1) for p, m in pairs)}
+    return out
+
+
+def measured_spread(result: dict[str, Any], resamples: int = 300, seed: int = 0
+                    ) -> dict[str, float]:
+    """How well a run's own figures are pinned down by its requests: for each compared metric,
+    half the 5-95% range over bootstrap resamples of the requests, relative to the figure. A
+    median or p90 over 24 requests of a two-humped distribution (a request either waited for
+    a prefill step or not) moves a lot with which requests were drawn."""
+    from sp_serve.bench.client import RequestResult
+    from sp_serve.bench.metrics import compute_metrics
+
+    requests = [RequestResult(success=not err and bool(n), prompt_len=p, output_tokens=n,
+                              num_text_chunks=len(itl) + 1, ttft=t, itl=itl, latency=lat,
+                              start_time=st, is_long=long_, error=err)
+                for p, n, t, itl, lat, st, err, long_ in zip(
+                    result["input_lens"], result["output_lens"], result["ttfts"], result["itls"],
+                    result["latencies"], result["start_times"], result["errors"],
+                    result.get("is_long") or [None] * len(result["ttfts"]))]
+    rng = np.random.default_rng(seed)
+    draws = [compute_metrics([requests[i] for i in rng.integers(0, len(requests), len(requests))],
+                             result["duration"], [50.0, 90.0, 99.0]) for _ in range(resamples)]
+    spread = {}
+    for row in compare(result, result):
+        key = row["key"]
+        values = [d[key] for d in draws if d.get(key) is not None]
+        if values and result[key]:
+            lo, hi = np.percentile(values, [5, 95])
+            spread[row["metric"]] = float((hi - lo) / 2 / result[key])
+    return spread
+
+
+def print_runs(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """One line per metric: each run's measured figure and the predictions' errors."""
+    print(f"\n{title}")
+    width = 18 + 14 * len(columns)
+    print(f"  {'':<22}" + "".join(f"{'run ' + str(r['run']) + ' (seed ' + str(r['seed']) + ')':>{width}}"
+                                 for r in rows))
+    print(f"  {'metric':<22}" + (f"{'measured (±)':>18}" + "".join(f"{c:>14}" for c in columns))
+          * len(rows))
+    for i, first in enumerate(rows[0][columns[0]]):
+        line = f"  {first['metric']:<22}"
+        for r in rows:
+            spread = r.get("spread", {}).get(first["metric"])
+            line += f"{r[columns[0]][i]['measured_ms']:>10.1f}ms"
+            line += f"{'' if spread is None else f'±{100 * spread:.0f}%':>6}"
+            line += "".join(f"{_pct(r[c][i]['rel_error']):>14}" for c in columns)
+        print(line)
+
+
+def _pct(error: float | None) -> str:
+    return "" if error is None else f"{100 * error:+.0f}%"
 
 
 def main() -> int:
@@ -262,8 +369,11 @@ def main() -> int:
     p.add_argument("--long-fraction", type=float, default=0.25)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="the calibration replay's workload")
-    p.add_argument("--serve-seed", type=int, default=None,
-                   help="the HTTP run's workload (default: --seed + 1, out of sample)")
+    p.add_argument("--serve-runs", type=int, default=3,
+                   help="HTTP runs, of workloads --seed, --seed + 1, ...; each is predicted from "
+                   "the others' step logs (at least 2)")
+    p.add_argument("--sim-seeds", type=int, default=8,
+                   help="noise seeds each simulated figure is the mean over")
     p.add_argument("--out-dir", default="validate-simulator-out")
     p.add_argument("--json", default=None, help="also write every figure here")
     args = p.parse_args()
@@ -276,7 +386,8 @@ def main() -> int:
                            args.input_len, args.output_len, 0.0, args.long_fraction,
                            args.long_input_len, args.short_input_len)
     cost_path = out / "cost.json"
-    serve_seed = args.seed + 1 if args.serve_seed is None else args.serve_seed
+    if args.serve_runs < 2:
+        p.error("--serve-runs must be at least 2 (each run is predicted from the others)")
 
     # 1 + 2: calibrate, then replay in-process with that engine.
     t0 = time.monotonic()
@@ -308,70 +419,97 @@ def main() -> int:
     # start-up one, as the server did), plus the measured per-step work outside the ranks.
     # The calibrated column also carries the replay's step-to-step noise around that model.
     sigma = 0.0 if replay_fit is None else replay_fit.sigma
+    sigma_at_s = 0.0 if replay_fit is None else replay_fit.sigma_at_s
     models = {"start-up": (CalibratedStepCost(cost), config)}
     if refitted is not None:
         models["calibrated"] = (
-            CalibratedStepCost(refitted, "refit on the replay", scheduler_model=cost),
+            replay_fit.step_cost("refit on the replay", scheduler_model=cost),
             dataclasses.replace(config, step_overhead_s=overhead_s, step_time_sigma=sigma,
-                                seed=args.seed))
-    sim_replay = {name: simulate(trace, c, m).summary()["metrics"]
-                  for name, (m, c) in models.items()}
+                                step_time_sigma_at_s=sigma_at_s, seed=args.seed))
+    sim_replay = {name: predict(trace, c, m, args.sim_seeds) for name, (m, c) in models.items()}
 
-    # 3: serving. A calibration run (the replay's workload) logs every step as the server
-    # measured it under HTTP load; the step times, their noise and the probed per-request
-    # overhead are the calibrated prediction for a second run with another workload.
-    step_log = out / "steps-calibration.jsonl"
-    step_log.unlink(missing_ok=True)
-    calib_result = serve_and_bench(model, args, cost_path, args.seed,
-                                   out / "server-calibration.log", step_log)
-    fit = fit_step_log(step_log)
-    calib_sent = trace_from_bench_result(calib_result)
-    fitted = (CalibratedStepCost(fit.model, "fitted on the calibration run's step log",
-                                 scheduler_model=cost),
-              dataclasses.replace(config, step_time_sigma=fit.sigma, seed=args.seed))
-    bare = simulate(calib_sent, fitted[1], fitted[0]).requests
-    request_overhead_s = request_overhead(calib_result, [r.ttft for r in bare])
-    result = serve_and_bench(model, args, cost_path, serve_seed, out / "server.log")
-    (out / "bench-result.json").write_text(json.dumps(result))
-    sent = trace_from_bench_result(result)
+    # 3: serving, --serve-runs runs of different workloads (seeds), each logging every step as
+    # the server measured it under HTTP load. Each run is predicted from the others (leave one
+    # out): the step times and their noise fitted on their step logs, and their per-request
+    # serving latency; and, in-sample, from all of them.
+    runs = []
+    for i in range(args.serve_runs):
+        seed = args.seed + i
+        step_log = out / f"steps-{i}.jsonl"
+        step_log.unlink(missing_ok=True)
+        result = serve_and_bench(model, args, cost_path, seed, out / f"server-{i}.log", step_log)
+        (out / f"bench-result-{i}.json").write_text(json.dumps(result))
+        runs.append({"seed": seed, "result": result, "sent": trace_from_bench_result(result),
+                     "step_log": step_log})
+    startup = (CalibratedStepCost(cost), config)
+    loo, insample = [], []
+    everything = calibrate_on(runs, cost, config)
+    for i, run in enumerate(runs):
+        others = [r for j, r in enumerate(runs) if j != i]
+        spread = measured_spread(run["result"])
+        for calibration, table in ((calibrate_on(others, cost, config), loo),
+                                   (everything, insample)):
+            m, c = calibration["cost"], calibration["config"]
+            table.append({
+                "run": i, "seed": run["seed"], "calibration": calibration["summary"],
+                "spread": spread, "step_times": logged_step_errors(run["step_log"], m),
+                "start-up": compare(run["result"],
+                                    predict(run["sent"], startup[1], startup[0], args.sim_seeds)),
+                "calibrated": compare(run["result"], predict(run["sent"], c, m, args.sim_seeds))})
+        # How much of the error is this run's own speed (measured / the pooled fit over its
+        # steps; a shared machine drifts between runs): the in-sample model at that speed.
+        speed = everything["fit"].run_speed[i]
+        m = everything["cost"]
+        at_speed = CalibratedStepCost(
+            CostModel(**{k: speed * v for k, v in m.model.__dict__.items()}),
+            f"x{speed:.3f}", m.scheduler_model, m.decode_batch_factor)
+        insample[-1]["speed"] = speed
+        insample[-1]["at own speed"] = compare(
+            run["result"], predict(run["sent"], everything["config"], at_speed, args.sim_seeds))
     serve_trace = generate_trace(args.dataset_name, args.num_prompts, args.request_rate, 1.0,
-                                 serve_seed, args.input_len, args.output_len, 0.0,
+                                 args.seed + len(runs) - 1, args.input_len, args.output_len, 0.0,
                                  args.long_fraction, args.long_input_len, args.short_input_len)
-    same = [(r.prompt_len, r.output_len) for r in sent] == [
+    same = [(r.prompt_len, r.output_len) for r in runs[-1]["sent"]] == [
         (r.prompt_len, r.output_len) for r in serve_trace]
-    http_models = {
-        "start-up": (CalibratedStepCost(cost), config),
-        "calibrated": (fitted[0], dataclasses.replace(fitted[1],
-                                                      request_overhead_s=request_overhead_s)),
-    }
-    sim_bench = {name: simulate(sent, c, m).summary()["metrics"]
-                 for name, (m, c) in http_models.items()}
-    sim_calib = {name: simulate(calib_sent, c, m).summary()["metrics"]
-                 for name, (m, c) in http_models.items()}
 
     # Report.
     print(f"\nmachine: 2 shared CPU cores; SP={args.sp_size}; model {model}; workload "
           f"{args.dataset_name}, {args.num_prompts} requests at {args.request_rate:g} req/s, "
-          f"output {args.output_len} tokens; replay seed {args.seed}, HTTP seed {serve_seed}; "
-          f"bench sent the simulated workload: {same}")
+          f"output {args.output_len} tokens; replay seed {args.seed}, HTTP runs seeds "
+          f"{args.seed}..{args.seed + args.serve_runs - 1}; bench sent the simulated workload: "
+          f"{same}")
     print("\nstep times, in-process replay: predicted (cost model) vs measured (ranks' work)")
     print(f"  {'kind':<9}{'steps':>6}{'measured':>11}{'predicted':>11}{'total err':>11}"
           f"{'median err':>12}{'median |err|':>14}{'other work':>12}")
-    for kind, s in steps.items():
-        print(f"  {kind:<9}{s['count']:>6}{s['measured_mean_ms']:>9.1f}ms"
-              f"{s['predicted_mean_ms']:>9.1f}ms{100 * s['total_rel_error']:>+10.0f}%"
-              f"{100 * s['median_rel_error']:>+11.0f}%{100 * s['median_abs_rel_error']:>13.0f}%"
-              f"{s['overhead_median_ms']:>10.1f}ms")
+    for kind, st in steps.items():
+        print(f"  {kind:<9}{st['count']:>6}{st['measured_mean_ms']:>9.1f}ms"
+              f"{st['predicted_mean_ms']:>9.1f}ms{100 * st['total_rel_error']:>+10.0f}%"
+              f"{100 * st['median_rel_error']:>+11.0f}%{100 * st['median_abs_rel_error']:>13.0f}%"
+              f"{st['overhead_median_ms']:>10.1f}ms")
     if refitted is not None:
         print(f"  refit on these steps: {refitted}")
     replay_rows = {name: compare(measured_replay, m) for name, m in sim_replay.items()}
-    bench_rows = {name: compare(result, m) for name, m in sim_bench.items()}
     print_comparison("in-process replay (engine.step loop, no HTTP): measured vs simulated",
                      replay_rows)
-    print_comparison("HTTP calibration run (its own step log: in-sample): measured vs simulated",
-                     {name: compare(calib_result, m) for name, m in sim_calib.items()})
-    print_comparison("HTTP serving (sp-serve serve + bench client): measured vs simulated",
-                     bench_rows)
+    print("\nstep times, each HTTP run's logged steps predicted from the other runs' step logs "
+          "(out of sample)")
+    print(f"  {'run':<16}{'prefill steps':>14}{'total err':>11}{'median |err|':>14}"
+          f"{'decode steps':>14}{'total err':>11}{'median |err|':>14}")
+    for row in loo:
+        line = f"  {'run ' + str(row['run']) + ' (seed ' + str(row['seed']) + ')':<16}"
+        for kind in ("prefill", "decode"):
+            st = row["step_times"].get(kind)
+            line += ("" if st is None else f"{st['count']:>14}{_pct(st['total_rel_error']):>11}"
+                     f"{100 * st['median_abs_rel_error']:>13.0f}%")
+        print(line)
+    print_runs("HTTP serving, each run predicted from the other runs' step logs (out of sample; "
+               "±: half the measured figure's 5-95% bootstrap range over its requests)",
+               loo, ["calibrated", "start-up"])
+    print_runs("HTTP serving, each run from all runs' step logs (in-sample; 'at own speed': "
+               "its steps' mean measured / model of " + ", ".join(
+                   f"{r['speed']:.3f}" for r in insample) + ")", insample,
+               ["calibrated", "at own speed"])
+    result = runs[-1]["result"]
     chunks = sum(len(itl) + 1 for itl, n in zip(result["itls"], result["output_lens"]) if n)
     per_chunk = sum(result["output_lens"]) / max(1, chunks)
     if per_chunk > 1.01:
@@ -379,23 +517,23 @@ def main() -> int:
               "holds back incomplete UTF-8, common\nfor a random byte-level model), so HTTP ITL "
               "is per chunk, not per token: compare TPOT there.")
     print("\nstart-up: step times from the engine's start-up calibration (cost.json, which the "
-          "server schedules with), nothing else.\ncalibrated: step times from a CostModel "
+          "server schedules with), nothing else.\ncalibrated, replay: step times from a CostModel "
           "refitted on the replay's measured steps (the scheduler still decides with\nthe "
           f"start-up one), the median per-step work outside the ranks ({1e3 * overhead_s:.1f} ms), "
-          f"log-normal step noise of sigma {sigma:.2f}\n(the replay's residuals); in-sample. Over "
-          f"HTTP: step times fitted on a calibration run's step log ({fit.num_steps} steps, seed "
-          f"{args.seed}),\ntheir noise (sigma {fit.sigma:.2f}), and the serving path's "
-          f"per-request latency fitted on that run ({1e3 * request_overhead_s:.1f} ms); the measured run is "
-          f"another workload (seed {serve_seed}).\nHTTP calibrated model: {fit.model}")
+          f"log-normal step noise of sigma {sigma:.2f} at {1e3 * sigma_at_s:.0f} ms (the replay's\n"
+          "residuals); in-sample. calibrated, HTTP: what `plan --simulate --cost-model cost.json "
+          "--step-log LOG [LOG ...] --request-overhead-ms X`\ngives with the other runs' step "
+          "logs and per-request latency (the median TTFT beyond the simulated). Simulated\nfigures are "
+          f"means over {args.sim_seeds} noise seeds.")
+    for row in loo:
+        print(f"  run {row['run']} (seed {row['seed']}) predicted from {row['calibration']}")
     figures = {
         "sp_size": args.sp_size, "model": model, "cost_model": cost.__dict__,
         "refit_cost_model": None if refitted is None else refitted.__dict__,
         "kv_blocks_per_rank": kv_blocks, "workload": vars(args), "bench_sent_same_workload": same,
-        "step_times": steps, "replay": replay_rows, "serving": bench_rows,
+        "step_times": steps, "replay": replay_rows, "serving_leave_one_out": loo, "serving_in_sample": insample,
         "step_overhead_ms": 1e3 * overhead_s, "http_tokens_per_text_chunk": per_chunk,
-        "step_time_sigma": sigma, "http_fit": {"cost_model": fit.model.__dict__,
-                                               "sigma": fit.sigma, "num_steps": fit.num_steps},
-        "request_overhead_ms": 1e3 * request_overhead_s,
+        "replay_step_time_sigma": sigma, "replay_step_time_sigma_at_s": sigma_at_s,
     }
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
     if args.json:
