@@ -39,15 +39,9 @@ SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
 def make_model(root: Path) -> Path:
     """The random checkpoint, answering in ASCII only (one text chunk per token: see
     make_tiny_model's ascii_only); remade when SHAPE changes."""
-    from sp_serve.model.tiny import make_tiny_model
+    from sp_serve.model.tiny import cached_tiny_model
 
-    stamp = root / "shape.json"
-    want = {**SHAPE, "ascii_only": True}
-    if stamp.is_file() and json.loads(stamp.read_text()) == want:
-        return root
-    make_tiny_model(root, arch="llama", seed=0, ascii_only=True, **SHAPE)
-    stamp.write_text(json.dumps(want))
-    return root
+    return cached_tiny_model(root, arch="llama", seed=0, ascii_only=True, **SHAPE)
 
 
 def free_port() -> int:

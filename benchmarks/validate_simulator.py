@@ -71,15 +71,9 @@ COMPARED = [("ttft", "TTFT"), ("itl", "TBT (ITL)"), ("tpot", "TPOT"), ("e2el", "
 def bench_model(out: Path) -> str:
     """A small random Llama that answers in ASCII only, so every token is one text chunk over
     HTTP and the client's ITL is per token (see make_tiny_model's ascii_only)."""
-    from sp_serve.model.tiny import make_tiny_model
+    from sp_serve.model.tiny import cached_tiny_model
 
-    path = out / "bench-model"
-    stamp = path / "bench-shape.json"
-    want = {**BENCH_MODEL, "ascii_only": True}
-    if not stamp.is_file() or json.loads(stamp.read_text()) != want:
-        make_tiny_model(path, seed=0, ascii_only=True, **BENCH_MODEL)
-        stamp.write_text(json.dumps(want))
-    return str(path)
+    return str(cached_tiny_model(out / "bench-model", seed=0, ascii_only=True, **BENCH_MODEL))
 
 
 def request_overhead(result: dict[str, Any], simulated_ttfts: list[float]) -> float:

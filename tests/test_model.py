@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from sp_serve.model import CausalLM, ModelSpec, load_model, load_spec, load_tokenizer
-from sp_serve.model.tiny import SPECIAL_TOKENS, TINY_DEFAULT, default_model_dir, make_tiny_model
+from sp_serve.model.tiny import (
+    SPECIAL_TOKENS,
+    TINY_DEFAULT,
+    cached_tiny_model,
+    default_model_dir,
+    make_tiny_model,
+)
 from tests.checkpoints import CHECKPOINT_CASES, write_hf_checkpoint
 
 CASE_NAMES = [name for name, _ in CHECKPOINT_CASES]
@@ -407,6 +413,10 @@ def test_default_model_dir_is_cached(tmp_path, monkeypatch):
     assert default_model_dir() == first
     assert (first / "model.safetensors").stat().st_mtime_ns == mtime  # not rebuilt
     load_model(first)
+    # Other arguments for the same directory: remade with them (no stale checkpoint).
+    again = cached_tiny_model(first, arch="llama", seed=0, num_hidden_layers=1)
+    assert again == first and json.loads((first / "config.json").read_text())["num_hidden_layers"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
 def test_write_hf_checkpoint_spellings(tmp_path):

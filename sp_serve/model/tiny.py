@@ -183,23 +183,30 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0,
 
 
 def default_model_dir() -> Path:
-    """$SP_SERVE_CACHE/tiny-llama (default ~/.cache/sp-serve/tiny-llama), made on first use.
+    """$SP_SERVE_CACHE/tiny-llama (default ~/.cache/sp-serve/tiny-llama), made on first use."""
+    root = Path(os.environ.get("SP_SERVE_CACHE", "~/.cache/sp-serve")).expanduser()
+    return cached_tiny_model(root / "tiny-llama", arch="llama", seed=0)
+
+
+def cached_tiny_model(target: str | Path, **kwargs: Any) -> Path:
+    """make_tiny_model(target, **kwargs), unless target already holds the one these arguments
+    (and this TINY_VERSION) make: a stamp file records them.
 
     Built in a temporary sibling and renamed into place, so concurrent first uses (several
     ranks, parallel tests) never see a half-written checkpoint.
     """
-    root = Path(os.environ.get("SP_SERVE_CACHE", "~/.cache/sp-serve")).expanduser()
-    target = root / "tiny-llama"
+    target = Path(target)
+    want = {"version": TINY_VERSION, **kwargs}
     stamp = target / "sp-serve-tiny.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("version") == TINY_VERSION:
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        make_tiny_model(tmp, arch="llama", seed=0)
-        (tmp / "sp-serve-tiny.json").write_text(json.dumps({"version": TINY_VERSION}))
+        make_tiny_model(tmp, **kwargs)
+        (tmp / "sp-serve-tiny.json").write_text(json.dumps(want))
         if target.exists():
-            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))
+            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
             try:
                 target.rename(stale / "old")
             except OSError:
