@@ -251,8 +251,37 @@ def test_tbt_holds_for_most_cycles_when_step_times_are_noisy():
         last = sim.took[-1] if step.decode else None
     late = cycles[150:]
     within = sum(c <= TBT_S for c in late) / len(late)
-    assert within >= 0.98, within  # a p99 aim read off 128 past cycles: ~1% over
+    assert within >= 0.99, within  # a p99 aim: the largest of 128 past cycles plus the misses
     assert sum(late) / len(late) > 0.5 * TBT_S
+
+
+def test_cycle_headroom_answers_to_misses_against_the_target():
+    """Misses of the TBT target itself raise the cycle headroom 5% each; cycles within it let
+    it decay, never below 1, never above 2. Misses while the cycle scale is still unmeasured
+    (the calibration's error, see the test above) do not count."""
+    from sp_serve.engine.scheduler import StepTimeCorrection
+
+    st = StepTimeCorrection()
+    for _ in range(StepTimeCorrection.MIN_SAMPLES):
+        st.observe_cycle(0.05, 0.15, 0.5, target_s=0.2)  # 2.5x over, unmeasured yet
+    assert st.headroom == 1.0
+    base = st.cycle_scale()
+    assert base == pytest.approx(2.5)
+    for _ in range(3):
+        st.observe_cycle(0.05, 0.15, 0.21, target_s=0.2)
+    assert st.headroom == pytest.approx(1.05 ** 3)
+    assert st.cycle_scale() == pytest.approx(1.05 ** 3 * base)
+    for _ in range(100):
+        st.observe_cycle(0.05, 0.15, 0.1, target_s=0.2)
+    assert st.headroom == pytest.approx(1.05 ** 3 * 0.99975 ** 100)
+    for _ in range(10_000):
+        st.observe_cycle(0.05, 0.15, 0.1, target_s=0.2)
+    assert st.headroom == 1.0
+    for _ in range(100):
+        st.observe_cycle(0.05, 0.15, 1.0, target_s=0.2)
+    assert st.headroom == 2.0
+    st.observe_cycle(0.05, 0.15, 1.0)  # no target given: the headroom stays
+    assert st.headroom == 2.0
 
 
 def test_idle_time_is_not_taken_for_step_time():
