@@ -10,18 +10,20 @@
    step loop, no HTTP) and compare every step's measured time with the cost model's prediction
    for the step the scheduler chose; also the per-step time outside the ranks' work (sampling,
    bookkeeping) that the cost model leaves out. TTFT/TBT of this replay vs its simulation.
-3. Serving, twice: `sp-serve serve --cost-model OUT/cost.json --step-log FILE` and `bench
-   serve`'s client, run A with the replay's workload (--seed) and run B with a workload of the
-   same shape drawn with another seed (--serve-seed; the simulator generates exactly the
-   bench's lengths and arrival times). Each run's step log (every step as the server measured
-   it under HTTP load) and its per-request serving latency (median TTFT beyond the simulated)
-   calibrate a prediction of the other run: TTFT/TBT/E2E measured over HTTP vs simulated on the
-   trace the bench actually sent, both ways, plus run A from its own calibration (in-sample).
+3. Serving, --serve-runs times (default 3): `sp-serve serve --cost-model OUT/cost.json
+   --step-log FILE` and `bench serve`'s client, run i with the workload of seed --seed + i (the
+   simulator generates exactly the bench's lengths and arrival times). Each run is predicted
+   from the other runs (leave one out): step costs and noise fitted on their step logs (every
+   step as the server measured it under HTTP load) and their per-request serving latency
+   (median TTFT beyond the simulated). Printed: each run's logged step times against that fit,
+   and its TTFT/TBT/TPOT/E2E measured over HTTP vs simulated on the trace the bench actually
+   sent, with each measured figure's bootstrap spread over its requests; then in-sample (all
+   runs' logs), also at each run's own measured speed.
 Two predictions: "start-up" (the start-up calibration alone, what `plan --simulate
 --cost-model cost.json` gives) and "calibrated": for the replay, step times refitted on the
 replay plus its noise (in-sample); for HTTP, what `plan --simulate --cost-model cost.json
---step-log FILE --request-overhead-ms X` gives. Each simulated figure is the mean over
---sim-seeds noise seeds.
+--step-log LOG [LOG ...] --request-overhead-ms X` gives. Each simulated figure is the mean
+over --sim-seeds noise seeds.
 Relative error = predicted / measured - 1. The target is within 20%; the machine is shared and
 has 2 cores that the ranks, the server and the client all use, so expect noise between runs.
 The default model is a small random Llama (4 layers, hidden 256) so steps do real work.
@@ -239,7 +241,7 @@ def calibrate_on(runs: list[dict[str, Any]], cost, config: SimConfig) -> dict[st
             "config": dataclasses.replace(noisy, request_overhead_s=latency),
             "summary": (f"{names}: {fit.num_steps} steps, speed vs the fit "
                         + "/".join(f"{x:.2f}" for x in fit.run_speed)
-                        + f", noise sigma {fit.sigma:.2f} at {1e3 * fit.sigma_at_s:.0f} ms, "
+                        + f", noise {noise(fit.sigma, fit.sigma_at_s)}, "
                         f"request latency {1e3 * latency:.1f} ms")}
 
 
@@ -342,6 +344,11 @@ def print_runs(title: str, rows: list[dict[str, Any]], columns: list[str]) -> No
             line += f"{'' if spread is None else f'±{100 * spread:.0f}%':>6}"
             line += "".join(f"{_pct(r[c][i]['rel_error']):>14}" for c in columns)
         print(line)
+
+
+def noise(sigma: float, at_s: float) -> str:
+    return (f"sigma {sigma:.2f} at {1e3 * at_s:.0f} ms" if at_s
+            else f"sigma {sigma:.2f} at every step length")
 
 
 def _pct(error: float | None) -> str:
@@ -514,7 +521,7 @@ def main() -> int:
           "server schedules with), nothing else.\ncalibrated, replay: step times from a CostModel "
           "refitted on the replay's measured steps (the scheduler still decides with\nthe "
           f"start-up one), the median per-step work outside the ranks ({1e3 * overhead_s:.1f} ms), "
-          f"log-normal step noise of sigma {sigma:.2f} at {1e3 * sigma_at_s:.0f} ms (the replay's\n"
+          f"log-normal step noise {noise(sigma, sigma_at_s)} (the replay's\n"
           "residuals); in-sample. calibrated, HTTP: what `plan --simulate --cost-model cost.json "
           "--step-log LOG [LOG ...] --request-overhead-ms X`\ngives with the other runs' step "
           "logs and per-request latency (the median TTFT beyond the simulated). Simulated\nfigures are "

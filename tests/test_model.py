@@ -417,6 +417,16 @@ def test_default_model_dir_is_cached(tmp_path, monkeypatch):
     again = cached_tiny_model(first, arch="llama", seed=0, num_hidden_layers=1)
     assert again == first and json.loads((first / "config.json").read_text())["num_hidden_layers"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+    # Defaults are part of the stamp: spelling one out does not rebuild.
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    cached_tiny_model(first, seed=0, num_hidden_layers=1)
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+    # A directory that is not such a cache is left alone.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a cached tiny model"):
+        cached_tiny_model(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_write_hf_checkpoint_spellings(tmp_path):

@@ -6,6 +6,7 @@ finishes a sequence at its max_tokens. No tensors, no ranks, no wall-clock time.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -282,6 +283,29 @@ def test_cycle_headroom_answers_to_misses_against_the_target():
     assert st.headroom == 2.0
     st.observe_cycle(0.05, 0.15, 1.0)  # no target given: the headroom stays
     assert st.headroom == 2.0
+
+
+def test_misses_the_plan_could_not_avoid_do_not_raise_the_headroom():
+    """64 sequences decoding take 0.34 s a step, more than the 0.2 s TBT target alone: every
+    cycle misses, whatever the prefill chunk (the progress guarantee's min_chunk_tokens). The
+    headroom must not climb on those (it would halve prefill budgets for thousands of cycles
+    after the burst)."""
+    sim = Sim("slo", cost=dataclasses.replace(COST, decode_per_seq_s=5e-3), max_num_seqs=128)
+    for _ in range(64):
+        sim.add(100, max_tokens=100_000)
+    while len(sim.sched.running) < 64 and len(sim.steps) < 500:
+        sim.step()
+    assert len(sim.sched.running) == 64
+    sim.add(1_000_000, max_tokens=1)
+    cycles, last = [], None
+    for _ in range(200):
+        step = sim.step()
+        if step.prefill and last is not None:
+            cycles.append(last + sim.took[-1])
+            assert sum(b - a for _, a, b in step.prefill) == sim.sched.config.min_chunk_tokens
+        last = sim.took[-1] if step.decode else None
+    assert len(cycles) > 50 and min(cycles) > TBT_S
+    assert sim.sched.step_time.headroom == 1.0
 
 
 def test_idle_time_is_not_taken_for_step_time():

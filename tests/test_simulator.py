@@ -173,7 +173,12 @@ def test_step_time_noise_is_seeded_mean_one_and_the_scheduler_reacts():
     # as on a real engine, sizes prefill chunks beside decodes smaller to keep the TBT target.
     q, n = quiet.summary(), noisy.summary()
     assert n["steps"]["mean_prefill_tokens_per_step"] < 0.9 * q["steps"]["mean_prefill_tokens_per_step"]
-    assert n["metrics"]["median_itl_ms"] > q["metrics"]["median_itl_ms"]
+
+    def within_target(result):
+        gaps = np.concatenate([np.diff(r.token_times) for r in result.requests])
+        return np.mean(gaps <= 0.1)
+
+    assert within_target(noisy) >= within_target(quiet)  # the smaller chunks pay for the noise
     with pytest.raises(ValueError, match="step-time-sigma"):
         SimConfig(step_time_sigma=-0.1)
 
@@ -421,6 +426,40 @@ def test_fit_step_log_recovers_the_step_costs_and_their_noise(tmp_path):
         fit_step_log(tmp_path / "missing.jsonl")
 
 
+def _noise_log(path, lengths_s, sigma, at_s, seed=0):
+    """Prefill and decode steps of the given lengths (their shapes proportional to them), each
+    with mean-one log-normal noise of step_sigma(sigma, at_s, length)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, t in enumerate(lengths_s):
+        s = step_sigma(sigma, at_s, t)
+        noisy = t * math.exp(s * rng.standard_normal() - s * s / 2)
+        if i % 3 == 0:
+            lines.append({"chunks": [[int(t * 1e5), 0]], "decode": [0, 0], "measured_s": noisy})
+        else:
+            lines.append({"chunks": [], "decode": [1, int(t * 1e6)], "measured_s": noisy})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_fit_step_log_noise_on_wide_step_length_ranges_and_flat_noise(tmp_path):
+    # Length-scaled noise over 2 ms and 200 ms steps: the moment equation has two roots there
+    # (a fixed-point iteration from 0 ran off to NaN); the fit takes the right one.
+    lengths = [0.002 if i % 10 < 7 else 0.2 for i in range(3000)]
+    fit = fit_step_log(_noise_log(tmp_path / "wide.jsonl", lengths, 0.2, 0.02))
+    assert fit.sigma_at_s > 0 and math.isfinite(fit.sigma)
+    assert step_sigma(fit.sigma, fit.sigma_at_s, 0.02) == pytest.approx(0.2, rel=0.15)
+    # One sigma at every length (a GPU-like log: 8 ms decode, 400 ms prefill steps): the flat
+    # model describes it better, and its sigma is the one the log was written with.
+    lengths = [0.4 if i % 3 == 0 else 0.008 for i in range(3000)]
+    flat = fit_step_log(_noise_log(tmp_path / "flat.jsonl", lengths, 0.05, 0.0))
+    assert flat.sigma_at_s == 0.0 and flat.sigma == pytest.approx(0.05, rel=0.1)
+    # A log with no step measured is an error, not a silently shorter speed list.
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl.*no step measured"):
+        fit_step_log([tmp_path / "flat.jsonl", tmp_path / "empty.jsonl"])
+
+
 def test_fit_step_log_learns_each_decode_batch_size_s_departure_from_the_linear_model(tmp_path):
     # Decode steps concave in the batch, as on this CPU (batch 2 costs 1.5x batch 1, batch 6
     # only 2x): the linear model alone misses batch sizes by 10-20%; the per-batch factors put
@@ -477,5 +516,15 @@ def test_cli_simulate_from_a_step_log(tmp_path, capsys):
     (run,) = json.loads(capsys.readouterr().out)["runs"]
     assert "fitted on 800 logged steps" in run["step_cost"] and "more.jsonl" in run["step_cost"]
     assert "each log's speed vs the fit" in run["step_cost"]
+    # --step-time-sigma-at-ms restates the fitted noise for that step length ...
+    assert cli.run(_args(*argv, "--step-time-sigma-at-ms", "100")) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    fit = fit_step_log(tmp_path / "steps.jsonl")
+    assert run["step_time_sigma_at_ms"] == 100
+    assert run["step_time_sigma"] == pytest.approx(step_sigma(fit.sigma, fit.sigma_at_s, 0.1))
+    # ... and without a sigma to restate it is an error that says what to add.
+    assert cli.run(_args("--simulate", "--num-kv-blocks", "100", "--cost-model",
+                         str(tmp_path / "cost.json"), "--step-time-sigma-at-ms", "100")) == 2
+    assert "give --step-time-sigma too" in capsys.readouterr().err
     assert cli.run(_args("--simulate", "--step-log", str(tmp_path / "none.jsonl"),
                          "--num-kv-blocks", "10")) == 2

@@ -78,8 +78,13 @@ class Scheduler:
         self.step_observer: Callable[[dict], None] | None = None
         self._prefill_kind = "prefill_alone"
         # The TBT cycle in progress: (start of the last decode step, the cost model's seconds
-        # for it and for the prefill step after it, None until that has been scheduled).
-        self._cycle: tuple[float, float, float | None] | None = None
+        # for it and for the prefill step after it, None until that has been scheduled, and
+        # whether that prefill step was planned to fit the TBT target).
+        self._cycle: tuple[float, float, float | None, bool] | None = None
+        # The prefill step being planned could not fit the TBT target: decode alone ate the
+        # budget, or the progress guarantee forced a chunk (StepTimeCorrection's headroom
+        # learns nothing from such a miss).
+        self._prefill_forced = False
 
     # ---- bookkeeping -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -134,12 +139,12 @@ class Scheduler:
         prefill step between them (see StepTimeCorrection.cycle_scale)."""
         if kind == "decode":
             if self._cycle is not None and self._cycle[2] is not None:
-                start, decode_s, prefill_s = self._cycle
+                start, decode_s, prefill_s, planned = self._cycle
                 self.step_time.observe_cycle(decode_s, prefill_s, now - start,
-                                             self.config.tbt_slo_s)
-            self._cycle = (now, predicted_s, None)
+                                             self.config.tbt_slo_s if planned else None)
+            self._cycle = (now, predicted_s, None, False)
         elif kind == "prefill_beside_decode" and self._cycle is not None and self._cycle[2] is None:
-            self._cycle = (self._cycle[0], self._cycle[1], predicted_s)
+            self._cycle = (self._cycle[0], self._cycle[1], predicted_s, not self._prefill_forced)
         else:
             self._cycle = None
 
@@ -165,6 +170,7 @@ class Scheduler:
                 decode_s = self.cost.decode_s(len(self.running), ctx) * self.step_time.scale("decode")
                 time_left_s = self.config.tbt_slo_s / self.step_time.cycle_scale() - decode_s
                 self._prefill_kind = "prefill_beside_decode"  # small chunks, deep in long prompts
+                self._prefill_forced = time_left_s <= 0
             else:
                 time_left_s = self.config.max_prefill_step_s
                 if time_left_s is None:
@@ -250,6 +256,8 @@ class Scheduler:
                         continue
                     break
                 # Progress guarantee: the first chunk runs even when decode alone eats the TBT.
+                if not fit:
+                    self._prefill_forced = True
                 n = fit or min(n, self.config.min_chunk_tokens)
             shares = self.blocks.prefill_shares(n)
             if not self.blocks.can_hold(seq.seq_id, shares) and not self._preempt_for(seq, shares, step):

@@ -10,6 +10,7 @@ The tokenizer is byte-level BPE (256 byte tokens, a few merges, special tokens) 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -190,21 +191,30 @@ def default_model_dir() -> Path:
 
 def cached_tiny_model(target: str | Path, **kwargs: Any) -> Path:
     """make_tiny_model(target, **kwargs), unless target already holds the one these arguments
-    (and this TINY_VERSION) make: a stamp file records them.
+    (defaults filled in) and this TINY_VERSION make: a stamp file records them. A non-empty
+    target without a stamp is not touched (ValueError): it is not a cache of this function's.
 
     Built in a temporary sibling and renamed into place, so concurrent first uses (several
     ranks, parallel tests) never see a half-written checkpoint.
     """
     target = Path(target)
-    want = {"version": TINY_VERSION, **kwargs}
+    bound = inspect.signature(make_tiny_model).bind(target, **kwargs)
+    bound.apply_defaults()
+    arguments = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "overrides")}
+    want = {"version": TINY_VERSION, **arguments, **bound.arguments.get("overrides", {})}
     stamp = target / "sp-serve-tiny.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == want:
-        return target
+    text = json.dumps(want, sort_keys=True)  # fails now, not after the build, on odd arguments
+    if stamp.is_file():
+        if json.dumps(json.loads(stamp.read_text()), sort_keys=True) == text:
+            return target
+    elif target.is_dir() and any(target.iterdir()):
+        raise ValueError(f"{target} is not empty and holds no {stamp.name}: not a cached tiny "
+                         "model, so it is left alone; remove it or choose another directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         make_tiny_model(tmp, **kwargs)
-        (tmp / "sp-serve-tiny.json").write_text(json.dumps(want))
+        (tmp / "sp-serve-tiny.json").write_text(text)
         if target.exists():
             stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
             try:

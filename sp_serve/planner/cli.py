@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from sp_serve.planner.analytic import (
     ATTN_FLOPS_CONVENTIONS,
@@ -441,6 +442,7 @@ def build_simulations(args: argparse.Namespace):
         CalibratedStepCost,
         SimConfig,
         fit_step_log,
+        step_sigma,
     )
 
     calibrated = fitted = None
@@ -459,9 +461,15 @@ def build_simulations(args: argparse.Namespace):
         )
     sigma, sigma_at_ms = args.step_time_sigma, args.step_time_sigma_at_ms
     if sigma is None and fitted is not None:
-        sigma = fitted.sigma
-        if sigma_at_ms is None:
-            sigma_at_ms = 1e3 * fitted.sigma_at_s
+        if sigma_at_ms is None:  # as fitted
+            sigma, sigma_at_ms = fitted.sigma, 1e3 * fitted.sigma_at_s
+        elif sigma_at_ms > 0:  # the fitted noise, restated for a step of that length
+            sigma = step_sigma(fitted.sigma, fitted.sigma_at_s, sigma_at_ms / 1e3)
+        else:  # one sigma for every step: the fitted one at the logged steps' median length
+            sigma = fitted.sigma
+    elif sigma is None and sigma_at_ms is not None:
+        raise ValueError("--step-time-sigma-at-ms says which step length --step-time-sigma "
+                         "holds for: give --step-time-sigma too (or a --step-log to fit it on)")
     runs = []
     for sp, scheduler, ttft, tbt in itertools.product(
         args.sp_size, args.scheduler, args.ttft_slo_ms, args.tbt_slo_ms
@@ -469,8 +477,8 @@ def build_simulations(args: argparse.Namespace):
         dep = build_deployment(args, sp)
         if fitted is not None:
             speeds = "" if len(fitted.run_speed) < 2 else (
-                "; each log's speed vs the fit "
-                + " / ".join(f"{x:.2f}" for x in fitted.run_speed))
+                "; each log's speed vs the fit: " + ", ".join(
+                    f"{Path(p).name} {x:.2f}" for p, x in zip(args.step_log, fitted.run_speed)))
             cost = fitted.step_cost(
                 f"fitted on {fitted.num_steps} logged steps: {', '.join(args.step_log)}{speeds}",
                 scheduler_model=calibrated)

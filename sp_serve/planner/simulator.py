@@ -240,9 +240,11 @@ Step = tuple[list[tuple[int, int]], int, int, float]  # chunks [(new, cached)], 
 @dataclass
 class StepLogFit:
     model: CostModel
-    # The log-normal noise around the model, as SimConfig.step_time_sigma(_at_s) take it: the
-    # sigma of a step of sigma_at_s seconds (the logged steps' median predicted time), longer
-    # steps less (variance ~ 1 / length), fitted on log(measured / model) within each log.
+    # The log-normal noise around the model, as SimConfig.step_time_sigma(_at_s) take it,
+    # fitted on log(measured / model) within each log: either the sigma of a step of
+    # sigma_at_s seconds (the logged steps' median predicted time), longer steps less
+    # (variance ~ 1 / length, as on a shared CPU), or, when that describes the log worse than
+    # one sigma for every step (sigma_at_s = 0), that sigma.
     sigma: float
     sigma_at_s: float
     num_steps: int
@@ -290,6 +292,9 @@ def fit_step_log(paths: str | Path | list[str] | list[Path]) -> StepLogFit:
                 raise ValueError(
                     f"{where}: not a step record; expected lines like {example}") from None
             steps.append((chunks, batch, context, measured))
+        if not any(t > 0 for *_, t in steps):
+            raise ValueError(f"--step-log {str(path)!r} has no step measured; expected lines "
+                             f"like {example}")
         logs.append(steps)
     return fit_steps(logs, ", ".join(map(str, paths)))
 
@@ -298,6 +303,8 @@ def fit_steps(logs: list[list[Step]], source: str) -> StepLogFit:
     """fit_step_log's fit on parsed steps, one list per log: (chunks [(new, cached)], decode
     batch, decode context, measured seconds); steps measured at 0 s or less are left out."""
     logs = [[s for s in steps if s[3] > 0] for steps in logs]
+    if not all(logs):
+        raise ValueError(f"{source}: a log without a step measured")
     steps = [s for log in logs for s in log]
     prefill = [(*chunks[0], t) for chunks, b, _, t in steps if len(chunks) == 1 and not b]
     decode = [(b, k, t) for chunks, b, k, t in steps if b and not chunks]
@@ -320,20 +327,47 @@ def fit_steps(logs: list[list[Step]], source: str) -> StepLogFit:
         keep = predicted > 0
         return predicted[keep], np.log(measured[keep] / predicted[keep])
 
-    runs = [residuals(log) for log in logs if log]
+    runs = [residuals(log) for log in logs]
     at_s = float(np.median(np.concatenate([p for p, _ in runs])))
-    # Within a log, log(measured / model) ~ N(offset - v/2, v) with v = sigma^2 * at_s / t (the
-    # noise has mean 1; offset: that run's speed). sigma^2 by the method of moments,
-    # E[(log - offset + v/2)^2 * t / at_s] = sigma^2, a fixed point.
-    sigma2 = 0.0
-    for _ in range(20):
-        centred = []
-        for predicted, log_ratio in runs:
-            x = log_ratio + sigma2 * at_s / predicted / 2
-            centred.append((x - x.mean()) * np.sqrt(predicted / at_s))
-        sigma2 = float(np.mean(np.concatenate(centred) ** 2))
+    sigma, sigma_at_s = _fit_noise(runs, at_s)
     speed = [float(np.mean(np.exp(log_ratio))) for _, log_ratio in runs]
-    return StepLogFit(model, math.sqrt(sigma2), at_s, len(steps), speed, factor)
+    return StepLogFit(model, sigma, sigma_at_s, len(steps), speed, factor)
+
+
+def _fit_noise(runs: list[tuple[np.ndarray, np.ndarray]], at_s: float) -> tuple[float, float]:
+    """(sigma, at_s) of the step noise, or (sigma, 0.0) for one sigma at every length, from
+    each log's (predicted seconds, log(measured / predicted)), whichever describes the logs
+    better (Gaussian likelihood of the log ratios). Each log keeps its own mean (its speed)."""
+    n = sum(len(p) for p, _ in runs)
+    dof = n / max(1, n - len(runs))  # one mean per log estimated
+    # Flat: every log ratio has variance s2 (its mean shift -s2/2 is the same for all).
+    resid = np.concatenate([r - r.mean() for _, r in runs])
+    flat = float(np.mean(resid ** 2)) * dof
+    # Length-scaled: log ratio ~ N(offset - v/2, v), v = s2 * at_s / t. With a = the centred
+    # ratio and b = the centred at_s / t, the method of moments asks
+    # s2 = mean(w (a + s2 b / 2)^2), w = t / at_s: C s2^2 + (B - 1) s2 + A = 0; the smaller
+    # root (the larger one is an artefact of the v/2 term), or A when there is none.
+    a = resid
+    b = np.concatenate([at_s / p - np.mean(at_s / p) for p, _ in runs])
+    w = np.concatenate([p / at_s for p, _ in runs])
+    big_a, big_b, big_c = (float(np.mean(w * a * a)), float(np.mean(w * a * b)),
+                           float(np.mean(w * b * b)) / 4)
+    disc = (1 - big_b) ** 2 - 4 * big_a * big_c
+    if big_c > 0 and disc >= 0 and big_b < 1:
+        scaled = (1 - big_b - math.sqrt(disc)) / (2 * big_c)
+    else:
+        scaled = big_a
+    scaled *= dof
+
+    def log_likelihood(residual: np.ndarray, var: np.ndarray) -> float:
+        var = np.maximum(var, 1e-12)
+        return float(-0.5 * np.sum(np.log(var) + residual ** 2 / var))
+
+    t = np.concatenate([p for p, _ in runs])
+    if (log_likelihood(a + scaled * b / 2, scaled * at_s / t)
+            > log_likelihood(resid, np.full_like(t, flat))):
+        return min(MAX_STEP_SIGMA, math.sqrt(max(scaled, 0.0))), at_s
+    return min(MAX_STEP_SIGMA, math.sqrt(max(flat, 0.0))), 0.0
 
 
 class AnalyticStepCost:
@@ -418,9 +452,8 @@ class SimConfig:
     # chunks. With step_time_sigma_at_s > 0, step_time_sigma is the sigma of a step that long
     # and a step of t seconds gets step_time_sigma * sqrt(step_time_sigma_at_s / t) (at most
     # MAX_STEP_SIGMA): the noise's variance grows with the step's length, as when other work
-    # on the same cores steals time slices at random, so a long prefill step averages most of it
-    # out (what a server's step log shows: sigma ~0.25 on 25 ms decode steps, < 0.1 on 150 ms
-    # prefill steps). With 0, every step gets step_time_sigma.
+    # on the same cores steals time slices at random, so a long prefill step averages some of
+    # it out. With 0, every step gets step_time_sigma. fit_step_log picks either for a log.
     step_time_sigma: float = 0.0
     step_time_sigma_at_s: float = 0.0
     seed: int = 0
