@@ -59,6 +59,7 @@ from sp_serve.planner.simulator import (
     fit_step_log,
     fit_steps,
     generate_trace,
+    read_step_log,
     simulate,
     step_seconds,
     trace_from_bench_result,
@@ -282,16 +283,10 @@ def logged_step_errors(step_log: Path, cost: CalibratedStepCost) -> dict[str, An
     """A step cost's predictions for the steps a server logged: per kind (steps with prefill
     chunks, decode steps), the total relative error and the median per-step |error|."""
     out = {}
-    steps = [json.loads(line) for line in step_log.read_text().splitlines() if line.strip()]
+    steps = read_step_log(step_log)
     for kind in ("prefill", "decode"):
-        pairs = []
-        for s in steps:
-            if bool(s["chunks"]) != (kind == "prefill"):
-                continue
-            b, k = s["decode"]
-            context = [k // b + (i < k % b) for i in range(b)] if b else []
-            predicted = sum(cost.prefill_s(n, c) for n, c in s["chunks"]) + cost.decode_s(context)
-            pairs.append((predicted, s["measured_s"]))
+        pairs = [(cost.logged_step_s(s), s[3]) for s in steps
+                 if bool(s[0]) == (kind == "prefill") and s[3] > 0]
         if pairs:
             out[kind] = {"count": len(pairs),
                          "total_rel_error": sum(p for p, _ in pairs) / sum(m for _, m in pairs) - 1,

@@ -204,6 +204,18 @@ def test_short_prompts_overtake_a_long_one_prefilled_between_decodes():
     assert len(ttfts) > 20 and max(ttfts) <= 2 * TBT_S + 0.01
 
 
+def decode_prefill_cycles(sim: Sim, steps: int) -> list[tuple[float, ScheduledStep]]:
+    """Runs `steps` steps; for each prefill step right after a decode step, the seconds the two
+    took together (what the TBT target bounds) and the prefill step."""
+    cycles, last = [], None
+    for _ in range(steps):
+        step = sim.step()
+        if step.prefill and last is not None:
+            cycles.append((last + sim.took[-1], step))
+        last = sim.took[-1] if step.decode else None
+    return cycles
+
+
 @pytest.mark.parametrize("slowdown", [0.5, 2.0])
 def test_tbt_holds_in_measured_time_when_the_cost_model_is_off(slowdown):
     """The calibration says 1 s where a step takes `slowdown` s. After a few steps the scheduler
@@ -216,13 +228,7 @@ def test_tbt_holds_in_measured_time_when_the_cost_model_is_off(slowdown):
         sim.step()
     assert len(sim.sched.running) == 4
     sim.add(1_000_000, max_tokens=1)  # still prefilling at the end
-    cycles, last = [], None  # measured seconds of a decode step and the prefill step after it
-    for _ in range(400):
-        step = sim.step()
-        took = sim.predicted_s(step) * slowdown  # before the next step changes the sequences
-        if step.prefill and last is not None:
-            cycles.append(last + took)
-        last = took if step.decode else None
+    cycles = [seconds for seconds, _ in decode_prefill_cycles(sim, 400)]
     assert len(cycles) >= 199
     assert sim.sched.step_time.scale("prefill_beside_decode") == pytest.approx(slowdown)
     assert sim.sched.step_time.scale("decode") == pytest.approx(slowdown)
@@ -244,13 +250,7 @@ def test_tbt_holds_for_most_cycles_when_step_times_are_noisy():
     for _ in range(8):
         sim.step()
     sim.add(1_000_000, max_tokens=1)
-    cycles, last = [], None
-    for _ in range(1000):
-        step = sim.step()
-        if step.prefill and last is not None:
-            cycles.append(last + sim.took[-1])
-        last = sim.took[-1] if step.decode else None
-    late = cycles[150:]
+    late = [seconds for seconds, _ in decode_prefill_cycles(sim, 1000)][150:]
     within = sum(c <= TBT_S for c in late) / len(late)
     assert within >= 0.99, within  # a p99 aim: the largest of 128 past cycles plus the misses
     assert sum(late) / len(late) > 0.5 * TBT_S
@@ -297,14 +297,10 @@ def test_misses_the_plan_could_not_avoid_do_not_raise_the_headroom():
         sim.step()
     assert len(sim.sched.running) == 64
     sim.add(1_000_000, max_tokens=1)
-    cycles, last = [], None
-    for _ in range(200):
-        step = sim.step()
-        if step.prefill and last is not None:
-            cycles.append(last + sim.took[-1])
-            assert sum(b - a for _, a, b in step.prefill) == sim.sched.config.min_chunk_tokens
-        last = sim.took[-1] if step.decode else None
-    assert len(cycles) > 50 and min(cycles) > TBT_S
+    cycles = decode_prefill_cycles(sim, 200)
+    assert len(cycles) > 50 and min(seconds for seconds, _ in cycles) > TBT_S
+    for _, step in cycles:
+        assert sum(b - a for _, a, b in step.prefill) == sim.sched.config.min_chunk_tokens
     assert sim.sched.step_time.headroom == 1.0
 
 

@@ -149,11 +149,15 @@ def test_request_overhead_delays_first_tokens_not_tbt():
         SimConfig(request_overhead_s=-1)
 
 
+def short_ones_decoding_as_two_long_ones_arrive() -> list[TraceRequest]:
+    """Short requests decoding while two long prompts arrive: those are chunked beside decodes."""
+    return sorted([TraceRequest(0.05 * i, 100, 64) for i in range(10)]
+                  + [TraceRequest(0.3, 12000, 8, True), TraceRequest(0.35, 9000, 8, True)],
+                  key=lambda r: r.arrival_time)
+
+
 def test_step_time_noise_is_seeded_mean_one_and_the_scheduler_reacts():
-    # Short requests decoding while two long prompts arrive: those are chunked beside decodes.
-    trace = sorted([TraceRequest(0.05 * i, 100, 64) for i in range(10)]
-                   + [TraceRequest(0.3, 12000, 8, True), TraceRequest(0.35, 9000, 8, True)],
-                   key=lambda r: r.arrival_time)
+    trace = short_ones_decoding_as_two_long_ones_arrive()
     cost = CalibratedStepCost(CPU_COST)
 
     def run(sigma, seed=0):
@@ -186,9 +190,7 @@ def test_step_time_noise_is_seeded_mean_one_and_the_scheduler_reacts():
 def test_step_time_noise_shrinks_with_the_step_length_when_given_a_reference():
     # Decode steps of ~10 ms and prefill chunks of ~55 ms: with the noise's sigma given for a
     # 10 ms step, a step of t s gets sigma * sqrt(0.01 / t), always of mean 1.
-    trace = sorted([TraceRequest(0.05 * i, 100, 64) for i in range(10)]
-                   + [TraceRequest(0.3, 12000, 8, True), TraceRequest(0.35, 9000, 8, True)],
-                   key=lambda r: r.arrival_time)
+    trace = short_ones_decoding_as_two_long_ones_arrive()
     result = simulate(trace, SimConfig(sp_size=2, num_kv_blocks=4096, tbt_slo_s=0.1,
                                        step_time_sigma=0.3, step_time_sigma_at_s=0.01),
                       CalibratedStepCost(CPU_COST))

@@ -208,6 +208,9 @@ class StepCost(Protocol):
         ...
 
 
+Step = tuple[list[tuple[int, int]], int, int, float]  # chunks [(new, cached)], batch, context, s
+
+
 class CalibratedStepCost:
     """Step times from a CostModel calibrated on real hardware (per SP group, at the SP degree
     it was calibrated at). The scheduler decides with the same model unless scheduler_model is
@@ -226,15 +229,18 @@ class CalibratedStepCost:
         return self.model.prefill_s(new_tokens, cached_tokens)
 
     def decode_s(self, context_lens: list[int]) -> float:
-        batch = len(context_lens)
-        return (self.model.decode_s(batch, sum(context_lens))
-                * self.decode_batch_factor.get(batch, 1.0))
+        return self._decode_s(len(context_lens), sum(context_lens))
+
+    def _decode_s(self, batch: int, context: int) -> float:
+        return self.model.decode_s(batch, context) * self.decode_batch_factor.get(batch, 1.0)
+
+    def logged_step_s(self, step: Step) -> float:
+        """The modelled seconds of a step as a step log records it (read_step_log)."""
+        chunks, batch, context, _ = step
+        return sum(self.prefill_s(n, c) for n, c in chunks) + self._decode_s(batch, context)
 
     def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
         return self.scheduler_model
-
-
-Step = tuple[list[tuple[int, int]], int, int, float]  # chunks [(new, cached)], batch, context, s
 
 
 @dataclass
@@ -275,28 +281,35 @@ def fit_step_log(paths: str | Path | list[str] | list[Path]) -> StepLogFit:
     and _at_s)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    example = '{"chunks": [[512, 0]], "decode": [0, 0], "measured_s": 0.1}'
-    logs = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ValueError(f"--step-log {str(path)!r} is not a file; write one with "
-                             "`sp-serve serve --step-log FILE`")
-        steps: list[Step] = []
-        for where, obj in iter_jsonl_objects(path.read_text(encoding="utf-8").splitlines(), path,
-                                             example):
-            try:
-                chunks = [(int(n), int(c)) for n, c in obj["chunks"]]
-                batch, context = (int(x) for x in obj["decode"])
-                measured = float(obj["measured_s"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(
-                    f"{where}: not a step record; expected lines like {example}") from None
-            steps.append((chunks, batch, context, measured))
-        if not any(t > 0 for *_, t in steps):
-            raise ValueError(f"--step-log {str(path)!r} has no step measured; expected lines "
-                             f"like {example}")
-        logs.append(steps)
-    return fit_steps(logs, ", ".join(map(str, paths)))
+    return fit_steps([read_step_log(path) for path in paths], ", ".join(map(str, paths)))
+
+
+STEP_LOG_EXAMPLE = '{"chunks": [[512, 0]], "decode": [0, 0], "measured_s": 0.1}'
+
+
+def read_step_log(path: str | Path) -> list[Step]:
+    """A server's step log (`sp-serve serve --step-log FILE`): (chunks [(new, cached)], decode
+    batch, decode context, measured seconds) per step; a clear error for anything else, or for a
+    log without a step measured."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--step-log {str(path)!r} is not a file; write one with "
+                         "`sp-serve serve --step-log FILE`")
+    steps: list[Step] = []
+    for where, obj in iter_jsonl_objects(path.read_text(encoding="utf-8").splitlines(), path,
+                                         STEP_LOG_EXAMPLE):
+        try:
+            chunks = [(int(n), int(c)) for n, c in obj["chunks"]]
+            batch, context = (int(x) for x in obj["decode"])
+            measured = float(obj["measured_s"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"{where}: not a step record; expected lines like {STEP_LOG_EXAMPLE}") from None
+        steps.append((chunks, batch, context, measured))
+    if not any(t > 0 for *_, t in steps):
+        raise ValueError(f"--step-log {str(path)!r} has no step measured; expected lines "
+                         f"like {STEP_LOG_EXAMPLE}")
+    return steps
 
 
 def fit_steps(logs: list[list[Step]], source: str) -> StepLogFit:
@@ -318,11 +331,10 @@ def fit_steps(logs: list[list[Step]], source: str) -> StepLogFit:
             ratios.setdefault(b, []).append(t / model.decode_s(b, k))
     prior = StepLogFit.BATCH_FACTOR_PRIOR
     factor = {b: (sum(r) + prior) / (len(r) + prior) for b, r in sorted(ratios.items())}
+    fitted = CalibratedStepCost(model, decode_batch_factor=factor)
 
     def residuals(log: list[Step]) -> tuple[np.ndarray, np.ndarray]:
-        predicted = np.array([sum(model.prefill_s(n, c) for n, c in chunks)
-                              + model.decode_s(b, k) * factor.get(b, 1.0)
-                              for chunks, b, k, _ in log])
+        predicted = np.array([fitted.logged_step_s(step) for step in log])
         measured = np.array([t for *_, t in log])
         keep = predicted > 0
         return predicted[keep], np.log(measured[keep] / predicted[keep])
@@ -341,13 +353,12 @@ def _fit_noise(runs: list[tuple[np.ndarray, np.ndarray]], at_s: float) -> tuple[
     n = sum(len(p) for p, _ in runs)
     dof = n / max(1, n - len(runs))  # one mean per log estimated
     # Flat: every log ratio has variance s2 (its mean shift -s2/2 is the same for all).
-    resid = np.concatenate([r - r.mean() for _, r in runs])
-    flat = float(np.mean(resid ** 2)) * dof
+    a = np.concatenate([r - r.mean() for _, r in runs])
+    flat = float(np.mean(a ** 2)) * dof
     # Length-scaled: log ratio ~ N(offset - v/2, v), v = s2 * at_s / t. With a = the centred
     # ratio and b = the centred at_s / t, the method of moments asks
     # s2 = mean(w (a + s2 b / 2)^2), w = t / at_s: C s2^2 + (B - 1) s2 + A = 0; the smaller
     # root (the larger one is an artefact of the v/2 term), or A when there is none.
-    a = resid
     b = np.concatenate([at_s / p - np.mean(at_s / p) for p, _ in runs])
     w = np.concatenate([p / at_s for p, _ in runs])
     big_a, big_b, big_c = (float(np.mean(w * a * a)), float(np.mean(w * a * b)),
@@ -365,7 +376,7 @@ def _fit_noise(runs: list[tuple[np.ndarray, np.ndarray]], at_s: float) -> tuple[
 
     t = np.concatenate([p for p, _ in runs])
     if (log_likelihood(a + scaled * b / 2, scaled * at_s / t)
-            > log_likelihood(resid, np.full_like(t, flat))):
+            > log_likelihood(a, np.full_like(t, flat))):
         return min(MAX_STEP_SIGMA, math.sqrt(max(scaled, 0.0))), at_s
     return min(MAX_STEP_SIGMA, math.sqrt(max(flat, 0.0))), 0.0
 
