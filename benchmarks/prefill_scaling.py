@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sp_serve.attention.ring_prefill import RingStats
+from sp_serve.parallel.comm import CommStats
 from sp_serve.attention.zigzag import ZigzagLayout
 from sp_serve.engine.plan import PrefillChunk, StepPlan
 from sp_serve.engine.worker import Worker
@@ -77,14 +77,14 @@ def _rank(pc, ckpt: str, n: int, reps: int):
     ids = torch.randint(3, spec.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     times, waits, mem = [], [], None
     for rep in range(reps):
-        RingStats.exposed_wait_s = 0.0
+        CommStats.exposed_wait_s = 0.0
         dist.barrier()
         meter = PeakRSS() if rep == 0 else None
         t0 = time.perf_counter()
         worker.execute(StepPlan(prefill=[PrefillChunk(0, ids, 0, True, n)]))
         dist.barrier()
         times.append(time.perf_counter() - t0)
-        waits.append(RingStats.exposed_wait_s)
+        waits.append(CommStats.exposed_wait_s)
         if meter is not None:
             mem = meter.stop()
         worker.execute(StepPlan(free_seq_ids=[0]))

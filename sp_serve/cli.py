@@ -38,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--dist-timeout", dest="dist_timeout_s", type=float, default=120.0,
                    help="seconds a rank waits on a peer before giving up")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
+    p.add_argument("--cpu-comm", default="auto", choices=["auto", "shm", "gloo"],
+                   help="how CPU ranks exchange tensors: shared memory when every rank is on this "
+                   "host (auto, shm) or gloo")
     p.add_argument("--cost-model", dest="cost_model_path", default=None,
                    help="a saved step-cost calibration (skips the start-up profile run)")
     p.add_argument("--step-log", default=None, metavar="FILE",
@@ -53,8 +56,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model = str(default_model_dir())
     fields = ["sp_size", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
               "block_size", "kv_cache_memory", "gpu_memory_utilization", "scheduler", "ttft_slo_ms",
-              "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cost_model_path", "step_log",
-              "seed"]
+              "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cpu_comm", "cost_model_path",
+              "step_log", "seed"]
     return EngineConfig(model=model, **{f: getattr(args, f) for f in fields})
 
 
