@@ -26,7 +26,6 @@ from sp_serve.engine.worker import Worker
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.model.loader import load_model
 from sp_serve.parallel.launch import run_on_ranks
-from sp_serve.parallel.ring import RingExchange
 
 SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=65536)
@@ -95,9 +94,8 @@ def _rank(pc, ckpt: str, n: int, reps: int):
         t0 = time.perf_counter()
         for _ in range(spec.num_layers):
             block = torch.randn(2, local, spec.num_kv_heads, spec.head_dim)
-            for step in range(pc.world_size - 1):
-                incoming = layout.num_local((pc.rank - step - 1) % pc.world_size)
-                block = RingExchange(pc, block, (2, incoming, spec.num_kv_heads, spec.head_dim)).wait()
+            for _ in pc.comm.ring(block, lambda src: (2, layout.num_local(src), *block.shape[2:])):
+                pass
         comm = time.perf_counter() - t0
     best = min(range(reps), key=lambda i: times[i])
     return {"seconds": times[best], "exposed_wait_s": waits[best], "comm_only_s": comm, "peak_mem_bytes": mem,
