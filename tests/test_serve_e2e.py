@@ -408,6 +408,69 @@ def test_sigterm_exits_cleanly_and_leaves_no_child(tiny_pool_server):
                "every child process to exit", server)
 
 
+# ---- SIGTERM with requests running: drain, then end what is left --------------------------------
+def _collect_stream(server: Server, body: dict, out: list) -> None:
+    """Appends each SSE data payload (a dict, or "[DONE]"); an HTTP error ends the list."""
+    try:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    except httpx.HTTPError as exc:
+        out.append(exc)
+
+
+def _refused(server: Server) -> bool:
+    try:
+        httpx.get(server.url + "/health", timeout=5)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        pass
+    return False
+
+
+def test_sigterm_drains_then_ends_running_streams(model_dir, tmp_path_factory):
+    """SIGTERM: new connections are refused, a short request (~2 s) still finishes, a stream that
+    outlives --shutdown-timeout ends with an error event and [DONE]; exit 0, no traceback."""
+    server = start_server(model_dir, tmp_path_factory.mktemp("logs-drain"), "drain",
+                          "--scheduler", "fcfs", "--shutdown-timeout", "15")
+    try:
+        long_events: list = []
+        long_body = {"model": server.model, "prompt": [68] * 16, "stream": True,
+                     "max_tokens": MAX_MODEL_LEN - 100, "ignore_eos": True}
+        long_thread = threading.Thread(target=_collect_stream, args=(server, long_body, long_events))
+        long_thread.start()
+        short: dict = {}
+
+        def short_request() -> None:
+            short["response"] = httpx.post(server.url + "/v1/completions", timeout=120, json={
+                "model": server.model, "prompt": [69] * 16, "max_tokens": 100, "ignore_eos": True})
+
+        wait_until(lambda: len(long_events) >= 2, 60, "the long stream to start", server)
+        short_thread = threading.Thread(target=short_request)
+        short_thread.start()
+        wait_until(lambda: server.metric("sp_serve:num_requests_running") == 2, 60,
+                   "both requests to run", server)
+        server.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refused(server), 60, "new connections to be refused", server)
+        assert long_thread.is_alive(), "the stream ended before the drain timeout"
+        short_thread.join(timeout=120)
+        response = short["response"]
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 100
+        long_thread.join(timeout=120)
+        assert long_events[-1] == "[DONE]", long_events[-3:]
+        error = long_events[-2]["error"]
+        assert error["code"] == 503 and "shutting down" in error["message"], error
+        assert all("choices" in e for e in long_events[:-2])
+        rc = server.proc.wait(timeout=60)
+        assert rc == 0, server.log_tail()
+        assert "Traceback" not in server.log.read_text(), server.log_tail()
+    finally:
+        server.stop()
+
+
 # ---- a rank killed under the server --------------------------------------------------------------
 def test_killed_rank_turns_health_503_or_ends_the_server(model_dir, tmp_path_factory):
     server = start_server(model_dir, tmp_path_factory.mktemp("logs-rank-kill"), "rank-kill")
