@@ -357,7 +357,7 @@ BAD_REQUESTS = [
     # No loose coercion: a string is not a boolean, false is not a token id.
     ("stream-yes", "/v1/completions", {**_COMPLETION, "stream": "yes"}, "stream",
      "valid boolean"),
-    ("max-tokens-float", "/v1/completions", {**_COMPLETION, "max_tokens": 4.0}, "max_tokens",
+    ("max-tokens-fraction", "/v1/completions", {**_COMPLETION, "max_tokens": 4.5}, "max_tokens",
      "valid integer"),
     ("detokenize-false", "/detokenize", {"tokens": [False]}, "tokens.0", "valid integer"),
     ("prompt-bool-ids", "/v1/completions", {**_COMPLETION, "prompt": [True, 2]}, "prompt",
@@ -499,6 +499,7 @@ def test_schema_valid_edge_requests_are_served(served):
         ("/v1/completions", {**_COMPLETION, "logit_bias": {}, "echo": False, "suffix": "",
                              "min_p": 0.5, "repetition_penalty": 1.2, "frequency_penalty": -2}),
         ("/v1/completions", {**_COMPLETION, "prompt": "\u0000\u0017\U0001f600"}),
+        ("/v1/completions", {**_COMPLETION, "prompt": [104.0, 105], "n": 2.0}),  # JSON integers
         ("/tokenize", {"prompt": ""}),
         ("/detokenize", {"tokens": []}),
     ]

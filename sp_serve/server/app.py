@@ -119,4 +119,7 @@ def _json_or_sse(model: type) -> dict[str, Any]:
     return {"model": model, "description": "The JSON response; with `stream` true, server-sent "
             "events (`data: {chunk}` lines, an error event if the request fails mid-stream, "
             "then `data: [DONE]`).",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+            "content": {"text/event-stream": {"schema": {  # each event, as OpenAPI 3.1 has it
+                "type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string", "description": "A chunk or an error "
+                                        "envelope as JSON, or [DONE]."}}}}}}

@@ -28,7 +28,10 @@ from pydantic import (
 
 MAX_N = 128  # OpenAI's own cap on n; each choice is a separate engine request.
 MAX_LOGPROBS = 20  # SamplingParams.logprobs accepts 0..20.
-_INT64 = 2**63
+# Seeds stay within the integers a double holds exactly (and a JavaScript client can send):
+# JSON Schema validators compare big integers as doubles, and past 2**53 they would disagree
+# with this server about the bound.
+_MAX_SEED = 2**53 - 1
 _DOUBLE_MAX = sys.float_info.max  # JSON numbers past it parse as inf: not finite, refused
 # Token ids carry this mark in the schema; the app replaces it by the model's vocabulary bound.
 TOKEN_ID_MARK = "x-sp-serve-token-id"
@@ -47,27 +50,48 @@ def check_text(value: str) -> str:
     return value
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 3.0; a bool or a string is still refused (strict int)."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+def integer(**constraints: Any) -> Any:
+    """An integer field (constraints as Field's ge, le, ...) that takes 3.0 as 3."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
+
+
+Integer = integer()
 Text = Annotated[str, AfterValidator(check_text)]
 NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(check_text)]
 ModelName = Annotated[Text, Field(json_schema_extra={MODEL_MARK: True})]
-TokenId = Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID_MARK: True})]
+TokenId = integer(ge=0, json_schema_extra={TOKEN_ID_MARK: True})
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-Seed = Annotated[int, Field(ge=-_INT64, lt=_INT64)]
+Seed = integer(ge=-_MAX_SEED, le=_MAX_SEED)
 
 
 def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and set(map(type, value)) <= {int}  # bools are not ids
+    if not isinstance(value, list):
+        return False
+    types = set(map(type, value))  # one pass, fast on a million ids; bools are not ids
+    return types <= {int} or (types <= {int, float}
+                              and all(type(t) is int or t.is_integer() for t in value))
+
+
+def _as_ids(value: list) -> list[int]:
+    return value if all(type(t) is int for t in value) else [int(t) for t in value]
 
 
 def _prompt_shape(value: Any) -> Any:
     """Checks the prompt in one pass: a million token ids through pydantic's union of four list
     types takes 0.3 s of event-loop time; and one message beats one error per union arm."""
-    if isinstance(value, str) or _is_token_ids(value):
+    if isinstance(value, str):
         items = [value]
-    elif isinstance(value, list) and value and (
-        all(isinstance(p, str) for p in value) or all(_is_token_ids(p) for p in value)
-    ):
+    elif _is_token_ids(value):
+        items = [value := _as_ids(value)]
+    elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
         items = value
+    elif isinstance(value, list) and value and all(_is_token_ids(p) for p in value):
+        items = value = [_as_ids(p) for p in value]
     else:
         raise ValueError("must be a string, a list of strings, a list of token ids or a list of "
                          "lists of token ids")
@@ -138,15 +162,15 @@ class SamplingRequest(_Request):
         None, description="Below 1e-5 decoding is greedy (vLLM's rule).")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         None, description="Nucleus sampling; the most likely token is always kept.")
-    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="-1 or 0: disabled.")
+    top_k: integer(ge=-1) | None = Field(None, description="-1 or 0: disabled.")
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         None, description="vLLM extension: keep tokens at least min_p times as likely as the "
         "most likely one.")
     seed: Seed | None = None
     stop: StopStrings = []
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: list[integer(ge=0)] | None = None
     ignore_eos: bool = False
-    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = Field(
+    n: integer(ge=1, le=MAX_N) | None = Field(
         None, description=f"400 if prompts x n exceeds {MAX_N}.")
     stream: bool | None = False
     stream_options: StreamOptions | None = Field(
@@ -181,13 +205,13 @@ class SamplingRequest(_Request):
 class CompletionRequest(SamplingRequest):
     prompt: PromptInput = Field(
         description="400 if a prompt plus max_tokens does not fit the model's context.")
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+    max_tokens: integer(ge=1) | None = Field(
         None, description="Default: the rest of the context.")
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
     echo: Annotated[bool | None, _neutral_only({"enum": [False, None]}, "echo")] = False
     suffix: Annotated[str | None, _neutral_only({"type": ["string", "null"], "maxLength": 0},
                                                 "suffix")] = None
-    best_of: int | None = Field(None, description="400 unless equal to n.")
+    best_of: Integer | None = Field(None, description="400 unless equal to n.")
     add_special_tokens: bool = True  # vLLM extension: BOS for string prompts
 
     @field_validator("echo")
@@ -251,10 +275,10 @@ class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
         description="400 if the chat template refuses them (e.g. roles out of order) or they do "
         "not fit the model's context.")
-    max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI, still honoured
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: integer(ge=1) | None = None  # deprecated by OpenAI, still honoured
+    max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+    top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
         None, description="Above 0: 400 unless logprobs is true.")
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Any] | None,
@@ -291,7 +315,7 @@ class TokenizeRequest(_Request):
 
     model: ModelName | None = None
     prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
