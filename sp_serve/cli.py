@@ -139,7 +139,20 @@ def _add_serve(sub) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     p.add_argument("--uvicorn-log-level", default="warning")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=5.0,
+                   help="on SIGTERM/SIGINT, seconds to let running requests finish before "
+                   "ending them with an error (0: at once); new requests are refused meanwhile")
     p.set_defaults(func=run_serve_cmd)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"takes a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def run_serve_cmd(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
-from sp_serve.engine.sampling import SampleResult, SamplingParams, make_generator, sample
+from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.kv.block_manager import BlockManager
@@ -41,6 +41,7 @@ class StepEvent:
     seq: Sequence
     sample: SampleResult | None  # the token produced this step (None: finished without one)
     finished: bool
+    error: str | None = None  # this sequence alone failed (finish_reason "error"); it is freed
 
 
 @dataclass
@@ -96,6 +97,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._by_request: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
+        self._token_counts: dict[int, TokenCounts] = {}  # sequences with penalties only
         self._pending_frees: list[int] = []
         self.last_step: StepTiming | None = None
         self.dead = False
@@ -138,8 +140,12 @@ class LLMEngine:
             p = params if params.n == 1 else _one_of_n(params, i)
             seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), p, now)
             self._generators[seq.seq_id] = make_generator(p, self.runtime.pc.device)
-            self.scheduler.add(seq)
+            if p.has_penalties:
+                self._token_counts[seq.seq_id] = TokenCounts(prompt_token_ids, self.spec.vocab_size,
+                                                             self.runtime.pc.device)
             seqs.append(seq)
+        for seq in seqs:  # only once all were built: a failure above leaves nothing scheduled
+            self.scheduler.add(seq)
         self._by_request[request_id] = seqs
         return seqs
 
@@ -160,6 +166,7 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self._pending_frees.append(seq.seq_id)
         self._generators.pop(seq.seq_id, None)
+        self._token_counts.pop(seq.seq_id, None)
         siblings = self._by_request.get(seq.request_id, [])
         if all(s.status is SeqStatus.FINISHED for s in siblings):
             self._by_request.pop(seq.request_id, None)
@@ -210,10 +217,21 @@ class LLMEngine:
             raise RuntimeError(f"a rank stopped ({'; '.join(gone) or 'peer lost'}): {first_line}") from exc
 
     def _append(self, seq: Sequence, logits_v: torch.Tensor, now: float) -> StepEvent:
-        result = sample(logits_v, seq.params, self._generators.get(seq.seq_id))
-        seq.output_token_ids.append(result.token_id)
-        seq.last_token_time = now
-        reason = self._finish_reason(seq, result.token_id)
+        """Samples one sequence's token and applies its stop rules. A failure here is this
+        sequence's alone: it finishes with reason "error" (its KV freed by the next plan) and the
+        step goes on for the others. A failing device shows in the next step's _run instead."""
+        try:
+            counts = self._token_counts.get(seq.seq_id)
+            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts)
+            if counts is not None:
+                counts.add(result.token_id)
+            seq.output_token_ids.append(result.token_id)
+            seq.last_token_time = now
+            reason = self._finish_reason(seq, result.token_id)
+        except Exception as exc:
+            log.exception("request %s failed in sampling; the engine goes on", seq.request_id)
+            self.finish_sequence(seq, "error")
+            return StepEvent(seq, None, True, error=f"{type(exc).__name__}: {exc}")
         if reason is not None:
             seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
             self._release(seq)
