@@ -24,6 +24,8 @@ import httpx
 import openai
 import pytest
 
+from sp_serve.parallel.launch import RANK_MODULE
+
 MAX_MODEL_LEN = 16384  # room for a request that outlives every deadline below
 START_TIMEOUT_S = 180
 
@@ -397,7 +399,7 @@ def test_sigterm_exits_cleanly_and_leaves_no_child(tiny_pool_server):
     server = tiny_pool_server
     kids = {pid: _proc_stat(pid) for pid in descendants(server.proc.pid)}
     kids = {pid: stat[19] for pid, stat in kids.items() if stat is not None}
-    assert any("spawn_main" in _cmdline(pid) for pid in kids), "no rank process found"
+    assert any(RANK_MODULE in _cmdline(pid) for pid in kids), "no rank process found"
     server.proc.send_signal(signal.SIGTERM)
     try:
         rc = server.proc.wait(timeout=60)
@@ -412,7 +414,7 @@ def test_sigterm_exits_cleanly_and_leaves_no_child(tiny_pool_server):
 def test_killed_rank_turns_health_503_or_ends_the_server(model_dir, tmp_path_factory):
     server = start_server(model_dir, tmp_path_factory.mktemp("logs-rank-kill"), "rank-kill")
     try:
-        ranks = [p for p in descendants(server.proc.pid) if "spawn_main" in _cmdline(p)]
+        ranks = [p for p in descendants(server.proc.pid) if RANK_MODULE in _cmdline(p)]
         assert len(ranks) == 1, [(p, _cmdline(p)) for p in descendants(server.proc.pid)]
         # A request in flight when the rank dies must end too (an error, not a hang).
         ended = threading.Event()
