@@ -26,6 +26,8 @@ class EngineConfig:
     cost_model_path: str | None = None  # a saved calibration (skips the start-up profile run)
     step_log: str | None = None  # JSONL of every measured step, for `plan --simulate --step-log`
     cpu_threads: int | None = None  # torch threads per rank on CPU (default: cores // ranks)
+    tokenizer: str | None = None  # a tokenizer directory or .gguf file (default: the model's)
+    hf_overrides: dict | None = None  # merged into config.json (model/overrides.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -53,6 +55,9 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.hf_overrides is not None:
+            from sp_serve.model.overrides import check_hf_overrides
+            check_hf_overrides(self.hf_overrides)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
