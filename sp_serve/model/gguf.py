@@ -7,9 +7,10 @@ metadata, so the converted checkpoint is exactly what `from_pretrained(..., gguf
 gives (the outside reference the tests compare with). The cache entry is stamped with the
 file's path, size and mtime, so a changed file is converted again.
 
-Weights are saved in float32 unless every matrix in the file is float16 or bfloat16 (then in
-that type): dequantized values (scale x integer + min, in fp16) are exact in float32 but not in
-bfloat16, so the checkpoint holds exactly the file's weights. `--dtype` narrows them at load.
+The checkpoint holds exactly the file's weights: in float32 (dequantized values, scale x
+integer + min, are exact in float32 but not in bfloat16), except that when every matrix in the
+file is float16 or bfloat16 the matrices are saved in that type (and config.json says so),
+while norms and biases, float32 in GGUF files, stay float32. `--dtype` chooses what to run in.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from .cache import cache_root, cached_dir
 log = logging.getLogger("sp_serve")
 
 GGUF_VERSION = 1  # bump when the conversion changes; cached conversions are redone
-# GGUF `general.architecture` -> what the converted config.json says (Mistral files usually
-# say "llama"; transformers tells them apart by name)
+# GGUF `general.architecture` -> the HF architecture it holds (llama.cpp writes Mistral models
+# as "llama"; transformers reads them as Llama, the same network when there is no window)
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                       "qwen2": "Qwen2ForCausalLM"}
 _MAGIC = b"GGUF"
@@ -36,7 +37,7 @@ _MAGIC = b"GGUF"
 @dataclass(frozen=True)
 class GGUFInfo:
     architecture: str  # general.architecture
-    dtype: torch.dtype  # what the converted checkpoint stores (see the module docstring)
+    dtype: torch.dtype  # the matrices' type in the converted checkpoint (module docstring)
     has_tokenizer: bool
     rope_scaling: dict | None  # RoPE scaling the file states, which transformers ignores
 
@@ -108,16 +109,22 @@ def convert_gguf(path: str | Path, out_dir: str | Path, info: GGUFInfo | None = 
     info = info or read_gguf_info(path)
     log.info("converting %s (%s) into a Hugging Face checkpoint (once)", path, info.architecture)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=info.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
                      if info.has_tokenizer else None)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as e:
         raise ValueError(f"{path}: transformers cannot read this GGUF file: {e}") from e
     # The loaded model remembers its GGUF origin and refuses to be saved; it is plain dense
     # weights now, so drop that before saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if info.dtype != torch.float32:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim == 2:  # exact: the file stored them in this type
+                    param.data = param.data.to(info.dtype)
+        model.config.dtype = info.dtype
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
