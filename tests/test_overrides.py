@@ -82,4 +82,5 @@ def test_max_model_len_follows_the_override(hf_checkpoint):
         LLMEngine(EngineConfig(model=str(path), max_model_len=20000, hf_overrides=yarn))
     hint = json.loads(str(err.value).split("--hf-overrides '")[1].rstrip("'"))
     assert "exceeds the model's context (16384 tokens)" in str(err.value)
-    assert hint == {"rope_scaling": {"rope_type": "yarn", "factor": 5.0, "original_max_position_embeddings": 4096}}
+    assert hint == {"rope_scaling": {"rope_type": "yarn", "factor": 5.0, "original_max_position_embeddings": 4096},
+                    "max_position_embeddings": 20480}

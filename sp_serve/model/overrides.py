@@ -2,7 +2,8 @@
 flag), typically to serve a checkpoint past its trained length with RoPE scaling:
 
     --hf-overrides '{"rope_scaling": {"rope_type": "yarn", "factor": 2.0,
-                                      "original_max_position_embeddings": 8192}}'
+                                      "original_max_position_embeddings": 8192},
+                     "max_position_embeddings": 16384}'
 
 Top-level keys replace the config's. RoPE may be given in either spelling, `rope_scaling`
 (older, `type` or `rope_type`, rope_theta top-level) or `rope_parameters` (transformers 5);
@@ -65,8 +66,10 @@ def apply_hf_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) ->
 
 
 def stretch_hint(native_len: int, wanted_len: int) -> str:
-    """How to serve wanted_len tokens on a model trained for native_len: a yarn override."""
-    factor = float(math.ceil(wanted_len / native_len))
-    example = {"rope_scaling": {"rope_type": "yarn", "factor": factor,
-                                "original_max_position_embeddings": native_len}}
+    """How to serve wanted_len tokens on a model trained for native_len: a yarn override (with
+    max_position_embeddings to match, as transformers expects of a yarn config)."""
+    factor = math.ceil(wanted_len / native_len)
+    example = {"rope_scaling": {"rope_type": "yarn", "factor": float(factor),
+                                "original_max_position_embeddings": native_len},
+               "max_position_embeddings": native_len * factor}
     return f"--hf-overrides '{json.dumps(example)}'"
