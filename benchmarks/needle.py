@@ -46,7 +46,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--hf-cells", nargs="*", default=["2048:0.5", "8000:0.5", "16000:0.5"],
                    help="LENGTH:DEPTH cells whose greedy tokens are compared with transformers")
     p.add_argument("--hf-threads", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--out-dir", type=Path, default=Path("results/needle"))
     p.add_argument("--resume", action="store_true", help="keep the cells already in needle.json")
     return p.parse_args()

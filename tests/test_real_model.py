@@ -26,7 +26,7 @@ from sp_serve.bench.passkey import found_key, passkey_prompt, random_key
 from sp_serve.model import source
 from sp_serve.model.gguf import gguf_checkpoint
 
-NEW_TOKENS = 10
+NEW_TOKENS = 12  # "The pass key is 12345." (digits are single tokens)
 PASSKEY_TOKENS = 1500
 ENGINE_ARGS = dict(scheduler="fcfs", max_num_batched_tokens=4096, cpu_threads=1, kv_cache_memory=2**28)
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

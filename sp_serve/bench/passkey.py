@@ -1,10 +1,12 @@
 """Pass-key retrieval prompts (the needle-in-a-haystack test of Mohtashami & Jaggi, 2023):
-a 5-digit key hidden at a chosen depth of repetitive filler text, then the question.
+a 5-digit key hidden at a chosen depth of repetitive filler text, and the question.
 
     ids = passkey_prompt(tokenizer, 4096, depth=0.5, key=71432)
 
-With a chat template the haystack and question are the user's message and the assistant's
-turn is primed with "The pass key is", so even a small model answers with the digits.
+With a chat template the prompt is one user message that asks the question before and after
+the haystack and asks for the number only (SmolLM2-135M-Instruct finds far more keys so than
+when only asked after, or when its answer is primed with "The pass key is"); without one it is
+plain text ending in "The pass key is", for a base model to complete.
 """
 from __future__ import annotations
 
@@ -13,25 +15,25 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+ASK_FIRST = "What is the pass key in the text below?\n\n"
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "\n\nWhat is the pass key?"
-ANSWER_PREFIX = "The pass key is"
+QUESTION = "\n\nWhat is the pass key? Answer with the number only."
+COMPLETION_END = "\n\nWhat is the pass key? The pass key is"
 
 
 def random_key(seed: int) -> int:
     return random.Random(seed).randint(10000, 99999)
 
 
-def _encode(tokenizer: Any, intro_filler: str, question: str) -> list[int]:
+def _encode(tokenizer: Any, haystack: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": intro_filler + question}],
-                                            add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # transformers 5 / 4
-        return ids + tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
-    return tokenizer.encode(intro_filler + question + " " + ANSWER_PREFIX)
+        message = {"role": "user", "content": ASK_FIRST + haystack + QUESTION}
+        ids = tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # transformers 5 / 4
+    return tokenizer.encode(haystack + COMPLETION_END)
 
 
 def passkey_prompt(tokenizer: Any, num_tokens: int, depth: float, key: int) -> list[int]:
@@ -41,11 +43,10 @@ def passkey_prompt(tokenizer: Any, num_tokens: int, depth: float, key: int) -> l
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     needle = NEEDLE.format(key=key)
     per_filler = len(tokenizer.encode(FILLER * 10, add_special_tokens=False)) / 10
-    overhead = len(_encode(tokenizer, INTRO + needle, QUESTION))
+    overhead = len(_encode(tokenizer, INTRO + needle))
     fillers = max(0, round((num_tokens - overhead) / per_filler))
     before = round(depth * fillers)
-    text = INTRO + FILLER * before + needle + FILLER * (fillers - before)
-    return _encode(tokenizer, text, QUESTION)
+    return _encode(tokenizer, INTRO + FILLER * before + needle + FILLER * (fillers - before))
 
 
 def found_key(answer: str, key: int) -> bool:
