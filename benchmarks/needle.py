@@ -136,12 +136,14 @@ def heatmap(results: dict, sps: list[int], path: Path) -> None:
         grid = torch.full((len(rows), len(depths)), float("nan"))
         for c in cells:
             if c["sp"] == sp:
-                grid[rows.index((c["rope"] != "native", c["length"], c["rope"])), depths.index(c["depth"])] = float(c["found"])
+                row = rows.index((c["rope"] != "native", c["length"], c["rope"]))
+                grid[row, depths.index(c["depth"])] = float(c["found"])
         ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         for i in range(len(rows)):
             for j in range(len(depths)):
                 v = grid[i, j].item()
-                ax.text(j, i, "" if v != v else ("found" if v else "missed"), ha="center", va="center", fontsize=8)
+                label = "" if v != v else ("found" if v else "missed")  # v != v: NaN, not run
+                ax.text(j, i, label, ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(rows)), [f"{n}" + ("" if r == "native" else f" ({r})") for _, n, r in rows])
         ax.set_xlabel("needle depth")
@@ -169,7 +171,8 @@ def main() -> None:
     for sp in args.sp:
         run_cells(ckpt, sp, args.lengths, args.depths, "native", None, args, results, save)
         if args.long_lengths and sp in long_sp:
-            run_cells(ckpt, sp, args.long_lengths, args.depths, "yarn", args.long_overrides, args, results, save)
+            run_cells(ckpt, sp, args.long_lengths, args.depths, "yarn", args.long_overrides, args,
+                      results, save)
     for cell in args.hf_cells:
         n, depth = int(cell.split(":")[0]), float(cell.split(":")[1])
         long = n in args.long_lengths

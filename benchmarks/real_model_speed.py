@@ -116,8 +116,8 @@ def main() -> None:
         results["runs"][f"sp{sp}"] = run_sp_serve(ckpt, sp, prompts, args.new_tokens)
         results["runs"][f"hf{sp}"] = run_hf(ckpt, sp, prompts, args.new_tokens)
     results["machine"]["load_avg_end"] = os.getloadavg()
-    print(f"\n| prompt | run | TTFT s | prefill GFLOP/s | decode tok/s | decode GB/s |\n|---|---|---|---|---|---|")
-    for i, n in enumerate(args.lengths):
+    print("\n| prompt | run | TTFT s | prefill GFLOP/s | decode tok/s | decode GB/s |\n|---|---|---|---|---|---|")
+    for i in range(len(args.lengths)):
         for sp in args.sp:
             for name, label in ((f"sp{sp}", f"sp-serve SP={sp} ({sp}x1 thread)"),
                                 (f"hf{sp}", f"transformers ({sp} thread{'s' if sp > 1 else ''})")):

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ import torch
 from sp_serve.bench.passkey import found_key, passkey_prompt, random_key
 from sp_serve.model import source
 from sp_serve.model.gguf import gguf_checkpoint
+from tests.test_cli import _assert_none_left
 
 NEW_TOKENS = 12  # "The pass key is 12345." (digits are single tokens)
 PASSKEY_TOKENS = 1500
@@ -54,7 +56,7 @@ def prompts(tokenizer) -> dict[str, list[int]]:
     def chat(text: str) -> list[int]:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                             add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # transformers 5 / 4
 
     return {"capital": chat("What is the capital of France?"), "article": chat(ARTICLE),
             "passkey": passkey_prompt(tokenizer, PASSKEY_TOKENS, 0.5, random_key(7))}
@@ -107,26 +109,12 @@ _SCRIPT = textwrap.dedent("""
 """)  # no `if __name__ == "__main__":`, and no shutdown(): the ranks go when the script ends
 
 
-def _marked(mark: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and f"SP_SERVE_TEST_MARK={mark}".encode() in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def _run_marked(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """Runs cmd; every process it started (marked through the environment) must be gone after."""
     mark = uuid.uuid4().hex
     env = dict(os.environ, SP_SERVE_TEST_MARK=mark, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    import time
-    deadline = time.monotonic() + 10
-    while _marked(mark) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _marked(mark), "a rank outlived its script"
+    _assert_none_left(mark)
     return r
 
 

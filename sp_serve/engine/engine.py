@@ -64,9 +64,10 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, required=bool(config.tokenizer))
         limit = self.spec.max_model_len  # max_position_embeddings, extended by RoPE scaling
         if config.max_model_len is not None and config.max_model_len > limit:
+            hint = stretch_hint(self.spec.trained_len, config.max_model_len)
             raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's context "
                              f"({limit} tokens); use at most {limit}, or stretch the context with "
-                             f"RoPE scaling, e.g. {stretch_hint(self.spec.trained_len, config.max_model_len)}")
+                             f"RoPE scaling, e.g. {hint}")
         self.max_model_len = config.max_model_len or limit
         self._step_log = None
         # Rank 0 only, and before any rank starts: a bad path is a plain user error.

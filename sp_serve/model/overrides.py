@@ -25,8 +25,9 @@ def parse_hf_overrides(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--hf-overrides must be a JSON object, e.g. '{{\"rope_scaling\": "
-                         f"{{\"rope_type\": \"dynamic\", \"factor\": 2.0}}}}'; cannot parse {text!r}: {e}") from None
+        example = '{"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}'
+        raise ValueError(f"--hf-overrides must be a JSON object, e.g. '{example}'; cannot parse "
+                         f"{text!r}: {e}") from None
     check_hf_overrides(value)
     return value
 
