@@ -2,7 +2,6 @@
 # Sets everything up on a fresh machine and runs the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check torch==2.13.0
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+bash scripts/setup.sh
 export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
 exec python3 -m pytest -q tests "$@"

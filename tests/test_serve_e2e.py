@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from sp_serve.parallel.launch import RANK_MODULE
 from tests.server_proc import (
     Server,
     alive,
@@ -268,7 +269,7 @@ def test_sigterm_exits_cleanly_and_leaves_no_child(tiny_pool_server):
     server = tiny_pool_server
     kids = {pid: proc_stat(pid) for pid in descendants(server.proc.pid)}
     kids = {pid: stat[19] for pid, stat in kids.items() if stat is not None}
-    assert any("spawn_main" in cmdline(pid) for pid in kids), "no rank process found"
+    assert any(RANK_MODULE in cmdline(pid) for pid in kids), "no rank process found"
     server.proc.send_signal(signal.SIGTERM)
     try:
         rc = server.proc.wait(timeout=60)
@@ -346,7 +347,7 @@ def test_sigterm_drains_then_ends_running_streams(model_dir, tmp_path_factory):
 def test_killed_rank_turns_health_503_or_ends_the_server(model_dir, tmp_path_factory):
     server = start_server(model_dir, tmp_path_factory.mktemp("logs-rank-kill"), "rank-kill")
     try:
-        ranks = [p for p in descendants(server.proc.pid) if "spawn_main" in cmdline(p)]
+        ranks = [p for p in descendants(server.proc.pid) if RANK_MODULE in cmdline(p)]
         assert len(ranks) == 1, [(p, cmdline(p)) for p in descendants(server.proc.pid)]
         # A request in flight when the rank dies must end too (an error, not a hang).
         ended = threading.Event()

@@ -10,7 +10,7 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,6 +24,8 @@ from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.kv.block_manager import BlockManager
 from sp_serve.model.loader import load_tokenizer
+from sp_serve.model.overrides import stretch_hint
+from sp_serve.model.source import checkpoint_dir
 from sp_serve.model.spec import load_spec
 from sp_serve.parallel.groups import shutdown_parallel
 from sp_serve.parallel.launch import (
@@ -56,13 +58,17 @@ class StepTiming:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        # a GGUF file becomes its converted checkpoint (once); ranks get the directory
+        config = replace(config, model=str(checkpoint_dir(config.model)))
         self.config = config
-        self.spec = load_spec(config.model)  # fails fast, before any rank starts
-        self.tokenizer = load_tokenizer(config.model)
+        self.spec = load_spec(config.model, config.hf_overrides)  # fails fast, before any rank starts
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model, required=bool(config.tokenizer))
         limit = self.spec.max_model_len  # max_position_embeddings, extended by RoPE scaling
         if config.max_model_len is not None and config.max_model_len > limit:
-            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
-                             f"context ({limit} tokens); use at most {limit}")
+            hint = stretch_hint(self.spec.trained_len, config.max_model_len)
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's context "
+                             f"({limit} tokens); use at most {limit}, or stretch the context with "
+                             f"RoPE scaling, e.g. {hint}")
         self.max_model_len = config.max_model_len or limit
         self._step_log = None
         # Rank 0 only, and before any rank starts: a bad path is a plain user error.
@@ -353,7 +359,6 @@ class LLMEngine:
 
 
 def _one_of_n(params: SamplingParams, i: int) -> SamplingParams:
-    from dataclasses import replace
     return replace(params, n=1, seed=None if params.seed is None else params.seed + i)
 
 

@@ -81,7 +81,7 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
     set_cpu_threads(config, world_size)
     device = pick_device(config.device, rank if local_rank is None else local_rank)
     dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
-    model, spec = load_model(config.model, dtype=dtype, device=device)
+    model, spec = load_model(config.model, dtype=dtype, device=device, hf_overrides=config.hf_overrides)
     if before_join is not None:
         before_join()
     pc = init_parallel(rank, world_size, store, device, config.dist_timeout_s, config.cpu_comm)

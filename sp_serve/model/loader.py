@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .gguf import is_gguf, read_gguf_info
 from .llama import CausalLM
 from .spec import ModelSpec, load_spec
 
@@ -79,10 +80,11 @@ def _open(file: Path):
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> tuple[CausalLM, ModelSpec]:
+               device: torch.device | str = "cpu", hf_overrides: dict | None = None
+               ) -> tuple[CausalLM, ModelSpec]:
     """Reads spec and weights; weights are cast to `dtype` (default: the checkpoint's)."""
     path = Path(path)
-    spec = load_spec(path)
+    spec = load_spec(path, hf_overrides)
     if dtype is not None:
         spec = replace(spec, dtype=dtype)
     files = _weight_map(path)
@@ -118,12 +120,22 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     return model.eval(), spec
 
 
-def load_tokenizer(path: str | Path):
-    """transformers AutoTokenizer for the checkpoint, or None when it ships no tokenizer."""
-    path = Path(path)
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((path / name).is_file() for name in names):
-        return None
+def load_tokenizer(path: str | Path, required: bool = False):
+    """transformers AutoTokenizer for a checkpoint directory or a GGUF file, or None when it
+    ships no tokenizer (an error when required: --tokenizer names it)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    path = Path(path)
+    if is_gguf(path):
+        info = read_gguf_info(path)
+        if info.has_tokenizer:
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    elif any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return AutoTokenizer.from_pretrained(path)
+    if required:
+        raise ValueError(f"--tokenizer {path}: no tokenizer there; give a directory with "
+                         f"{' or '.join(_TOKENIZER_FILES)}, or a .gguf file that carries one")
+    return None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

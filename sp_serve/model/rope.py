@@ -30,6 +30,7 @@ def _hf_rope_config(spec: ModelSpec):
         num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim,
         max_position_embeddings=spec.max_position_embeddings,
         rope_parameters=spec.rope_parameters_dict,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # else "not in the vocabulary"
     )
 
 

@@ -4,6 +4,7 @@
 config.json, so both RoPE spellings (`rope_scaling` + top-level `rope_theta`, as Llama-3.1 and
 Qwen2.5 ship, and transformers-5 `rope_parameters`) arrive normalised in one dict; we keep that
 dict so rope.py can hand it back to transformers' own RoPE init functions and match HF exactly.
+`--hf-overrides` (overrides.py) are merged into config.json's dict before transformers reads it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .overrides import apply_hf_overrides
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # model_type -> architecture, for configs that carry no `architectures` list
@@ -75,6 +78,12 @@ class ModelSpec:
             base = params.get("original_max_position_embeddings", self.max_position_embeddings)
             return max(self.max_position_embeddings, int(base * params["factor"]))
         return self.max_position_embeddings
+
+    @property
+    def trained_len(self) -> int:
+        """The context the model was trained for before any RoPE stretching."""
+        return int(self.rope_parameters_dict.get("original_max_position_embeddings",
+                                                 self.max_position_embeddings))
 
     @property
     def num_params(self) -> int:
@@ -173,23 +182,38 @@ def check_weight_files(path: Path) -> None:
     raise ValueError(f"{path}: no weights found; expected {' or '.join(WEIGHT_FILES)}{hint}")
 
 
-def load_spec(path: str | Path) -> ModelSpec:
-    """Reads config.json (and generation_config.json if present) of a HF checkpoint dir."""
-    path = Path(path)
+def _raw_config(path: Path, hf_overrides: dict[str, Any] | None) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{config_file} not found; point the model path at a Hugging Face "
-                         "checkpoint directory (with config.json and *.safetensors)")
-    raw = _read_json(config_file, "model config")
-    arch = _architecture(raw, path)
-    check_weight_files(path)
+                         "checkpoint directory (with config.json and *.safetensors) or a .gguf file")
+    return apply_hf_overrides(_read_json(config_file, "model config"), hf_overrides)
 
+
+def load_hf_config(path: str | Path, hf_overrides: dict[str, Any] | None = None):
+    """transformers' config of the checkpoint, with --hf-overrides merged in. The HF reference
+    (tests, benchmarks) loads its model with this config, so both sides run the same one."""
     import transformers  # deferred: importing transformers costs about a second
 
+    path = Path(path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
+        if hf_overrides:
+            config = type(config).from_dict(_raw_config(path, hf_overrides))
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ValueError(f"{config_file}: transformers cannot parse this config: {e}") from e
+        what = "this config" + (" with these --hf-overrides" if hf_overrides else "")
+        raise ValueError(f"{path / 'config.json'}: transformers cannot parse {what}: {e}") from e
+    return config
+
+
+def load_spec(path: str | Path, hf_overrides: dict[str, Any] | None = None) -> ModelSpec:
+    """Reads config.json (and generation_config.json if present) of a HF checkpoint dir."""
+    path = Path(path)
+    config_file = path / "config.json"
+    raw = _raw_config(path, hf_overrides)
+    arch = _architecture(raw, path)
+    check_weight_files(path)
+    config = load_hf_config(path, hf_overrides)
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"{config_file}: hidden_act {config.hidden_act!r} is not supported; "
                          "only 'silu' (SwiGLU MLP) is")

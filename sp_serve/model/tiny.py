@@ -11,14 +11,12 @@ The tokenizer is byte-level BPE (256 byte tokens, a few merges, special tokens) 
 from __future__ import annotations
 
 import inspect
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .cache import cache_root, cached_dir
 
 TINY_VERSION = 1  # bump when the weights or tokenizer change; cached copies are rebuilt
 SPECIAL_TOKENS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
@@ -185,47 +183,17 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0,
 
 def default_model_dir() -> Path:
     """$SP_SERVE_CACHE/tiny-llama (default ~/.cache/sp-serve/tiny-llama), made on first use."""
-    root = Path(os.environ.get("SP_SERVE_CACHE", "~/.cache/sp-serve")).expanduser()
-    return cached_tiny_model(root / "tiny-llama", arch="llama", seed=0)
+    return cached_tiny_model(cache_root() / "tiny-llama", arch="llama", seed=0)
 
 
 def cached_tiny_model(target: str | Path, **kwargs: Any) -> Path:
     """make_tiny_model(target, **kwargs), unless target already holds the one these arguments
-    (defaults filled in) and this TINY_VERSION make: a stamp file records them. A non-empty
-    target without a stamp is not touched (ValueError): it is not a cache of this function's.
-
-    Built in a temporary sibling and renamed into place, so concurrent first uses (several
-    ranks, parallel tests) never see a half-written checkpoint.
-    """
-    target = Path(target)
+    (defaults filled in) and this TINY_VERSION make: a stamp file records them (see cache.py).
+    A non-empty target without a stamp is not touched (ValueError): it is not a cache of this
+    function's."""
     bound = inspect.signature(make_tiny_model).bind(target, **kwargs)
     bound.apply_defaults()
     arguments = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "overrides")}
     want = {"version": TINY_VERSION, **arguments, **bound.arguments.get("overrides", {})}
-    stamp = target / "sp-serve-tiny.json"
-    text = json.dumps(want, sort_keys=True)  # fails now, not after the build, on odd arguments
-    if stamp.is_file():
-        if json.dumps(json.loads(stamp.read_text()), sort_keys=True) == text:
-            return target
-    elif target.is_dir() and any(target.iterdir()):
-        raise ValueError(f"{target} is not empty and holds no {stamp.name}: not a cached tiny "
-                         "model, so it is left alone; remove it or choose another directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        make_tiny_model(tmp, **kwargs)
-        (tmp / "sp-serve-tiny.json").write_text(text)
-        if target.exists():
-            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
-            try:
-                target.rename(stale / "old")
-            except OSError:
-                pass  # another process replaced it first
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            tmp.rename(target)
-        except OSError:
-            pass  # another process won the race; its copy is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_dir(target, "sp-serve-tiny.json", want, lambda out: make_tiny_model(out, **kwargs),
+                      "tiny model")

@@ -1,16 +1,32 @@
 """Starting ranks: under torchrun the launched processes are the ranks; otherwise rank 0 is
-this process and ranks 1..N-1 are spawned here (spawn, not fork: torch state must not be
-inherited). Rank 0 hosts the rendezvous store and watches its children while they start, so a
-rank that fails to start is reported at once instead of after the store's timeout. Spawned ranks
-are daemonic: a normal exit of rank 0 leaves none behind, and a rank that loses rank 0 fails
-its next collective and exits.
+this process and ranks 1..N-1 are started here as fresh interpreters running
+`python -m sp_serve.parallel.rank_main`.
+
+Not multiprocessing: its `spawn` start method re-imports the caller's `__main__` in every child,
+so a script without an `if __name__ == "__main__":` guard would start ranks recursively (and a
+notebook's or `python -c`'s functions cannot be found at all). A rank here imports only
+sp_serve; its entry function and arguments arrive pickled on its stdin, and they must live in
+importable modules (never `__main__`).
+
+Rank 0 hosts the rendezvous store and watches its children while they start, so a rank that
+fails to start is reported at once instead of after the store's timeout. No rank outlives rank 0:
+a normal exit of rank 0 kills the ranks it started (atexit, as multiprocessing does for daemonic
+children), and each rank holds the read end of a pipe from rank 0 and exits when it closes,
+which the kernel does however rank 0 ends (even SIGKILL).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import multiprocessing as mp
 import os
+import pickle
+import struct
+import subprocess
+import sys
 import time
+import weakref
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.distributed as dist
@@ -18,6 +34,7 @@ import torch.distributed as dist
 from sp_serve.parallel.groups import launched_by_torchrun
 
 _HOST = "127.0.0.1"
+RANK_MODULE = "sp_serve.parallel.rank_main"  # what a rank's command line shows
 
 
 def torchrun_rank() -> tuple[int, int, int]:
@@ -29,24 +46,76 @@ def client_store(port: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(_HOST, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+class RankProcess:
+    """One started rank: the little of multiprocessing.Process's interface the engine uses."""
+
+    def __init__(self, rank: int, entry: Callable[..., Any], args: tuple):
+        if entry.__module__ == "__main__":
+            raise ValueError(f"{entry.__qualname__} is defined in __main__, which a rank never "
+                             "imports; move it into an importable module")
+        payload = pickle.dumps((entry, args))
+        payload = struct.pack("<Q", len(payload)) + payload  # as rank_main.read_work reads it
+        # the rank imports this very sp_serve, whatever the caller's working directory
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        self.rank = rank
+        self._popen = subprocess.Popen([sys.executable, "-m", RANK_MODULE, str(rank)],
+                                       stdin=subprocess.PIPE, env=env, close_fds=True)
+        self.pid = self._popen.pid
+        self._popen.stdin.write(payload)
+        self._popen.stdin.flush()  # the pipe stays open: its end is the rank's signal to exit
+        _LIVE.add(self)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return
+        self._close_pipe()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+        self.join(timeout=5)
+
+    def _close_pipe(self) -> None:
+        try:
+            self._popen.stdin.close()
+        except OSError:  # the rank is gone and the pipe broken
+            pass
+        _LIVE.discard(self)
+
+
+_LIVE: weakref.WeakSet[RankProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_live_ranks() -> None:
+    for proc in list(_LIVE):
+        proc.kill()
+
+
 def spawn_ranks(world_size: int, entry: Callable[..., Any], args: tuple, timeout_s: float
-                ) -> tuple[dist.TCPStore, list[mp.Process]]:
-    """Spawns ranks 1..world_size-1 running entry(rank, world_size, store_port, *args); returns
+                ) -> tuple[dist.TCPStore, list[RankProcess]]:
+    """Starts ranks 1..world_size-1 running entry(rank, world_size, store_port, *args); returns
     rank 0's store at once (the ranks load their models meanwhile: see wait_for_ranks)."""
     store = dist.TCPStore(_HOST, 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout_s))
-    ctx = mp.get_context("spawn")
-    procs = []
-    for rank in range(1, world_size):
-        p = ctx.Process(target=entry, args=(rank, world_size, store.port, *args), daemon=True,
-                        name=f"sp-serve-rank{rank}")
-        p.start()
-        procs.append(p)
+    procs = [RankProcess(rank, entry, (rank, world_size, store.port, *args))
+             for rank in range(1, world_size)]
     return store, procs
 
 
-def wait_for_ranks(store: dist.Store, procs: list[mp.Process], timeout_s: float) -> None:
-    """Rank 0: waits until every spawned rank has announced itself ready, failing fast (and
+def wait_for_ranks(store: dist.Store, procs: list[RankProcess], timeout_s: float) -> None:
+    """Rank 0: waits until every started rank has announced itself ready, failing fast (and
     killing the others) if one exits first."""
     deadline = time.monotonic() + timeout_s
     for rank, p in enumerate(procs, start=1):
@@ -69,13 +138,15 @@ def _joined(store: dist.Store, rank: int) -> bool:
     return store.check([f"sp_serve/joined/{rank}"])
 
 
-def kill(procs: list[mp.Process]) -> None:
+def kill(procs: list) -> None:
+    """Kills RankProcesses or multiprocessing Processes (run_on_ranks) that still run."""
     for p in procs:
         if p.is_alive():
             p.kill()
         p.join(timeout=5)
 
 
+# ---- run_on_ranks: a function on N fresh CPU ranks, for tests and benchmarks ------------------
 def _run_entry(rank, world, port, threads, cpu_comm, fn, args, out_q):
     import io
     import traceback
@@ -102,7 +173,8 @@ def run_on_ranks(world: int, fn: Callable[..., Any], *args, threads: int = 1,
                  timeout_s: float = 1800, cpu_comm: str = "auto") -> list[Any]:
     """Runs fn(pc, *args) on `world` fresh CPU processes (gloo groups; tensors through shared
     memory unless cpu_comm="gloo"); returns every rank's result, in rank order. For tests and
-    benchmarks (fn must be importable by spawn)."""
+    benchmarks, whose callers guard their `__main__`: these ranks are multiprocessing's spawn
+    children (fn must be importable by spawn)."""
     import io
 
     import torch
@@ -128,8 +200,8 @@ def run_on_ranks(world: int, fn: Callable[..., Any], *args, threads: int = 1,
     return [results[r] for r in range(world)]
 
 
-__all__ = ["run_on_ranks", "announce_joined", "client_store", "kill", "launched_by_torchrun", "spawn_ranks",
-           "torchrun_rank", "wait_for_ranks"]
+__all__ = ["RankProcess", "run_on_ranks", "announce_joined", "client_store", "kill", "launched_by_torchrun",
+           "spawn_ranks", "torchrun_rank", "wait_for_ranks"]
 
 
 def free_port() -> int:
