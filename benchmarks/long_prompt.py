@@ -9,9 +9,9 @@ For each SP size, in one engine per scheduler (both in this process, one after t
   - measured steps on the fcfs engine: a 1-token prompt chunk, a 1-token chunk after 2048
     cached tokens, and decode steps of batch 1 and 8 at ~600 tokens of context each (median of
     --reps), with and without a 64-token chunk riding along.
-It prints a table and writes JSON; it asserts nothing. Default model: a random checkpoint of
-SmolLM2-135M's shape (30 layers, hidden 576, 9/3 heads, intermediate 1536), so per-layer costs
-are as a user meets them.
+It prints a table and writes JSON; it asserts nothing. Default model: the built-in default
+(SmolLM2-135M-Instruct: 30 layers, hidden 576, 9/3 heads, intermediate 1536), so per-layer costs
+are as a user meets them; --model takes any checkpoint directory or GGUF file.
 """
 from __future__ import annotations
 
@@ -23,11 +23,6 @@ import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-         "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
-         "vocab_size": 49152}
-
 
 def step_times(engine, reps: int) -> dict[str, float]:
     """Median seconds of steps of dummy sequences (the engine's own profile helper)."""
@@ -94,19 +89,16 @@ def run_sp(model: str, sp: int, prompt: list[int], reps: int, cpu_comm: str) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="default: a random checkpoint of SmolLM2's shape")
+    p.add_argument("--model", default=None, help="default: the built-in default model")
     p.add_argument("--prompt-len", type=int, default=7179)
     p.add_argument("--sp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--cpu-comm", default="auto", choices=["auto", "shm", "gloo"])
     p.add_argument("--json", type=Path, default=Path("results/long_prompt.json"))
     args = p.parse_args()
-    model = args.model
-    if model is None:
-        from sp_serve.model.tiny import cached_tiny_model
-        cache = Path(os.environ.get("SP_SERVE_CACHE", "~/.cache/sp-serve")).expanduser()
-        model = str(cached_tiny_model(cache / "bench-smollm2-shape", arch="llama", seed=0, **SHAPE))
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    from sp_serve.model.source import checkpoint_dir, default_model
+    model = args.model or default_model().path
+    vocab = json.loads((checkpoint_dir(model) / "config.json").read_text())["vocab_size"]
     prompt = [(17 * i + 5) % (vocab - 10) + 5 for i in range(args.prompt_len)]
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                "load_avg_at_start": os.getloadavg()}
