@@ -256,7 +256,8 @@ class LLMEngine:
     # ---- start-up profile ----------------------------------------------------------------
     def calibrate(self) -> CostModel:
         """Times steps of dummy sequences and fits the cost model: prompt chunks alone (three
-        sizes, each first over an empty cache, then over as many cached tokens), decode batches
+        sizes, each first over an empty cache, then over as many cached tokens; then the
+        smallest after twice the largest, as late in a long prompt), decode batches
         alone (1, 2, 4 and 8 short sequences: the per-sequence cost; the long ones: the
         per-context-token cost; median of 3 each), and decode batches carrying a chunk (the
         steps the slo policy runs while sequences decode)."""
@@ -270,6 +271,9 @@ class LLMEngine:
         for i, n in enumerate(sizes):
             for start in (0, n):  # a first chunk, then a chunk over n cached tokens
                 self._profile_step([(-2 - i, start, start + n)], [], ctx, samples)
+        if -2 - (len(sizes) - 1) in ctx:  # a small chunk deep in a long prompt: attention-bound
+            sid = -2 - (len(sizes) - 1)
+            self._profile_step([(sid, ctx[sid], ctx[sid] + sizes[0])], [], ctx, samples)
         long_ids = [sid for sid in ctx if sid != -1]
         short = min(64, self.max_model_len // 4)
         for sid in range(-10, -18, -1):
