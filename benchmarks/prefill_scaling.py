@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sp_serve.attention.ring_prefill import RingStats
+from sp_serve.parallel.comm import CommStats
 from sp_serve.attention.zigzag import ZigzagLayout
 from sp_serve.engine.plan import PrefillChunk, StepPlan
 from sp_serve.engine.worker import Worker
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.model.loader import load_model
 from sp_serve.parallel.launch import run_on_ranks
-from sp_serve.parallel.ring import RingExchange
 
 SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=65536)
@@ -77,14 +76,14 @@ def _rank(pc, ckpt: str, n: int, reps: int):
     ids = torch.randint(3, spec.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     times, waits, mem = [], [], None
     for rep in range(reps):
-        RingStats.exposed_wait_s = 0.0
+        CommStats.exposed_wait_s = 0.0
         dist.barrier()
         meter = PeakRSS() if rep == 0 else None
         t0 = time.perf_counter()
         worker.execute(StepPlan(prefill=[PrefillChunk(0, ids, 0, True, n)]))
         dist.barrier()
         times.append(time.perf_counter() - t0)
-        waits.append(RingStats.exposed_wait_s)
+        waits.append(CommStats.exposed_wait_s)
         if meter is not None:
             mem = meter.stop()
         worker.execute(StepPlan(free_seq_ids=[0]))
@@ -95,9 +94,8 @@ def _rank(pc, ckpt: str, n: int, reps: int):
         t0 = time.perf_counter()
         for _ in range(spec.num_layers):
             block = torch.randn(2, local, spec.num_kv_heads, spec.head_dim)
-            for step in range(pc.world_size - 1):
-                incoming = layout.num_local((pc.rank - step - 1) % pc.world_size)
-                block = RingExchange(pc, block, (2, incoming, spec.num_kv_heads, spec.head_dim)).wait()
+            for _ in pc.comm.ring(block, lambda src: (2, layout.num_local(src), *block.shape[2:])):
+                pass
         comm = time.perf_counter() - t0
     best = min(range(reps), key=lambda i: times[i])
     return {"seconds": times[best], "exposed_wait_s": waits[best], "comm_only_s": comm, "peak_mem_bytes": mem,

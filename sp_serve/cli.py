@@ -46,6 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--dist-timeout", dest="dist_timeout_s", type=float, default=120.0,
                    help="seconds a rank waits on a peer before giving up")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads per rank on CPU")
+    p.add_argument("--cpu-comm", default="auto", choices=["auto", "shm", "gloo"],
+                   help="how CPU ranks exchange tensors: shared memory when every rank is on this "
+                   "host (auto, shm) or gloo")
     p.add_argument("--cost-model", dest="cost_model_path", default=None,
                    help="a saved step-cost calibration (skips the start-up profile run)")
     p.add_argument("--step-log", default=None, metavar="FILE",
@@ -73,8 +76,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             args.served_model_name = default.name
     fields = ["sp_size", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
               "block_size", "kv_cache_memory", "gpu_memory_utilization", "scheduler", "ttft_slo_ms",
-              "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cost_model_path", "step_log",
-              "seed", "tokenizer", "hf_overrides"]
+              "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cpu_comm", "cost_model_path",
+              "step_log", "seed", "tokenizer", "hf_overrides"]
     return EngineConfig(model=model, **{f: getattr(args, f) for f in fields})
 
 
@@ -156,7 +159,20 @@ def _add_serve(sub) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     p.add_argument("--uvicorn-log-level", default="warning")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=5.0,
+                   help="on SIGTERM/SIGINT, seconds to let running requests finish before "
+                   "ending them with an error (0: at once); new requests are refused meanwhile")
     p.set_defaults(func=run_serve_cmd)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"takes a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def run_serve_cmd(args: argparse.Namespace) -> int:

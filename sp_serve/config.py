@@ -26,6 +26,7 @@ class EngineConfig:
     cost_model_path: str | None = None  # a saved calibration (skips the start-up profile run)
     step_log: str | None = None  # JSONL of every measured step, for `plan --simulate --step-log`
     cpu_threads: int | None = None  # torch threads per rank on CPU (default: cores // ranks)
+    cpu_comm: str = "auto"  # CPU tensor collectives: auto (shared memory on one host) | shm | gloo
     tokenizer: str | None = None  # a tokenizer directory or .gguf file (default: the model's)
     hf_overrides: dict | None = None  # merged into config.json (model/overrides.py)
 
@@ -51,6 +52,8 @@ class EngineConfig:
             (self.attn_backend in ("auto", "torch", "triton", "flash-attn"),
              f"--attn-backend must be auto, torch, triton or flash-attn, got {self.attn_backend!r}"),
             (self.dist_timeout_s > 0, f"--dist-timeout must be > 0, got {self.dist_timeout_s}"),
+            (self.cpu_comm in ("auto", "shm", "gloo"),
+             f"--cpu-comm must be auto, shm or gloo, got {self.cpu_comm!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,8 +1,10 @@
 """`sp-serve serve`: the engine on rank 0, the HTTP frontend beside it, graceful stop.
 
-SIGINT/SIGTERM: uvicorn stops accepting and lets in-flight requests finish (a few seconds at
-most), then the engine tells every rank to stop and rank 0 reaps them. A rank that dies turns
-/health to 503 and ends the server with exit code 1.
+SIGINT/SIGTERM drain the server: it stops accepting connections (and new requests on open ones
+get 503), lets running requests finish for up to --shutdown-timeout seconds (vLLM's flag), then
+ends each one still running with an error (a 503 envelope, or an error event and `data: [DONE]`
+on a stream), tells every rank to stop, reaps them and exits 0. A second SIGINT quits at once.
+A rank that dies turns /health to 503 and ends the server with exit code 1.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import FrameType
 
 import uvicorn
 
@@ -22,13 +25,24 @@ from sp_serve.engine.engine import LLMEngine
 from sp_serve.server.app import build_app
 
 log = logging.getLogger("sp_serve")
-GRACEFUL_S = 5
+# After --shutdown-timeout, the time the ended streams get to send their last events before
+# uvicorn cancels what is left.
+FLUSH_S = 5.0
 
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises a caught SIGTERM/SIGINT once it has stopped serving (uvicorn >= 0.29),
     which kills the process before run_server stops the ranks: exit code 143 and an orphaned
     rank. Here the signal only starts the graceful stop; run_server then exits with 0."""
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            self._on_stop()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -44,6 +58,32 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+class Drain:
+    """The stop after a signal: new requests are refused at once; after timeout_s, those still
+    running are ended with an error. The waiting happens on a thread, not in the handler."""
+
+    def __init__(self, aengine: AsyncEngine, timeout_s: float) -> None:
+        self._aengine = aengine
+        self._timeout_s = timeout_s
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        self._aengine.drain()
+        threading.Thread(target=self._run, name="sp-serve-drain", daemon=True).start()
+
+    def finish(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        stats = self._aengine.stats()
+        log.info("stopping: %d request(s) running, %d waiting; waiting up to %g s for them "
+                 "(--shutdown-timeout)", stats.num_running, stats.num_waiting, self._timeout_s)
+        if not self._done.wait(self._timeout_s):
+            log.warning("--shutdown-timeout passed: ending the requests still running")
+            self._aengine.abort_all(f"the server is shutting down (--shutdown-timeout "
+                                    f"{self._timeout_s:g} s passed)")
+
+
 def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
     engine = LLMEngine(config)  # under torchrun, ranks other than 0 serve plans in here and exit
     name = args.served_model_name or config.model
@@ -51,8 +91,11 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
     info = {"sp_size": engine.world_size, "attn_backend": engine.attn_backend,
             "scheduler": config.scheduler, "device": engine.device_name}
     app = build_app(aengine, served_model_name=name, chat_template=args.chat_template, extra_model_info=info)
-    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                           timeout_graceful_shutdown=GRACEFUL_S))
+    drain = Drain(aengine, args.shutdown_timeout)
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                    log_level=args.uvicorn_log_level,
+                                    timeout_graceful_shutdown=args.shutdown_timeout + FLUSH_S),
+                     on_stop=drain.start)
     failed = threading.Event()
 
     def watch_health() -> None:
@@ -69,6 +112,7 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
+        drain.finish()
         aengine.close()
         engine.shutdown()
     return 1 if failed.is_set() else 0

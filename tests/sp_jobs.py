@@ -27,12 +27,7 @@ def engine_jobs(pc, jobs):
                           torch.float32, pc.device)
         worker = Worker(pc, model, spec, kv, *backend)
         if pc.rank != 0:
-            while True:
-                box = [None]
-                dist.broadcast_object_list(box, src=0, group=pc.control_group)
-                worker.execute(box[0])
-                if box[0].shutdown:
-                    break
+            _follow(pc, worker)
             assert kv.num_free_blocks == blocks_per_rank, "a rank kept blocks of a freed sequence"
             continue
         bm = BlockManager(pc.world_size, blocks_per_rank, block)
@@ -129,3 +124,104 @@ def decode_jobs(pc, cases):
             err = max(err, float((o[b] - ref_o[0]).abs().max()))
         errors.append((err, bool(torch.isfinite(o).all())))
     return errors
+
+
+def comm_jobs(pc, region_bytes: int | None = None):
+    """Every Communicator collective with shapes that differ by rank, empty blocks and (when
+    region_bytes is given) shared-memory messages bigger than a region, against what the
+    inputs say the answer is. Returns rank 0's list of (name, ok)."""
+    comm = pc.comm
+    if region_bytes is not None:
+        from sp_serve.parallel.shm import ShmComm
+        comm = ShmComm(pc.rank, pc.world_size, pc.control_group, 60.0, region_bytes)
+    n, r = pc.world_size, pc.rank
+
+    def data(rank, rows, seed=0):  # what rank `rank` sends, known to every rank
+        g = torch.Generator().manual_seed(1000 * seed + rank)
+        return torch.randn(rows, 3, 5, generator=g)
+
+    results = []
+    for rows in (1, 7, 300):
+        got = comm.all_gather(data(r, rows))
+        results.append((f"all_gather {rows}", torch.equal(got, torch.cat([data(k, rows) for k in range(n)]))))
+    for w in (1, 5, 200):
+        mine = data(r, n * w, seed=1)
+        got = comm.all_to_all(mine)
+        want = torch.cat([data(k, n * w, seed=1)[r * w:(r + 1) * w] for k in range(n)])
+        results.append((f"all_to_all {w}", torch.equal(got, want)))
+    for lens in ([3] * n, list(range(n)), [0] * n, [400 + 37 * k for k in range(n)]):
+        seen = {}
+        for src, block in comm.ring(data(r, lens[r], seed=2), lambda k: (lens[k], 3, 5)):
+            seen[src] = block.clone()
+        order_ok = list(seen) == [(r - s) % n for s in range(n)]
+        results.append((f"ring {lens}", order_ok and all(
+            torch.equal(seen[k], data(k, lens[k], seed=2)) for k in range(n))))
+    rows = torch.zeros(n, 4)
+    rows[r] = r + 1.5  # each rank owns one row
+    total = comm.sum_to_first(rows)
+    results.append(("sum_to_first", r != 0 or torch.equal(total, torch.arange(n)[:, None] + 1.5 + torch.zeros(n, 4))))
+    if comm is not pc.comm:
+        comm.close()
+    return results
+
+
+def _follow(pc, worker) -> None:
+    """Ranks > 0: execute rank 0's plans until shutdown."""
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=pc.control_group)
+        worker.execute(box[0])
+        if box[0].shutdown:
+            return
+
+
+def mixed_step_jobs(pc, jobs, splits, num_decode):
+    """jobs: [(ckpt, prompts)]; mixed_steps for each, in one spawn."""
+    return [mixed_steps(pc, ckpt, prompts, splits, num_decode) for ckpt, prompts in jobs]
+
+
+def mixed_steps(pc, ckpt, prompts, splits, num_decode):
+    """Several sequences in the same steps, as the schedulers run them: sequence i's prompt is
+    prefilled in chunks ending at splits[i] (awkward places), step by step, while the sequences
+    whose prompts are done decode in those same steps. Returns rank 0's [(first-token logits,
+    greedy tokens)] per sequence; every rank checks its pool is empty at the end."""
+    model, spec = load_model(ckpt, dtype=torch.float32)
+    blocks_per_rank, block = 256, 4
+    kv = PagedKVCache(spec.num_layers, blocks_per_rank, block, spec.num_kv_heads, spec.head_dim,
+                      torch.float32, pc.device)
+    worker = Worker(pc, model, spec, kv)
+    if pc.rank != 0:
+        _follow(pc, worker)
+        assert kv.num_free_blocks == blocks_per_rank, "a rank kept blocks of a freed sequence"
+        return None
+    bm = BlockManager(pc.world_size, blocks_per_rank, block)
+    bounds = [list(zip([0, *cuts], [*cuts, len(p)])) for p, cuts in zip(prompts, splits)]
+    first: dict[int, torch.Tensor] = {}
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+
+    def run(plan):
+        if pc.world_size > 1:
+            dist.broadcast_object_list([plan], src=0, group=pc.control_group)
+        return worker.execute(plan)
+
+    while any(len(t) < num_decode for t in tokens.values()):
+        chunks, decode = [], []
+        for i, p in enumerate(prompts):
+            if bounds[i]:  # one chunk of each unfinished prompt per step
+                a, b = bounds[i].pop(0)
+                bm.allocate(i, bm.prefill_shares(b - a))
+                chunks.append(PrefillChunk(i, p[a:b], a, b == len(p), len(p)))
+            elif 0 < len(tokens[i]) < num_decode:
+                owner = bm.decode_rank(i)
+                bm.allocate(i, [int(r == owner) for r in range(pc.world_size)])
+                decode.append(DecodeToken(i, tokens[i][-1], len(p) + len(tokens[i]) - 1, owner))
+        logits = run(StepPlan(prefill=chunks, decode=decode))
+        for c in chunks:
+            if c.want_logits:
+                first[c.seq_id] = logits[c.seq_id].clone()
+                tokens[c.seq_id].append(int(logits[c.seq_id].argmax()))
+        for d in decode:
+            tokens[d.seq_id].append(int(logits[d.seq_id].argmax()))
+    run(StepPlan(free_seq_ids=list(range(len(prompts))), shutdown=True))
+    assert kv.num_free_blocks == blocks_per_rank
+    return [(first[i], tokens[i]) for i in range(len(prompts))]

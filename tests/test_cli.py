@@ -183,3 +183,13 @@ def test_driver_death_stops_the_worker(tiny_model_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert "CHILD" in proc.stdout
     _assert_none_left(mark, within_s=45)  # the worker's next heartbeat wait fails; it exits
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_bad_shutdown_timeout_is_a_usage_error(value, capsys):
+    from sp_serve.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve", "--shutdown-timeout", value])
+    assert info.value.code == 2 and "seconds >= 0" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--shutdown-timeout", "0"]).shutdown_timeout == 0

@@ -12,12 +12,9 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -25,144 +22,17 @@ import openai
 import pytest
 
 from sp_serve.parallel.launch import RANK_MODULE
+from tests.server_proc import (
+    Server,
+    alive,
+    cmdline,
+    descendants,
+    proc_stat,
+    start_server,
+    wait_until,
+)
 
 MAX_MODEL_LEN = 16384  # room for a request that outlives every deadline below
-START_TIMEOUT_S = 180
-
-
-# ---- a server process -----------------------------------------------------------------------------
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    model: str
-    log: Path
-
-    @property
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
-                                  timeout=300)
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
-
-    def metric(self, name: str, **labels: str) -> float:
-        """One sample by metric name (labels beyond model_name given as keywords), 0 if absent."""
-        want = {"model_name": self.model, **labels}
-        for key, value in self.metrics().items():
-            base, _, rest = key.partition("{")
-            if base == name and _labels(rest.rstrip("}")) == want:
-                return value
-        return 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        for pid in descendants(self.proc.pid):
-            _kill_quietly(pid)
-
-
-def _labels(text: str) -> dict[str, str]:
-    pairs = [p for p in text.split('",') if p]
-    return {k: v.strip('"') for k, _, v in (p.partition('="') for p in pairs)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, log_dir: Path, name: str, *args: str) -> Server:
-    """Starts `sp-serve serve --sp-size 2` and waits for /health; retries on a port race."""
-    for attempt in range(3):
-        port = _free_port()
-        log = log_dir / f"{name}-{attempt}.log"
-        cmd = [sys.executable, "-m", "sp_serve.cli", "serve", "--model", str(model_dir),
-               "--sp-size", "2", "--port", str(port), "--served-model-name", name, *args]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        server = Server(proc, f"http://127.0.0.1:{port}", name, log)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        server.stop()
-        if "address already in use" not in server.log_tail().lower():
-            break
-    raise AssertionError(f"the server did not come up (exit code {proc.poll()}):\n{server.log_tail()}")
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name, or None if the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process below `root` (by scanning /proc parent ids)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
-            children.setdefault(int(stat[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
-def _alive(pid: int, start_time: str) -> bool:
-    """Running and still the same process (not a reused pid), zombies counting as gone."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] != "Z" and stat[19] == start_time
-
-
-def _kill_quietly(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def wait_until(predicate, timeout_s: float, what: str, server: Server, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{server.log_tail()}")
-        time.sleep(interval_s)
 
 
 # ---- prompts and their alone-served outputs -------------------------------------------------------
@@ -397,25 +267,88 @@ def test_preemption_under_a_tiny_kv_pool_keeps_outputs(tiny_pool_server):
 
 def test_sigterm_exits_cleanly_and_leaves_no_child(tiny_pool_server):
     server = tiny_pool_server
-    kids = {pid: _proc_stat(pid) for pid in descendants(server.proc.pid)}
+    kids = {pid: proc_stat(pid) for pid in descendants(server.proc.pid)}
     kids = {pid: stat[19] for pid, stat in kids.items() if stat is not None}
-    assert any(RANK_MODULE in _cmdline(pid) for pid in kids), "no rank process found"
+    assert any(RANK_MODULE in cmdline(pid) for pid in kids), "no rank process found"
     server.proc.send_signal(signal.SIGTERM)
     try:
         rc = server.proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"the server did not exit after SIGTERM\n{server.log_tail()}") from None
     assert rc == 0, server.log_tail()
-    wait_until(lambda: not [p for p, start in kids.items() if _alive(p, start)], 30,
+    wait_until(lambda: not [p for p, start in kids.items() if alive(p, start)], 30,
                "every child process to exit", server)
+
+
+# ---- SIGTERM with requests running: drain, then end what is left --------------------------------
+def _collect_stream(server: Server, body: dict, out: list) -> None:
+    """Appends each SSE data payload (a dict, or "[DONE]"); an HTTP error ends the list."""
+    try:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    except httpx.HTTPError as exc:
+        out.append(exc)
+
+
+def _refused(server: Server) -> bool:
+    try:
+        httpx.get(server.url + "/health", timeout=5)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        pass
+    return False
+
+
+def test_sigterm_drains_then_ends_running_streams(model_dir, tmp_path_factory):
+    """SIGTERM: new connections are refused, a short request (~2 s) still finishes, a stream that
+    outlives --shutdown-timeout ends with an error event and [DONE]; exit 0, no traceback."""
+    server = start_server(model_dir, tmp_path_factory.mktemp("logs-drain"), "drain",
+                          "--scheduler", "fcfs", "--shutdown-timeout", "15")
+    try:
+        long_events: list = []
+        long_body = {"model": server.model, "prompt": [68] * 16, "stream": True,
+                     "max_tokens": MAX_MODEL_LEN - 100, "ignore_eos": True}
+        long_thread = threading.Thread(target=_collect_stream, args=(server, long_body, long_events))
+        long_thread.start()
+        short: dict = {}
+
+        def short_request() -> None:
+            short["response"] = httpx.post(server.url + "/v1/completions", timeout=120, json={
+                "model": server.model, "prompt": [69] * 16, "max_tokens": 100, "ignore_eos": True})
+
+        wait_until(lambda: len(long_events) >= 2, 60, "the long stream to start", server)
+        short_thread = threading.Thread(target=short_request)
+        short_thread.start()
+        wait_until(lambda: server.metric("sp_serve:num_requests_running") == 2, 60,
+                   "both requests to run", server)
+        server.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refused(server), 60, "new connections to be refused", server)
+        assert long_thread.is_alive(), "the stream ended before the drain timeout"
+        short_thread.join(timeout=120)
+        response = short["response"]
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 100
+        long_thread.join(timeout=120)
+        assert long_events[-1] == "[DONE]", long_events[-3:]
+        error = long_events[-2]["error"]
+        assert error["code"] == 503 and "shutting down" in error["message"], error
+        assert all("choices" in e for e in long_events[:-2])
+        rc = server.proc.wait(timeout=60)
+        assert rc == 0, server.log_tail()
+        assert "Traceback" not in server.log.read_text(), server.log_tail()
+    finally:
+        server.stop()
 
 
 # ---- a rank killed under the server --------------------------------------------------------------
 def test_killed_rank_turns_health_503_or_ends_the_server(model_dir, tmp_path_factory):
     server = start_server(model_dir, tmp_path_factory.mktemp("logs-rank-kill"), "rank-kill")
     try:
-        ranks = [p for p in descendants(server.proc.pid) if RANK_MODULE in _cmdline(p)]
-        assert len(ranks) == 1, [(p, _cmdline(p)) for p in descendants(server.proc.pid)]
+        ranks = [p for p in descendants(server.proc.pid) if RANK_MODULE in cmdline(p)]
+        assert len(ranks) == 1, [(p, cmdline(p)) for p in descendants(server.proc.pid)]
         # A request in flight when the rank dies must end too (an error, not a hang).
         ended = threading.Event()
 

@@ -6,21 +6,19 @@ canned reply, KV accounting. One server per module; tests that change the engine
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from sp_serve.server.app import build_app
 from sp_serve.server.errors import BadRequest
 from sp_serve.server.prompts import encode_chat, load_chat_template
 from sp_serve.server.stream import IncrementalDetokenizer, StopStringMatcher, TextStream
 from tests.fake_engine import FAKE_LOGPROB, FakeEngine, make_byte_tokenizer
+from tests.live_app import serve_app
 
 MODEL = "fake-model"
 REPLY = FakeEngine.reply
@@ -39,22 +37,9 @@ class Served:
 def served():
     engine = FakeEngine()
     app = build_app(engine, served_model_name=MODEL, extra_model_info=EXTRA)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
-    with httpx.Client(base_url=url, timeout=10) as http:
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
         yield Served(engine, url, client, http)
-    server.should_exit = True
-    thread.join(timeout=5)
 
 
 def engine_requests(engine: FakeEngine, response_id: str):
@@ -353,8 +338,49 @@ BAD_REQUESTS = [
      "top_logprobs", "logprobs set to true"),
     ("stream-options-without-stream", "/v1/chat/completions",
      {**_CHAT, "stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
-    ("penalty", "/v1/chat/completions", {**_CHAT, "presence_penalty": 0.5}, "presence_penalty",
+    ("penalty", "/v1/chat/completions", {**_CHAT, "presence_penalty": 2.5}, "presence_penalty",
+     "less than or equal to 2"),
+    ("repetition-penalty-0", "/v1/completions", {**_COMPLETION, "repetition_penalty": 0},
+     "repetition_penalty", "greater than 0"),
+    ("min-p-2", "/v1/completions", {**_COMPLETION, "min_p": 2}, "min_p",
+     "less than or equal to 1"),
+    ("logit-bias", "/v1/completions", {**_COMPLETION, "logit_bias": {"1": 5}}, "logit_bias",
      "not supported"),
+    ("echo", "/v1/completions", {**_COMPLETION, "echo": True}, "echo", "not supported"),
+    # JSON as Python parses it carries NaN and Infinity: they are not numbers to sample with.
+    ("temperature-nan", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}',
+     "temperature", "finite number"),
+    ("top-p-infinity", "/v1/completions", b'{"prompt": "hi", "top_p": -Infinity}', "top_p",
+     "finite number"),
+    ("temperature-overflow", "/v1/completions", b'{"prompt": "hi", "temperature": 1e999}',
+     "temperature", "finite number"),
+    # No loose coercion: a string is not a boolean, false is not a token id.
+    ("stream-yes", "/v1/completions", {**_COMPLETION, "stream": "yes"}, "stream",
+     "valid boolean"),
+    ("max-tokens-fraction", "/v1/completions", {**_COMPLETION, "max_tokens": 4.5}, "max_tokens",
+     "valid integer"),
+    ("detokenize-false", "/detokenize", {"tokens": [False]}, "tokens.0", "valid integer"),
+    ("prompt-bool-ids", "/v1/completions", {**_COMPLETION, "prompt": [True, 2]}, "prompt",
+     "must be a string"),
+    ("negative-token-id", "/v1/completions", {**_COMPLETION, "prompt": [3, -1]}, "prompt",
+     ">= 0"),
+    # A lone UTF-16 surrogate: valid JSON, but no tokenizer can encode it.
+    ("surrogate-prompt", "/v1/completions", {**_COMPLETION, "prompt": "a\ud800b"}, "prompt",
+     "lone UTF-16 surrogate"),
+    ("surrogate-prompt-list", "/v1/completions", {**_COMPLETION, "prompt": ["ok", "\udfff"]},
+     "prompt", "lone UTF-16 surrogate"),
+    ("surrogate-tokenize", "/tokenize", {"prompt": "a\ud800b"}, "prompt",
+     "lone UTF-16 surrogate"),
+    ("surrogate-content", "/v1/chat/completions",
+     {**_CHAT, "messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content",
+     "lone UTF-16 surrogate"),
+    ("surrogate-stop", "/v1/completions", {**_COMPLETION, "stop": ["\ud800"]}, "stop.0",
+     "unicode string"),
+    ("unknown-role", "/v1/chat/completions", {**_CHAT, "messages": [{"role": "wizard",
+                                                                      "content": "hi"}]},
+     "messages.0.role", "Input should be"),
+    ("empty-prompt-in-list", "/v1/completions", {**_COMPLETION, "prompt": ["a", ""]}, "prompt",
+     "empty"),
     ("tokenize-neither", "/tokenize", {}, "prompt", "exactly one"),
     ("detokenize-out-of-vocab", "/detokenize", {"tokens": [5000]}, "tokens", "out of vocabulary"),
 ]
@@ -363,11 +389,10 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("path,body,param,phrase", [case[1:] for case in BAD_REQUESTS],
                          ids=[case[0] for case in BAD_REQUESTS])
 def test_bad_request_is_400_in_openai_envelope(served, path, body, param, phrase):
-    if isinstance(body, bytes):
-        response = served.http.post(path, content=body,
-                                    headers={"content-type": "application/json"})
-    else:
-        response = served.http.post(path, json=body)
+    # json.dumps escapes a lone surrogate as "\\ud800", as a JSON client may send it.
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = served.http.post(path, content=content,
+                                headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "BadRequestError" and error["code"] == 400
@@ -443,6 +468,81 @@ def test_engine_death_mid_request_is_503(served):
 def test_unknown_route_is_404_envelope(served):
     response = served.http.get("/v1/nothing")
     assert response.status_code == 404 and response.json()["error"]["code"] == 404
+
+
+def test_wrong_method_is_405_with_allow(served):
+    response = served.http.get("/v1/completions")
+    assert response.status_code == 405 and response.json()["error"]["code"] == 405
+    assert response.headers["allow"] == "POST"
+
+
+def test_error_messages_clip_what_they_echo(served):
+    name = "m" * 100_000
+    response = served.http.post("/v1/completions", json={**_COMPLETION, "model": name})
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert len(message) < 200 and "(100000 characters)" in message
+    response = served.http.post("/v1/completions", json={**_COMPLETION, "max_tokens": "9" * 5000})
+    assert response.status_code == 400 and len(response.json()["error"]["message"]) < 200
+
+
+def test_schema_valid_edge_requests_are_served(served):
+    """What the published schema allows is served, not refused."""
+    bodies = [
+        ("/v1/chat/completions", {**_CHAT, "top_logprobs": 0}),  # 0 needs no logprobs
+        ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "system"},
+                                                        {"role": "user", "content": None},
+                                                        {"role": "assistant", "content": []}]}),
+        ("/v1/chat/completions", {**_CHAT, "messages": [
+            {"role": "developer", "content": [{"type": "text", "text": "a"}]},
+            {"role": "tool", "content": "b", "tool_call_id": "x"}]}),
+        ("/v1/completions", {**_COMPLETION, "logit_bias": {}, "echo": False, "suffix": "",
+                             "min_p": 0.5, "repetition_penalty": 1.2, "frequency_penalty": -2}),
+        ("/v1/completions", {**_COMPLETION, "prompt": "\u0000\u0017\U0001f600"}),
+        ("/v1/completions", {**_COMPLETION, "prompt": [104.0, 105], "n": 2.0}),  # JSON integers
+        ("/tokenize", {"prompt": ""}),
+        ("/detokenize", {"tokens": []}),
+    ]
+    for path, body in bodies:
+        response = served.http.post(path, json={**body, "max_tokens": 2} if "v1" in path else body)
+        assert response.status_code == 200, (body, response.text)
+    chat = served.engine.tokenizer.decode(served.http.post("/tokenize", json={
+        "messages": [{"role": "assistant"}]}).json()["tokens"])
+    assert chat.startswith("<|im_start|>assistant\n<|im_end|>")  # no content: empty text
+
+
+def test_sampling_fields_reach_the_engine(served):
+    out = served.client.completions.create(
+        model=MODEL, prompt="x", max_tokens=2, temperature=0.7, top_p=0.9, presence_penalty=0.5,
+        frequency_penalty=-0.5, extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1})
+    [(_, _, params)] = engine_requests(served.engine, out.id)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.7, 0.9, 5, 0.1)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (
+        0.5, -0.5, 1.1)
+
+
+def test_openapi_tells_the_statuses_and_bodies_served(served):
+    schema = served.http.get("/openapi.json").json()
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)
+            if "requestBody" in operation:
+                assert responses["400"]["content"]["application/json"]["schema"] == error_ref
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    completions = schema["paths"]["/v1/completions"]["post"]["responses"]
+    assert set(completions["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert {"404", "500", "503"} <= set(completions)
+    assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    health = schema["paths"]["/health"]["get"]["responses"]
+    assert not health["200"].get("content") and "503" in health
+    # Bounds of the model being served: its name, its vocabulary.
+    request = schema["components"]["schemas"]["DetokenizeRequest"]["properties"]
+    assert request["model"]["anyOf"][0]["enum"] == [MODEL]
+    assert request["tokens"]["items"]["maximum"] == len(served.engine.tokenizer) - 1
+    roles = schema["components"]["schemas"]["ChatMessage"]["properties"]["role"]["enum"]
+    assert set(roles) == {"system", "developer", "user", "assistant", "tool"}
 
 
 # ------------------------------------------------------------------------------ disconnect abort

@@ -86,3 +86,38 @@ def test_prompts_exceed_original_rope_context(checkpoints):
             scaled += 1
             assert PRIME > original
     assert scaled >= 4
+
+
+MIXED_CASES = ["llama-gqa", "qwen2-bias-tied", "llama-dynamic-scaling", "llama-mqa-bias"]
+MIXED_LENS, MIXED_SPLITS = (PRIME, 53, 129), [[100, 201], [], [1, 2, 70]]
+
+
+@pytest.fixture(scope="module")
+def mixed_refs(checkpoints):
+    """The mixed-step prompts of every case and HF's answers for them, computed once."""
+    from sp_serve.model.spec import load_spec
+    refs = {}
+    for name in MIXED_CASES:
+        vocab = load_spec(checkpoints[name]).vocab_size
+        prompts = [_prompt(n, seed=n + 7, vocab=vocab) for n in MIXED_LENS]
+        refs[name] = (prompts, [_hf_reference(checkpoints[name], p) for p in prompts])
+    return refs
+
+
+@pytest.mark.parametrize("world,cpu_comm", [(1, "auto"), (2, "shm"), (2, "gloo"), (3, "shm"), (4, "shm")])
+def test_steps_carrying_chunks_and_decodes_match_hf(checkpoints, mixed_refs, world, cpu_comm):
+    """Three sequences in the same steps, as the schedulers run them: prompts of 307, 53 and 129
+    tokens chunked at awkward places (a 1-token chunk, chunks shorter than 2N, boundaries not
+    on a block), several chunks per step, and the sequences whose prompts are done decoding in
+    those same steps. Each sequence's first-token logits and greedy tokens equal HF's."""
+    from tests.sp_jobs import mixed_step_jobs
+    jobs = [(checkpoints[name], mixed_refs[name][0]) for name in MIXED_CASES]
+    results = run_on_ranks(world, mixed_step_jobs, jobs, MIXED_SPLITS, NUM_DECODE, cpu_comm=cpu_comm)
+    failures = []
+    for name, per_seq in zip(MIXED_CASES, results):
+        prompts, refs = mixed_refs[name]
+        for prompt, (logits, tokens), (ref_logits, ref_tokens) in zip(prompts, per_seq, refs):
+            rel = float((logits - ref_logits).norm() / ref_logits.norm())
+            if rel > 1e-4 or tokens != ref_tokens:
+                failures.append(f"{name} n={len(prompt)}: rel={rel:.2e} tokens={tokens} hf={ref_tokens}")
+    assert not failures, "\n".join(failures)

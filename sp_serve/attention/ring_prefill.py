@@ -8,14 +8,13 @@ rank src = r - s (mod N), which holds chunks src and 2N-1-src:
   - src > r: only the local late chunk (2N-1-r) is later than src's two chunks, and it attends
     to both fully; the early chunk r precedes both.
 So each step is one full (unmasked) block and every rank does the same work. The block for step
-s+1 is posted (isend/irecv) before step s computes, so the transfer hides behind it. Only KV
-heads travel.
+s+1 is posted before step s computes, so the transfer hides behind it (`Communicator.ring`:
+isend/irecv on NCCL and gloo; on shared memory every block is posted at once and read in place).
+Only KV heads travel.
 
 Legend: t tokens, h heads, d head_dim; kv_2thd packs k and v for one transfer.
 """
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -23,14 +22,6 @@ from sp_serve.attention.local import attention_with_lse
 from sp_serve.attention.merge import PartialAccumulator
 from sp_serve.attention.zigzag import ZigzagLayout
 from sp_serve.parallel.groups import ParallelContext
-from sp_serve.parallel.ring import RingExchange
-
-
-class RingStats:
-    """Seconds spent waiting for ring transfers (communication not hidden behind compute)."""
-
-    exposed_wait_s: float = 0.0
-    steps: int = 0
 
 
 def ring_prefill_attention(
@@ -44,29 +35,20 @@ def ring_prefill_attention(
 ) -> PartialAccumulator:
     """The causal attention of the local queries over the whole chunk's K/V, as a running
     (o, lse) to which the caller may merge more partials."""
-    rank, world = pc.rank, pc.world_size
+    rank = pc.rank
     early_len, late_len = layout.chunk_lens(rank)
     kv_2thd = torch.stack([k_thd, v_thd])
-    for step in range(world):
-        src = (rank - step) % world
-        pending = None
-        if step + 1 < world:
-            incoming = layout.num_local((rank - step - 1) % world)
-            pending = RingExchange(pc, kv_2thd, (2, incoming, *kv_2thd.shape[2:]))
-        if step == 0:
+    kv_shape = lambda src: (2, layout.num_local(src), *kv_2thd.shape[2:])  # noqa: E731
+    for src, block_2thd in pc.comm.ring(kv_2thd, kv_shape):
+        if src == rank:
             acc = PartialAccumulator(*attention_with_lse(q_thd, k_thd, v_thd, True, scale, backend))
         elif src < rank:
             src_early = layout.chunk_lens(src)[0]
-            o, lse = attention_with_lse(q_thd, kv_2thd[0, :src_early], kv_2thd[1, :src_early],
+            o, lse = attention_with_lse(q_thd, block_2thd[0, :src_early], block_2thd[1, :src_early],
                                         False, scale, backend)
             acc.add(slice(None), o, lse)
         elif late_len > 0:
             late = slice(early_len, early_len + late_len)
-            o, lse = attention_with_lse(q_thd[late], kv_2thd[0], kv_2thd[1], False, scale, backend)
+            o, lse = attention_with_lse(q_thd[late], block_2thd[0], block_2thd[1], False, scale, backend)
             acc.add(late, o, lse)
-        if pending is not None:
-            t0 = time.perf_counter()
-            kv_2thd = pending.wait()
-            RingStats.exposed_wait_s += time.perf_counter() - t0
-            RingStats.steps += 1
     return acc

@@ -6,16 +6,17 @@ O(queries x heads x head_dim) per layer, independent of the context length.
 
 Two shapes of use:
   - decode: every rank has every query (dense layers run replicated for the small batch), so
-    partials are all-gathered and every rank merges all of them. The batch is split into
-    micro-batches: while one micro-batch's partials travel, the next one attends.
+    partials are all-gathered and every rank merges all of them. Where collectives run in the
+    background (NCCL, gloo) the batch is split into micro-batches: while one micro-batch's
+    partials travel, the next one attends; on shared memory one round is cheaper.
   - a prompt chunk after earlier chunks (chunked prefill): each rank has its own zigzag queries;
     queries are all-gathered, every rank attends all of them to its shard, and an all-to-all
     returns to each rank the partials of its own queries.
 A rank whose shard is empty for a sequence contributes lse = -inf, which the merge weighs 0.
 
 A decode partial over this rank's shards (`DecodeShards`): on the triton backend one split-KV
-kernel launch per micro-batch reads the paged pool in place; other backends gather each
-sequence's slots and attend one sequence at a time.
+kernel launch per micro-batch reads the paged pool in place; other backends attend one sequence
+at a time to its shard, a view of the pool when its blocks are consecutive (`PagedKVCache.runs`).
 
 Legend: b batch (one query per sequence), t tokens, h q heads, d head_dim, n ranks,
 m blocks of the longest block table;
@@ -26,15 +27,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from sp_serve.attention.local import attention_with_lse
 from sp_serve.attention.merge import merge_partials
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.parallel.groups import ParallelContext
-
-# torch >= 2.12 renames all_gather_into_tensor; keep both so torch 2.11 works too
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 # (rows) -> packed partial [len(rows), h, d+1] fp32 over this rank's shard
 LocalPartialFn = Callable[[slice], torch.Tensor]
@@ -60,14 +57,14 @@ class DecodeShards:
         if backend == "triton":
             self.tables_bm, self.lens_b = kv.block_tables(seq_ids)
         else:
-            self.slots = [kv.slots(s) for s in seq_ids]
+            self.runs = [kv.runs(s) for s in seq_ids]
 
     def partial(self, layer: int, q_bhd: torch.Tensor, rows: slice) -> torch.Tensor:
         """Packed partial [len(rows), h, d+1] fp32 of q_bhd[rows] over this rank's shards."""
         if self.backend != "triton":
             parts = []
             for b in range(rows.start, rows.stop):
-                k_thd, v_thd = self.kv.read(layer, self.slots[b])
+                k_thd, v_thd = self.kv.read_runs(layer, self.runs[b])
                 parts.append(pack_partial(*attention_with_lse(q_bhd[b:b + 1], k_thd, v_thd, False,
                                                               self.scale, self.backend)))
             return torch.cat(parts)
@@ -89,19 +86,13 @@ def decode_over_shards(
     """Merged attention output [b, h, d] fp32 for queries every rank holds."""
     if pc.world_size == 1:
         return merge_packed(local_partial(slice(0, batch))[None])[0]
-    bounds = _split(batch, num_micro_batches)
     in_flight = []
-    for rows in bounds:
+    for rows in _split(batch, num_micro_batches if pc.comm.overlaps else 1):
         part_the = local_partial(rows)
-        # gloo wants the output flat along dim 0: [n*t, ...]; viewed as [n, t, ...] to merge
-        gathered = torch.empty((pc.world_size * part_the.shape[0], *part_the.shape[1:]),
-                               dtype=part_the.dtype, device=part_the.device)
-        work = _all_gather_single(gathered, part_the, async_op=True)
-        in_flight.append((gathered.view(pc.world_size, *part_the.shape), work))
+        in_flight.append((pc.comm.all_gather_start(part_the), part_the.shape))
     outs = []
-    for gathered, work in in_flight:
-        work.wait()
-        outs.append(merge_packed(gathered)[0])
+    for pending, shape in in_flight:
+        outs.append(merge_packed(pending.wait().view(pc.world_size, *shape))[0])
     return torch.cat(outs)
 
 
@@ -118,14 +109,13 @@ def chunk_over_shards(
     if pc.world_size == 1:
         return merge_packed(local_partial_for(q_thd)[None])
     width = max(num_q_per_rank)
-    padded = torch.zeros((width, *q_thd.shape[1:]), dtype=q_thd.dtype, device=q_thd.device)
-    padded[: q_thd.shape[0]] = q_thd
-    all_q = torch.empty((pc.world_size * width, *padded.shape[1:]), dtype=padded.dtype,
-                        device=padded.device)
-    _all_gather_single(all_q, padded)
-    mine_nthe = local_partial_for(all_q).view(pc.world_size, width, *q_thd.shape[1:-1], -1)
-    theirs_nthe = torch.empty_like(mine_nthe)
-    dist.all_to_all_single(theirs_nthe, mine_nthe.contiguous())
+    padded = q_thd
+    if q_thd.shape[0] < width:
+        padded = torch.zeros((width, *q_thd.shape[1:]), dtype=q_thd.dtype, device=q_thd.device)
+        padded[: q_thd.shape[0]] = q_thd
+    all_q = pc.comm.all_gather(padded)
+    mine_nthe = local_partial_for(all_q).view(pc.world_size * width, *q_thd.shape[1:-1], -1)
+    theirs_nthe = pc.comm.all_to_all(mine_nthe).view(pc.world_size, width, *q_thd.shape[1:-1], -1)
     return merge_packed(theirs_nthe[:, : q_thd.shape[0]])
 
 

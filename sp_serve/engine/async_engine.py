@@ -4,6 +4,10 @@ handed in through a queue, TokenDeltas handed back to each request's asyncio que
 The step loop never blocks on the event loop and the event loop never blocks on a step. When
 idle the thread sends an empty plan about once a second, so a dead rank is noticed (and
 /health turns 503) even with no traffic.
+
+Failures: what goes wrong with one request (its sampling, its admission) fails that request
+alone (RequestFailed) and the loop goes on; only a failing step (a rank or the device: the
+engine marks itself dead) stops the loop and fails every open request (EngineUnavailable).
 """
 from __future__ import annotations
 
@@ -15,14 +19,20 @@ import time
 from typing import AsyncIterator
 
 from sp_serve.engine.engine import LLMEngine, StepEvent
-from sp_serve.engine.protocol import EngineStats, TokenDelta, TokenLogprob
+from sp_serve.engine.protocol import (
+    EngineStats,
+    EngineUnavailable,
+    RequestFailed,
+    TokenDelta,
+    TokenLogprob,
+)
 from sp_serve.engine.sampling import SamplingParams
 
 log = logging.getLogger("sp_serve")
 HEARTBEAT_S = 1.0
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(EngineUnavailable):
     pass
 
 
@@ -37,6 +47,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stats = EngineStats()
         self._stop = threading.Event()
+        self._draining = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sp-serve-engine", daemon=True)
         self._thread.start()
@@ -46,6 +57,8 @@ class AsyncEngine:
                        request_id: str) -> AsyncIterator[TokenDelta]:
         if not self.is_healthy():
             raise EngineDeadError("the engine is not running")
+        if self._draining:
+            raise EngineUnavailable("the server is shutting down")
         self.engine.check_prompt(prompt_token_ids, params)  # ValueError -> HTTP 400
         if params.n != 1:
             raise ValueError("the engine takes n=1 per request; the frontend fans out n > 1")
@@ -78,6 +91,15 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def drain(self) -> None:
+        """Shutting down: refuse new requests (503); those running go on."""
+        self._draining = True
+
+    def abort_all(self, message: str) -> None:
+        """Ends every open request now with EngineUnavailable(message); each consumer's abort
+        then frees its KV. Safe from any thread."""
+        self._fail_all(EngineUnavailable(message))
+
     def close(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         self._inbox.put(("wake",))
@@ -98,6 +120,7 @@ class AsyncEngine:
                     last_plan = time.monotonic()
                 self._update_stats()
         except BaseException as exc:  # a rank died or a step failed: fail every open request
+            # (per-request failures never get here: LLMEngine._append and _add catch them)
             self._error = exc
             log.error("engine stopped: %s: %s", type(exc).__name__, exc)
             self._fail_all(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
@@ -114,10 +137,7 @@ class AsyncEngine:
             if item[0] == "add":
                 _, rid, prompt, params, arrival = item
                 if rid in self._streams:  # not aborted while queued
-                    try:
-                        self.engine.add_request(rid, prompt, params, arrival)
-                    except ValueError as exc:
-                        self._send(rid, exc)
+                    self._add(rid, prompt, params, arrival)
             elif item[0] == "abort":
                 self.engine.abort_request(item[1])
             try:
@@ -125,8 +145,20 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, arrival: float) -> None:
+        try:
+            self.engine.add_request(rid, prompt, params, arrival)
+        except ValueError as exc:
+            self._send(rid, exc)
+        except Exception as exc:  # this request's own state failed to build: only it fails
+            log.exception("request %s failed on admission; the engine goes on", rid)
+            self._send(rid, RequestFailed(f"{type(exc).__name__}: {exc}"))
+
     def _dispatch(self, events: list[StepEvent]) -> None:
         for ev in events:
+            if ev.error is not None:
+                self._send(ev.seq.request_id, RequestFailed(ev.error))
+                continue
             seq, s = ev.seq, ev.sample
             logprobs = None
             if s is not None and s.logprob is not None:

@@ -1,58 +1,80 @@
 """Step-time model the SLO scheduler sizes prefill chunks with, calibrated at start-up.
 
-prefill_s(n new tokens over c cached) = a + b*n + g*n*(c + n/2)
-    dense work is linear in n; causal attention of n queries over c + n/2 keys on average.
-decode_s(batch b, total context k)   = a_d + b_d*b + g_d*k
-    dense work grows with the batch; attention reads every cached token once.
-All terms are per SP group (the ranks split both). Fitted by least squares on a short profile
-run; the planner's simulator uses the same model.
+A step is one forward pass over its prompt chunks (n new tokens over c cached, each) and its
+decode batch (b sequences holding k context tokens in all):
+
+    step_s = step_fixed                                   reading the weights, per-layer overhead
+           + sum over chunks of  chunk_fixed + t*n + g*n*(c + n/2)
+                                  its collectives; dense work; causal attention pairs
+           + d*b + e*k                                    decode rows; decode attention reads
+
+All terms are per SP group (the ranks split the prompt work). On a CPU the fixed cost is most
+of a small step (a pass over the weights is memory-bound), which is why a decode batch riding
+along a prompt chunk costs little more than the chunk, and why chunks must not be cut small.
+Fitted by non-negative least squares on a short profile run (`LLMEngine.calibrate`) or on a
+server's step log; the planner's simulator uses the same model.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+
+# A step as the fit sees it: chunks [(new, cached)], decode batch, decode context, seconds.
+StepSample = tuple[Sequence[tuple[int, int]], int, int, float]
 
 
 @dataclass
 class CostModel:
-    prefill_fixed_s: float = 1e-3
+    step_fixed_s: float = 1e-3
+    chunk_fixed_s: float = 1e-4
     prefill_per_token_s: float = 1e-5
     prefill_per_pair_s: float = 1e-10
-    decode_fixed_s: float = 1e-3
     decode_per_seq_s: float = 1e-4
     decode_per_ctx_token_s: float = 1e-8
 
-    def prefill_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
+    def chunk_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        """What one prompt chunk adds to a step."""
+        if new_tokens <= 0:
+            return 0.0
         pairs = new_tokens * (cached_tokens + new_tokens / 2)
-        return self.prefill_fixed_s + self.prefill_per_token_s * new_tokens + self.prefill_per_pair_s * pairs
+        return self.chunk_fixed_s + self.prefill_per_token_s * new_tokens + self.prefill_per_pair_s * pairs
+
+    def decode_part_s(self, batch: int, total_context: int) -> float:
+        """What a decode batch adds to a step."""
+        return self.decode_per_seq_s * batch + self.decode_per_ctx_token_s * total_context if batch else 0.0
+
+    def step_s(self, chunks: Iterable[tuple[int, int]], batch: int = 0, total_context: int = 0) -> float:
+        parts = sum(self.chunk_s(n, c) for n, c in chunks) + self.decode_part_s(batch, total_context)
+        return self.step_fixed_s + parts if parts > 0 else 0.0
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        """A step of one prompt chunk alone."""
+        return self.step_s([(new_tokens, cached_tokens)])
 
     def decode_s(self, batch: int, total_context: int) -> float:
-        if batch == 0:
-            return 0.0
-        return self.decode_fixed_s + self.decode_per_seq_s * batch + self.decode_per_ctx_token_s * total_context
+        """A step of a decode batch alone."""
+        return self.step_s([], batch, total_context)
 
     def max_prefill_tokens(self, budget_s: float, cached_tokens: int, cap: int) -> int:
-        """The largest chunk whose predicted time fits in budget_s (at least 0, at most cap)."""
+        """The largest chunk whose chunk_s fits in budget_s (at least 0, at most cap)."""
         lo, hi = 0, cap
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.prefill_s(mid, cached_tokens) <= budget_s:
+            if self.chunk_s(mid, cached_tokens) <= budget_s:
                 lo = mid
             else:
                 hi = mid - 1
         return lo
 
     @staticmethod
-    def fit(prefill_samples: list[tuple[int, int, float]],
-            decode_samples: list[tuple[int, int, float]]) -> "CostModel":
-        """prefill_samples: (new, cached, seconds); decode_samples: (batch, total_context, seconds)."""
-        a = np.array([[1.0, n, n * (c + n / 2)] for n, c, _ in prefill_samples])
-        pf = _nonneg_lstsq(a, np.array([s for *_, s in prefill_samples]))
-        d = np.array([[1.0, b, k] for b, k, _ in decode_samples])
-        dc = _nonneg_lstsq(d, np.array([s for *_, s in decode_samples]))
-        return CostModel(*pf, *dc)
+    def fit(steps: list[StepSample]) -> "CostModel":
+        """Least squares (relative error, non-negative) over measured steps."""
+        rows = [_features(chunks, b, k) for chunks, b, k, _ in steps]
+        coef = _nonneg_lstsq(np.array(rows, dtype=float), np.array([s for *_, s in steps], dtype=float))
+        return CostModel(*coef)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -61,7 +83,22 @@ class CostModel:
     @staticmethod
     def load(path: str) -> "CostModel":
         with open(path) as f:
-            return CostModel(**json.load(f))
+            saved = json.load(f)
+        if "prefill_fixed_s" in saved:  # saved before steps carried prefill and decode together
+            step_fixed = saved.pop("decode_fixed_s")
+            saved["chunk_fixed_s"] = max(0.0, saved.pop("prefill_fixed_s") - step_fixed)
+            saved["step_fixed_s"] = step_fixed
+        known = {f.name for f in fields(CostModel)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise ValueError(f"{path}: not a cost model (unknown keys {unknown}); save one with "
+                             "sp_serve.planner.simulator.calibrate_cost_model or CostModel.save")
+        return CostModel(**saved)
+
+
+def _features(chunks: Sequence[tuple[int, int]], batch: int, context: int) -> list[float]:
+    return [1.0, float(len(chunks)), float(sum(n for n, _ in chunks)),
+            float(sum(n * (c + n / 2) for n, c in chunks)), float(batch), float(context)]
 
 
 def _nonneg_lstsq(a: np.ndarray, y: np.ndarray, rounds: int = 8) -> list[float]:
@@ -79,7 +116,7 @@ def _nonneg_lstsq(a: np.ndarray, y: np.ndarray, rounds: int = 8) -> list[float]:
     scale = np.maximum(y, 1e-6)
     for _ in range(rounds):
         w = 1.0 / scale
-        active = list(range(a.shape[1]))
+        active = [i for i in range(a.shape[1]) if a[:, i].any()]
         coef = np.zeros(a.shape[1])
         while active:
             sol, *_ = np.linalg.lstsq(a[:, active] * w[:, None], y * w, rcond=None)

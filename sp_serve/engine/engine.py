@@ -19,7 +19,7 @@ from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
-from sp_serve.engine.sampling import SampleResult, SamplingParams, make_generator, sample
+from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.kv.block_manager import BlockManager
@@ -43,6 +43,7 @@ class StepEvent:
     seq: Sequence
     sample: SampleResult | None  # the token produced this step (None: finished without one)
     finished: bool
+    error: str | None = None  # this sequence alone failed (finish_reason "error"); it is freed
 
 
 @dataclass
@@ -102,6 +103,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._by_request: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
+        self._token_counts: dict[int, TokenCounts] = {}  # sequences with penalties only
         self._pending_frees: list[int] = []
         self.last_step: StepTiming | None = None
         self.dead = False
@@ -144,8 +146,12 @@ class LLMEngine:
             p = params if params.n == 1 else _one_of_n(params, i)
             seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), p, now)
             self._generators[seq.seq_id] = make_generator(p, self.runtime.pc.device)
-            self.scheduler.add(seq)
+            if p.has_penalties:
+                self._token_counts[seq.seq_id] = TokenCounts(prompt_token_ids, self.spec.vocab_size,
+                                                             self.runtime.pc.device)
             seqs.append(seq)
+        for seq in seqs:  # only once all were built: a failure above leaves nothing scheduled
+            self.scheduler.add(seq)
         self._by_request[request_id] = seqs
         return seqs
 
@@ -166,6 +172,7 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self._pending_frees.append(seq.seq_id)
         self._generators.pop(seq.seq_id, None)
+        self._token_counts.pop(seq.seq_id, None)
         siblings = self._by_request.get(seq.request_id, [])
         if all(s.status is SeqStatus.FINISHED for s in siblings):
             self._by_request.pop(seq.request_id, None)
@@ -216,10 +223,21 @@ class LLMEngine:
             raise RuntimeError(f"a rank stopped ({'; '.join(gone) or 'peer lost'}): {first_line}") from exc
 
     def _append(self, seq: Sequence, logits_v: torch.Tensor, now: float) -> StepEvent:
-        result = sample(logits_v, seq.params, self._generators.get(seq.seq_id))
-        seq.output_token_ids.append(result.token_id)
-        seq.last_token_time = now
-        reason = self._finish_reason(seq, result.token_id)
+        """Samples one sequence's token and applies its stop rules. A failure here is this
+        sequence's alone: it finishes with reason "error" (its KV freed by the next plan) and the
+        step goes on for the others. A failing device shows in the next step's _run instead."""
+        try:
+            counts = self._token_counts.get(seq.seq_id)
+            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts)
+            if counts is not None:
+                counts.add(result.token_id)
+            seq.output_token_ids.append(result.token_id)
+            seq.last_token_time = now
+            reason = self._finish_reason(seq, result.token_id)
+        except Exception as exc:
+            log.exception("request %s failed in sampling; the engine goes on", seq.request_id)
+            self.finish_sequence(seq, "error")
+            return StepEvent(seq, None, True, error=f"{type(exc).__name__}: {exc}")
         if reason is not None:
             seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
             self._release(seq)
@@ -237,70 +255,75 @@ class LLMEngine:
 
     # ---- start-up profile ----------------------------------------------------------------
     def calibrate(self) -> CostModel:
-        """Times prefill and decode steps of dummy sequences and fits the cost model.
-
-        Prefill: three chunk sizes, each first over an empty cache, then over as many cached
-        tokens. Decode: batches of 1, 2, 4 and 8 short sequences (the per-sequence cost), and
-        the long prefill sequences alone (the per-context-token cost); median of 3 each."""
+        """Times steps of dummy sequences and fits the cost model: prompt chunks alone (three
+        sizes, each first over an empty cache, then over as many cached tokens), decode batches
+        alone (1, 2, 4 and 8 short sequences: the per-sequence cost; the long ones: the
+        per-context-token cost; median of 3 each), and decode batches carrying a chunk (the
+        steps the slo policy runs while sequences decode)."""
         cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, 2048))
         sizes = sorted({max(8, cap // 8), max(8, cap // 2), cap})
-        self._profile_prefill(-1, 0, sizes[0])  # warm-up: one-off allocator and pool costs
-        self._profile_decode({-1: sizes[0]}, [], {-1: sizes[0]})
-        self._release_profile([-1])
-        prefill, decode, ctx = [], [], {}
+        ctx: dict[int, int] = {}  # profile sequence -> tokens cached
+        # Warm-up: one-off allocator and pool costs.
+        if self._profile_step([(-1, 0, sizes[0])], [], ctx):
+            self._profile_step([], [-1], ctx)
+        samples: list = []
         for i, n in enumerate(sizes):
-            sid = -2 - i
             for start in (0, n):  # a first chunk, then a chunk over n cached tokens
-                if self._profile_prefill(sid, start, start + n, prefill):
-                    ctx[sid] = start + n
-        long_ids = list(ctx)
+                self._profile_step([(-2 - i, start, start + n)], [], ctx, samples)
+        long_ids = [sid for sid in ctx if sid != -1]
         short = min(64, self.max_model_len // 4)
-        short_ids = [-10 - i for i in range(8)]
-        for sid in short_ids:
-            if self._profile_prefill(sid, 0, short):
-                ctx[sid] = short
-        batches = [[sid for sid in short_ids if sid in ctx][:b] for b in (1, 2, 4, 8)]
-        batches += [[sid] for sid in long_ids] + [long_ids]
+        for sid in range(-10, -18, -1):
+            self._profile_step([(sid, 0, short)], [], ctx)
+        shorts = [sid for sid in range(-10, -18, -1) if sid in ctx]
+        batches = [shorts[:b] for b in (1, 2, 4, 8)] + [[sid] for sid in long_ids] + [long_ids]
         for batch in batches:
             if batch:
-                times = []
+                times: list = []
                 for _ in range(3):
-                    self._profile_decode({sid: ctx[sid] for sid in batch}, times, ctx)
+                    self._profile_step([], batch, ctx, times)
                 if times:
-                    decode.append(sorted(times, key=lambda t: t[2])[len(times) // 2])
+                    samples.append(sorted(times, key=lambda t: t[3])[len(times) // 2])
+        for i, n in enumerate(sizes[:2]):
+            self._profile_step([(-20 - i, 0, n)], shorts[:4], ctx, samples)
         self._release_profile(list(ctx))
-        if len(prefill) < 3 or len(decode) < 3:
+        if sum(1 for chunks, *_ in samples if chunks) < 3 or sum(1 for c, b, *_ in samples if b and not c) < 3:
             log.warning("KV pool too small for the start-up profile; using default step costs")
             return CostModel()
-        cost = CostModel.fit(prefill, decode)
+        cost = CostModel.fit(samples)
         log.info("cost model: %s", cost)
         return cost
 
-    def _profile_prefill(self, sid: int, start: int, end: int, out: list | None = None) -> bool:
-        shares = self.blocks.prefill_shares(end - start)
-        if not self.blocks.can_hold(sid, shares):
-            return False
-        self.blocks.allocate(sid, shares)
-        t0 = time.perf_counter()
-        self._run(StepPlan(prefill=[PrefillChunk(sid, [0] * (end - start), start, True)]))
-        if out is not None:
-            out.append((end - start, start, time.perf_counter() - t0))
-        return True
-
-    def _profile_decode(self, batch: dict[int, int], out: list, ctx: dict[int, int]) -> None:
+    def _profile_step(self, chunks: list[tuple[int, int, int]], decode: list[int],
+                      ctx: dict[int, int], out: list | None = None) -> bool:
+        """Runs one step of profile sequences: chunks (seq, start, end) and a decode token for
+        each sequence in `decode`; appends (chunks [(new, cached)], batch, context, seconds) to
+        out. False (nothing run) when the pool cannot hold it."""
         tokens = []
-        for sid, pos in batch.items():
+        for sid, start, end in chunks:
+            shares = self.blocks.prefill_shares(end - start)
+            if not self.blocks.can_hold(sid, shares):
+                return False
+            self.blocks.allocate(sid, shares)
+        for sid in decode:
             owner = self.blocks.decode_rank(sid)
             add = [int(r == owner) for r in range(self.world_size)]
             if not self.blocks.can_hold(sid, add):
-                return
+                return False
             self.blocks.allocate(sid, add)
-            tokens.append(DecodeToken(sid, 0, pos, owner))
+            tokens.append(DecodeToken(sid, 0, ctx[sid], owner))
+        plan = StepPlan(prefill=[PrefillChunk(sid, [0] * (end - start), start, True, end)
+                                 for sid, start, end in chunks], decode=tokens)
         t0 = time.perf_counter()
-        self._run(StepPlan(decode=tokens))
-        out.append((len(tokens), sum(batch.values()), time.perf_counter() - t0))
-        for sid in batch:
+        self._run(plan)
+        seconds = time.perf_counter() - t0
+        for sid, _, end in chunks:
+            ctx[sid] = end
+        for sid in decode:
             ctx[sid] += 1
+        if out is not None:
+            out.append(([(end - start, start) for _, start, end in chunks], len(decode),
+                        sum(ctx[sid] for sid in decode), seconds))
+        return True
 
     def _release_profile(self, ids: list[int]) -> None:
         for sid in ids:
@@ -331,7 +354,7 @@ class LLMEngine:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        shutdown_parallel()
+        shutdown_parallel(self.runtime.pc)
         self.runtime = None
 
 

@@ -11,6 +11,16 @@ from typing import AsyncIterator, Protocol
 from sp_serve.engine.sampling import SamplingParams
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve this request now: it stopped (a rank died) or the server is
+    shutting down. The frontend answers 503: the client may retry elsewhere."""
+
+
+class RequestFailed(RuntimeError):
+    """This request alone failed inside the engine (e.g. while sampling); it is freed and the
+    engine goes on. The frontend answers 500 for this request only."""
+
+
 @dataclass
 class TokenLogprob:
     token_id: int
@@ -47,7 +57,9 @@ class EngineClient(Protocol):
         """Yields one TokenDelta per engine step that produced tokens; the last has finish_reason.
 
         Raises ValueError (before yielding) for a prompt the engine cannot take, e.g. longer
-        than max_model_len. Cancelling the consumer (client disconnect) must call abort.
+        than max_model_len; EngineUnavailable when it cannot serve now; RequestFailed when this
+        request failed inside the engine. Cancelling the consumer (client disconnect) must call
+        abort.
         """
         ...
 

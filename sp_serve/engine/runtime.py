@@ -84,7 +84,7 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
     model, spec = load_model(config.model, dtype=dtype, device=device, hf_overrides=config.hf_overrides)
     if before_join is not None:
         before_join()
-    pc = init_parallel(rank, world_size, store, device, config.dist_timeout_s)
+    pc = init_parallel(rank, world_size, store, device, config.dist_timeout_s, config.cpu_comm)
     kv_dtype = next(model.parameters()).dtype
     num_blocks = _num_blocks(config, spec, kv_dtype, pc)
     kv = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
@@ -112,5 +112,5 @@ def worker_rank_main(rank: int, world_size: int, store_port: int | None, config:
         print(f"sp-serve rank {rank}: stopping: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               file=sys.stderr, flush=True)
         os._exit(1)
-    shutdown_parallel()
+    shutdown_parallel(rt.pc)
     time.sleep(0)  # let logging flush

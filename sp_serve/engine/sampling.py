@@ -1,13 +1,37 @@
-"""Sampling parameters (vLLM's names and defaults) and the sampler.
+"""Sampling parameters (vLLM's names, defaults and semantics) and the sampler.
 
 The sampler runs on rank 0 only, on float32 logits. A request with a seed draws from its own
 torch.Generator, so the same seed gives the same tokens whatever else is in the batch.
+
+It cannot produce NaN, whatever the parameters (in their documented ranges) and logits: a NaN
+probability would fail torch.multinomial, and on a GPU poison the device for every request.
+- The logits are cleaned first: NaN is -inf (impossible), +inf the largest float32.
+- The most likely token is subtracted before scaling, so it sits at 0 and every other token at
+  <= 0 or -inf: dividing by a tiny temperature can only underflow to -inf, never reach +inf, and
+  the softmax sums to >= 1.
+- Each filter keeps that top token (top-p keeps it even when top_p rounds to 0 in float32), so
+  at least one probability is 1 before normalisation.
+- A temperature below GREEDY_TEMPERATURE is greedy (as vLLM: 1/temperature would overflow).
+- A row with no finite logit at all is a row of equal logits: greedy takes the first token,
+  sampling draws uniformly.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+# vLLM's _SAMPLING_EPS: a temperature below this is greedy decoding.
+GREEDY_TEMPERATURE = 1e-5
+_F32_MAX = torch.finfo(torch.float32).max
+_NEG_INF = float("-inf")
+# torch.Generator.manual_seed takes [-2**63, 2**64).
+_SEED_RANGE = (-2**63, 2**64)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -16,6 +40,10 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: disabled
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the top one; 0: disabled
+    presence_penalty: float = 0.0  # minus this from the logit of every token already generated
+    frequency_penalty: float = 0.0  # minus this times the count of each generated token
+    repetition_penalty: float = 1.0  # prompt or generated tokens: logit / this if > 0, else x this
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -29,10 +57,23 @@ class SamplingParams:
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1,
              f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (_is_number(self.temperature) and self.temperature >= 0.0,
+             f"temperature must be a finite number >= 0, got {self.temperature!r}"),
+            (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
+             f"top_p must be in (0, 1], got {self.top_p!r}"),
             (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
              f"top_k must be -1 (disabled) or >= 0, got {self.top_k!r}"),
+            (_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
+             f"min_p must be in [0, 1], got {self.min_p!r}"),
+            (_is_number(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
+            (_is_number(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
+            (_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
+             f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}"),
+            (self.seed is None or (isinstance(self.seed, int)
+                                   and _SEED_RANGE[0] <= self.seed < _SEED_RANGE[1]),
+             f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}"),
             (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
@@ -46,7 +87,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -54,6 +100,20 @@ class SampleResult:
     token_id: int
     logprob: float | None = None  # of the chosen token (when logprobs were asked for)
     top: list[tuple[int, float]] | None = None  # the top-k (token, logprob)
+
+
+class TokenCounts:
+    """One sequence's tokens as the penalties need them, on the logits' device: which ids the
+    prompt holds and how often each id was generated. Built once and updated per token, so a
+    long prompt is not scanned again at every step."""
+
+    def __init__(self, prompt_ids: list[int], vocab_size: int, device: torch.device) -> None:
+        self.prompt_mask_v = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.prompt_mask_v[torch.tensor(prompt_ids, dtype=torch.long, device=device)] = True
+        self.output_counts_v = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    def add(self, token_id: int) -> None:
+        self.output_counts_v[token_id] += 1
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -65,29 +125,72 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> SampleResult:
-    """One token from float32 logits [vocab]: greedy, or temperature -> top-k -> top-p."""
+def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           counts: TokenCounts | None = None) -> SampleResult:
+    """One token from logits [vocab]: penalties, then greedy, or temperature -> min-p -> top-k
+    -> top-p -> draw (vLLM's order). Logprobs are of the raw logits, as vLLM reports them."""
+    logits_v = _clean(logits_v.float())
+    x_v = logits_v if counts is None else _clean(_penalize(logits_v, params, counts))
     if params.greedy:
-        token = int(torch.argmax(logits_v))
+        token = int(torch.argmax(x_v))
     else:
-        scaled_v = logits_v / params.temperature
-        if params.top_k > 0 and params.top_k < scaled_v.shape[-1]:
-            kth = torch.topk(scaled_v, params.top_k).values[-1]
-            scaled_v = scaled_v.masked_fill(scaled_v < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_v, order = torch.sort(scaled_v, descending=True)
-            cum = torch.softmax(sorted_v, -1).cumsum(-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop_sorted = (cum - torch.softmax(sorted_v, -1)) >= params.top_p
-            scaled_v = scaled_v.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted),
-                                            float("-inf"))
-        probs_v = torch.softmax(scaled_v, -1)
+        probs_v = torch.softmax(_filtered(x_v, params), -1)
         token = int(torch.multinomial(probs_v, 1, generator=generator))
     if params.logprobs is None:
         return SampleResult(token)
-    logprobs_v = torch.log_softmax(logits_v.float(), -1)
+    # A row with no finite logit gives NaN here; it means "impossible" like -inf does.
+    logprobs_v = torch.log_softmax(logits_v, -1).nan_to_num(nan=_NEG_INF)
     top = []
     if params.logprobs > 0:
-        values, ids = torch.topk(logprobs_v, params.logprobs)
+        values, ids = torch.topk(logprobs_v, min(params.logprobs, logprobs_v.shape[-1]))
         top = list(zip(ids.tolist(), values.tolist()))
     return SampleResult(token, float(logprobs_v[token]), top)
+
+
+def _clean(x_v: torch.Tensor) -> torch.Tensor:
+    """NaN is an impossible token (-inf); +inf the largest float, so that subtracting the
+    maximum cannot compute inf - inf."""
+    return torch.nan_to_num(x_v, nan=_NEG_INF, posinf=_F32_MAX, neginf=_NEG_INF)
+
+
+def _penalize(x_v: torch.Tensor, params: SamplingParams, counts: TokenCounts) -> torch.Tensor:
+    """vLLM's penalties. Extreme values overflow to +-inf or (-inf x 0) NaN, which _clean maps
+    back to the ordered range: never a NaN past this point."""
+    generated_v = counts.output_counts_v
+    if params.repetition_penalty != 1.0:
+        seen_v = counts.prompt_mask_v | (generated_v > 0)
+        rp = params.repetition_penalty
+        x_v = torch.where(seen_v, torch.where(x_v > 0, x_v / rp, x_v * rp), x_v)
+    if params.frequency_penalty != 0.0:
+        x_v = x_v - params.frequency_penalty * generated_v
+    if params.presence_penalty != 0.0:
+        x_v = x_v - params.presence_penalty * (generated_v > 0).float()
+    return x_v
+
+
+def _filtered(x_v: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Cleaned logits -> temperature-scaled logits with the filtered-out tokens at -inf; the top
+    token is at 0 and always kept, so the softmax of the result is finite and sums to 1."""
+    top = x_v.max()
+    if top == _NEG_INF:  # no finite logit: all tokens alike
+        return torch.zeros_like(x_v)
+    possible_v = x_v > _NEG_INF
+    # x - top is finite or underflows to -inf; dividing it by a finite temperature >= 1e-5 too
+    # (a temperature past float32's range would make that -inf / inf = NaN).
+    temperature = min(params.temperature, _F32_MAX)
+    x_v = torch.where(possible_v, (x_v - top) / temperature, _NEG_INF)
+    if params.min_p > 0.0:  # p / p_top = exp(x): compare in log space, no underflow
+        x_v = x_v.masked_fill(x_v < math.log(params.min_p), _NEG_INF)
+    if 0 < params.top_k < x_v.shape[-1]:
+        kth = torch.topk(x_v, params.top_k).values[-1]
+        x_v = x_v.masked_fill(x_v < kth, _NEG_INF)
+    if params.top_p < 1.0:
+        sorted_v, order = torch.sort(x_v, descending=True)
+        probs_sorted_v = torch.softmax(sorted_v, -1)
+        # Keep the smallest prefix whose mass reaches top_p: a token goes when the mass before
+        # it already does. The top token always stays (top_p may round to 0 in float32).
+        drop_sorted = (probs_sorted_v.cumsum(-1) - probs_sorted_v) >= params.top_p
+        drop_sorted[0] = False
+        x_v = x_v.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted),
+                              _NEG_INF)
+    return x_v

@@ -1,21 +1,27 @@
 """The scheduler: pure policy over Sequences and the BlockManager (no tensors, injectable clock).
 
-Policy "slo" (default): a step is a prefill step or a decode step, never both.
-  - While sequences are decoding and prompts wait, steps alternate decode / prefill, and the
-    prefill step is sized by the cost model so that decode + prefill fits in the TBT target:
-    every running sequence gets its next token within --tbt-slo-ms. Each chunk of a step is
-    costed with its own cached context (a chunk deep into a long prompt costs more per token).
-  - Waiting prompts are ordered by predicted remaining prefill time minus the prefill time that
-    went to newer prompts while they waited. A short prompt arriving behind a 100K-token one
-    goes first, even while the long one is being prefilled; the long one ages while newcomers
-    overtake it, so it is never starved, and once aging puts it (or several) first, those take
-    half of each prefill step, the short ones the other half.
-  - Prompts longer than the chunk budget are prefilled in chunks; each chunk attends in place to
-    the sharded KV of the earlier ones. With nothing decoding, a prefill step is still bounded
-    in time (a quarter of the TTFT target): a short prompt arriving mid-step waits for that step
-    and then its own, whose first tokens come only when the whole step (and any long prompt's
-    chunk in it) is done, so a short prompt's TTFT stays within about half the target.
-Policy "fcfs" (baseline): first come, first served; each step mixes the whole decode batch with
+Both policies run every decoding sequence in every step; a step may also carry prompt chunks.
+The worker runs the decode batch and the chunks in one forward pass (one read of the weights)
+but keeps their attention apart: ring attention for the chunks, sharded-KV partials for the
+decode batch.
+
+Policy "slo" (default), in four rules:
+  1. A step that yields tokens (anything is decoding, or a waiting prompt is short enough to
+     finish within the TBT target) is sized to that target: every running sequence gets its
+     next token within --tbt-slo-ms. A step of prefill alone is sized to half the TTFT target: a prompt arriving
+     mid-step waits at most that long for its own step, and big steps spend little on a
+     step's fixed cost (a lone long prompt is prefilled in few, large chunks).
+  2. Prompt chunks fill the step's time in priority order: least predicted remaining prefill
+     first, minus the prefill time that went to newer prompts while it waited (aging). Short
+     prompts pass a long one; the long one ages only while overtaken, and once aging puts it
+     (or several) first, those take at most half of each step, the short ones the rest.
+  3. Times come from the cost model (calibrated at start-up), scaled by the slowest
+     measured/predicted ratio of the last 128 steps of the same kind (decode, mixed, prefill
+     alone), measured on the scheduler's clock, so a busy machine's slowness or noise does not
+     break the TBT target.
+  4. When the decode batch alone fills the TBT budget, prompts still progress by
+     min_chunk_tokens per step.
+Policy "fcfs" (baseline): first come, first served; each step carries the whole decode batch and
 as much of the oldest prompts as --max-num-batched-tokens allows.
 
 Memory: a prompt is admitted only if every rank can hold its whole prompt beside the rest of the
@@ -44,9 +50,8 @@ class SchedulerConfig:
     ttft_slo_s: float = 2.0
     tbt_slo_s: float = 0.2
     min_chunk_tokens: int = 32  # progress guarantee when decode alone eats the TBT budget
-    # Longest predicted prefill step when nothing decodes (None: a quarter of the TTFT target).
-    # A prompt arriving mid-step waits for the step and then its own: this bounds a short
-    # prompt's TTFT behind a long one. Longer steps amortise the per-chunk cost better.
+    # Longest predicted step of prefill alone (None: half the TTFT target). A prompt arriving
+    # mid-step waits for the step; longer steps amortise the per-step cost better.
     max_prefill_step_s: float | None = None
 
 
@@ -60,6 +65,13 @@ class ScheduledStep:
     def is_empty(self) -> bool:
         return not (self.prefill or self.decode)
 
+    @property
+    def kind(self) -> str:
+        """decode | mixed | prefill (the StepTimeCorrection kinds); '' when empty."""
+        if self.decode:
+            return "mixed" if self.prefill else "decode"
+        return "prefill" if self.prefill else ""
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, cost: CostModel,
@@ -68,7 +80,6 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # prefill not done (incl. mid-prefill and preempted)
         self.running: list[Sequence] = []  # decoding, oldest first
         self.num_preemptions = 0
-        self._last_was_prefill = False
         # Seconds of prefill a waiting sequence saw go to newer ones: its aging credit.
         self._passed_over_s: dict[int, float] = {}
         self.step_time = StepTimeCorrection()
@@ -76,20 +87,11 @@ class Scheduler:
         self._last_step: tuple[str, float, float, dict | None] | None = None
         # Called with every measured step's shape and seconds (`sp-serve serve --step-log`).
         self.step_observer: Callable[[dict], None] | None = None
-        self._prefill_kind = "prefill_alone"
-        # The TBT cycle in progress: (start of the last decode step, the cost model's seconds
-        # for it and for the prefill step after it, None until that has been scheduled, and
-        # whether that prefill step was planned to fit the TBT target).
-        self._cycle: tuple[float, float, float | None, bool] | None = None
-        # The prefill step being planned could not fit the TBT target: decode alone ate the
-        # budget, or the progress guarantee forced a chunk (StepTimeCorrection's headroom
-        # learns nothing from such a miss).
-        self._prefill_forced = False
 
     # ---- bookkeeping -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         if not self.num_unfinished:  # the engine was idle: the time since the last step is no step's
-            self._last_step = self._cycle = None
+            self._last_step = None
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -123,67 +125,49 @@ class Scheduler:
                                     "measured_s": now - started})
         step = self._schedule()
         self._last_step = None
-        kind, predicted_s = None, 0.0
-        if not step.is_empty and not (step.prefill and step.decode):
-            kind = self._prefill_kind if step.prefill else "decode"
-            predicted_s = self._predicted_s(step)
+        if not step.is_empty:
             shape = None if self.step_observer is None else {  # only for a step log
                 "chunks": [[b - a, a] for _, a, b in step.prefill],
                 "decode": [len(step.decode), sum(s.num_cached for s, _ in step.decode)]}
-            self._last_step = (kind, predicted_s, now, shape)
-        self._track_cycle(kind, predicted_s, now)
+            self._last_step = (step.kind, self.predicted_s(step), now, shape)
         return step
 
-    def _track_cycle(self, kind: str | None, predicted_s: float, now: float) -> None:
-        """Measures what the TBT target is about: from one decode step to the next, across the
-        prefill step between them (see StepTimeCorrection.cycle_scale)."""
-        if kind == "decode":
-            if self._cycle is not None and self._cycle[2] is not None:
-                start, decode_s, prefill_s, planned = self._cycle
-                self.step_time.observe_cycle(decode_s, prefill_s, now - start,
-                                             self.config.tbt_slo_s if planned else None)
-            self._cycle = (now, predicted_s, None, False)
-        elif kind == "prefill_beside_decode" and self._cycle is not None and self._cycle[2] is None:
-            self._cycle = (self._cycle[0], self._cycle[1], predicted_s, not self._prefill_forced)
-        else:
-            self._cycle = None
-
-    def _predicted_s(self, step: ScheduledStep) -> float:
-        """The cost model's time for a step (each chunk runs on its own)."""
-        return (sum(self.cost.prefill_s(b - a, a) for _, a, b in step.prefill)
-                + self.cost.decode_s(len(step.decode), sum(s.num_cached for s, _ in step.decode)))
+    def predicted_s(self, step: ScheduledStep) -> float:
+        """The cost model's time for a step."""
+        return self.cost.step_s([(b - a, a) for _, a, b in step.prefill], len(step.decode),
+                                sum(s.num_cached for s, _ in step.decode))
 
     def _schedule(self) -> ScheduledStep:
         step = ScheduledStep()
+        self._schedule_decode(step)
+        budget = self.config.max_num_batched_tokens - len(step.decode)
         if self.config.policy == "fcfs":
-            self._schedule_decode(step)
-            budget = self.config.max_num_batched_tokens - len(step.decode)
             self._schedule_prefill(step, budget, sorted(self.waiting, key=_age))
             return step
-        decoding = bool(self.running)
-        prefilling = bool(self.waiting)
-        if decoding and (not prefilling or self._last_was_prefill):
-            self._schedule_decode(step)
-        if step.is_empty and prefilling:
-            if self.running:  # every running sequence waits for this step: fit it in the TBT
-                ctx = sum(s.num_cached for s in self.running)
-                decode_s = self.cost.decode_s(len(self.running), ctx) * self.step_time.scale("decode")
-                time_left_s = self.config.tbt_slo_s / self.step_time.cycle_scale() - decode_s
-                self._prefill_kind = "prefill_beside_decode"  # small chunks, deep in long prompts
-                self._prefill_forced = time_left_s <= 0
-            else:
-                time_left_s = self.config.max_prefill_step_s
-                if time_left_s is None:
-                    time_left_s = self.config.ttft_slo_s / 4
-                self._prefill_kind = "prefill_alone"  # big chunks: the model errs differently
-            # The budget in the cost model's seconds, which measured steps show run slow or fast.
-            order, aged = self._by_slack()
-            self._schedule_prefill(step, self.config.max_num_batched_tokens, order,
-                                   time_left_s / self.step_time.scale(self._prefill_kind), aged)
-            if step.is_empty and decoding:  # prompts blocked on memory: keep decoding
-                self._schedule_decode(step)
-        self._last_was_prefill = bool(step.prefill)
+        if not self.waiting:
+            return step
+        order, aged = self._by_slack()
+        kind = "mixed" if step.decode else "prefill"
+        limit_s = self._step_limit_s(step, order)
+        # The limit in the cost model's seconds, which measured steps show run slow or fast;
+        # less what the step costs before any chunk.
+        fixed_s = self.cost.step_fixed_s + self.cost.decode_part_s(
+            len(step.decode), sum(s.num_cached for s, _ in step.decode))
+        time_left_s = limit_s / self.step_time.scale(kind) - fixed_s
+        self._schedule_prefill(step, budget, order, time_left_s, aged)
         return step
+
+    def _step_limit_s(self, step: ScheduledStep, order: list[Sequence]) -> float:
+        """Rule 1: the TBT target for a step that yields tokens (something decodes, or a
+        waiting prompt is short enough to get its first token from this step), else half the
+        TTFT target."""
+        scale = self.step_time.scale("prefill")
+        if step.decode or any(self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale
+                              <= self.config.tbt_slo_s for s in order):
+            return self.config.tbt_slo_s
+        if self.config.max_prefill_step_s is not None:
+            return self.config.max_prefill_step_s
+        return self.config.ttft_slo_s / 2
 
     def _by_slack(self) -> tuple[list[Sequence], set[int]]:
         """Waiting prompts, most urgent first: predicted remaining prefill time minus the prefill
@@ -199,7 +183,7 @@ class Scheduler:
         Also returns the ids of the prompts that aging put ahead of one with less left: together
         they get at most half of a step, the rest goes on by priority, so long prompts that have
         earned their turn do not hold up short ones for the whole of their prefill either."""
-        scale = self.step_time.scale("prefill_alone")  # remaining time in measured seconds
+        scale = self.step_time.scale("prefill")  # remaining time in measured seconds
 
         def remaining_s(s: Sequence) -> float:
             return self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale
@@ -256,8 +240,6 @@ class Scheduler:
                         continue
                     break
                 # Progress guarantee: the first chunk runs even when decode alone eats the TBT.
-                if not fit:
-                    self._prefill_forced = True
                 n = fit or min(n, self.config.min_chunk_tokens)
             shares = self.blocks.prefill_shares(n)
             if not self.blocks.can_hold(seq.seq_id, shares) and not self._preempt_for(seq, shares, step):
@@ -266,7 +248,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = self.clock()
             step.prefill.append((seq, seq.num_cached, seq.num_cached + n))
-            chunk_s = self.cost.prefill_s(n, seq.num_cached)
+            chunk_s = self.cost.chunk_s(n, seq.num_cached)
             if time_left_s is not None:
                 time_left_s -= chunk_s
             if seq.seq_id in aged:
@@ -281,8 +263,8 @@ class Scheduler:
         overtaken. Only newcomers jumping ahead is starvation; waiting behind an older prompt is
         first come, first served, and earns nothing (else a long prompt waiting behind another
         long one would then outrank every short prompt for as long as it had waited)."""
-        scale = self.step_time.scale(self._prefill_kind)
-        chunks = [(_age(s), self.cost.prefill_s(b - a, a) * scale) for s, a, b in step.prefill]
+        scale = self.step_time.scale(step.kind)
+        chunks = [(_age(s), self.cost.chunk_s(b - a, a) * scale) for s, a, b in step.prefill]
         served = {s.seq_id for s, _, _ in step.prefill}
         for seq in self.waiting:
             if seq.seq_id not in served:
@@ -371,67 +353,28 @@ class StepTimeCorrection:
     """How far the cost model is off, learnt from the steps the engine actually ran.
 
     The start-up calibration is a handful of timed steps; on a busy or shared machine it can be
-    off by 2x either way, and every TBT-sized chunk inherits the error (too big: the TBT target
-    is missed; too small: per-chunk overhead eats throughput). The scheduler's clock tells how
-    long each step took, from one schedule() call to the next (sampling and output dispatch
-    included, as a client sees them); the scale for a kind of step is a high quantile of
-    measured/predicted over its recent steps. Steps after an idle gap are not measured. With a
-    clock that advances by the cost model's own prediction (a simulation), every scale is 1.
+    off by 2x either way, and every budgeted step inherits the error (too big: the TBT target is
+    missed; too small: per-step overhead eats throughput). The scheduler's clock tells how long
+    each step took, from one schedule() call to the next (sampling and output dispatch
+    included, as a client sees them). The scale for a kind of step is the largest measured /
+    predicted of its last WINDOW steps: a step planned with it is no slower, relative to the
+    model, than the slowest recent one, so ~1 step in WINDOW misses a target it was planned
+    to the edge of (the TBT target is a p99 one). Steps after an idle gap are not measured. With
+    a clock that advances by the cost model's own prediction (a simulation), every scale is 1.
     """
 
-    WINDOW = 64
-    MIN_SAMPLES = 8
-    QUANTILE = 0.9
-    CYCLE_WINDOW = 128
-    CYCLE_QUANTILE = 1.0  # the TBT target is a p99 one: no cycle of the last 128 would miss
+    WINDOW = 128
     LIMITS = (0.25, 4.0)
-    # A new cycle beats the largest of the last 128 about 1 time in 129 even when the noise
-    # holds still, and more often when it drifts, which leaves a p99 target on a knife's edge
-    # (1-2% of a shared CPU's cycles missed it). So the headroom also answers to the target
-    # itself: x1.05 after a cycle that missed it, x0.99975 after one that did not, never below
-    # 1: it settles where ln(1.05) * misses = -ln(0.99975) * hits, ~0.5% of cycles missing.
-    HEADROOM_UP, HEADROOM_DECAY, HEADROOM_MAX = 1.05, 0.99975, 2.0
 
     def __init__(self) -> None:
         self._ratios: dict[str, deque[float]] = {}
-        self._cycles: deque[tuple[float, float, float]] = deque(maxlen=self.CYCLE_WINDOW)
-        self.headroom = 1.0
 
     def observe(self, kind: str, predicted_s: float, measured_s: float) -> None:
         if predicted_s > 0 and measured_s >= 0:
             self._ratios.setdefault(kind, deque(maxlen=self.WINDOW)).append(measured_s / predicted_s)
 
     def scale(self, kind: str) -> float:
-        return self._quantile(self._ratios.get(kind, ()), self.QUANTILE)
-
-    def observe_cycle(self, decode_s: float, prefill_s: float, measured_s: float,
-                      target_s: float | None = None) -> None:
-        """A decode step and the prefill step after it: their cost-model seconds and the
-        measured time from that decode step to the next one, which the TBT target (target_s)
-        is about."""
-        if decode_s + prefill_s > 0 and measured_s >= 0:
-            # Misses before the cycle scale is measured are the calibration's, not the noise's.
-            measured_before = len(self._cycles) >= self.MIN_SAMPLES
-            self._cycles.append((decode_s, prefill_s, measured_s))
-            if target_s is not None and measured_before:
-                if measured_s > target_s:
-                    self.headroom = min(self.HEADROOM_MAX, self.headroom * self.HEADROOM_UP)
-                else:
-                    self.headroom = max(1.0, self.headroom * self.HEADROOM_DECAY)
-
-    def cycle_scale(self) -> float:
-        """The residual the TBT budget divides by. The per-kind scales make each step's plan
-        right on the whole; the whole cycle, planned with today's scales, still runs over now
-        and then (noise from step to step), so the largest measured / planned of the recent
-        cycles leaves the headroom for ~99% of cycles, not half, to end within the target; the
-        misses against the target itself add to it (see HEADROOM_UP)."""
-        d, p = self.scale("decode"), self.scale("prefill_beside_decode")
-        return self.headroom * self._quantile(
-            [m / (ds * d + ps * p) for ds, ps, m in self._cycles], self.CYCLE_QUANTILE)
-
-    def _quantile(self, ratios, quantile: float) -> float:
-        if len(ratios) < self.MIN_SAMPLES:
+        ratios = self._ratios.get(kind)
+        if not ratios:
             return 1.0
-        ordered = sorted(ratios)
-        q = ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
-        return min(max(q, self.LIMITS[0]), self.LIMITS[1])
+        return min(max(max(ratios), self.LIMITS[0]), self.LIMITS[1])

@@ -1,20 +1,26 @@
 """The worker: the only code that touches a device. One per rank; every rank runs the same
 StepPlan. Rank 0 gets back float32 logits for the sequences that sample this step.
 
-Prefill chunk on rank r: its zigzag share of the chunk's tokens at their global positions; K/V
-written to this rank's cache; attention = zigzag ring over the chunk's fresh K/V, plus (for a
-chunk after earlier chunks) the queries' attention to every rank's cached shard in place.
-Decode: dense layers run replicated for the batch; each token's K/V is stored on one rank only
-(the engine's placement); attention is each rank's partial over its shard, merged by lse. On
-the triton backend that partial is one paged split-KV kernel launch per micro-batch, reading the
-pool in place; other backends gather each sequence's shard first.
+A step is one forward pass over this rank's tokens: each prompt chunk's zigzag share (at the
+tokens' global positions), then the decode batch (replicated: every rank runs the dense layers
+for every decode token). The dense layers read the weights once for all of them; attention keeps
+the two batches apart:
+  - a prompt chunk: zigzag ring over the chunk's fresh K/V, plus (for a chunk after earlier
+    chunks) the queries' attention to every rank's cached shard in place;
+  - the decode batch: each rank's partial over its own shard, merged by lse; each decode
+    token's K/V is stored on one rank only (the engine's placement).
+On CPU a step's fixed cost is mostly reading the weights (a memory-bound pass), so a decode
+batch riding along a prompt chunk costs little more than the chunk alone.
 
-Legend: t tokens, h heads, d head_dim, b batch.
+Everything the layers need (token ids, positions, slots, shard runs) is built once per step.
+
+Legend: t tokens, h heads, d head_dim (hidden size for hidden states), b batch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.distributed as dist
 
 from sp_serve.attention.local import attention_with_lse
 from sp_serve.attention.ring_prefill import ring_prefill_attention
@@ -25,9 +31,21 @@ from sp_serve.attention.sharded_cache import (
     pack_partial,
 )
 from sp_serve.attention.zigzag import ZigzagLayout
-from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
+from sp_serve.engine.plan import StepPlan
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.parallel.groups import ParallelContext
+
+
+@dataclass
+class _ChunkPart:
+    """One prompt chunk's share on this rank: rows [start, stop) of the step's local tokens."""
+
+    seq_id: int
+    rows: slice
+    layout: ZigzagLayout
+    cached_runs: list[tuple[int, int]] | None  # this rank's shard of the earlier chunks
+    last_row: int | None  # the local row of the chunk's last token, if this rank holds it and
+    # the chunk ends its prompt (rank 0 samples from it)
 
 
 class Worker:
@@ -41,69 +59,100 @@ class Worker:
         """Runs one step; returns {seq_id: logits [vocab] fp32} on rank 0 (empty elsewhere)."""
         for seq_id in plan.free_seq_ids:
             self.kv.free(seq_id)
-        logits: dict[int, torch.Tensor] = {}
-        for chunk in plan.prefill:
-            row = self._prefill(chunk)
-            if row is not None:
-                logits[chunk.seq_id] = row
-        if plan.decode:
-            rows = self._decode(plan.decode)
-            if rows is not None:
-                logits.update({tok.seq_id: rows[i] for i, tok in enumerate(plan.decode)})
-        return logits
-
-    def _prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
+        if not (plan.prefill or plan.decode):
+            return {}
         pc, dev = self.pc, self.pc.device
-        n = len(chunk.token_ids)
-        layout = ZigzagLayout(n, pc.world_size)
-        local_idx = layout.local_indices(pc.rank)
-        ids_t = torch.tensor(chunk.token_ids, dtype=torch.long)[local_idx].to(dev)
-        pos_t = (local_idx + chunk.start_pos).to(dev)
-        rope_len_t = torch.full_like(pos_t, max(chunk.total_len, chunk.start_pos + n))
-        cached_slots = self.kv.slots(chunk.seq_id)  # earlier chunks' tokens on this rank
-        new_slots = self.kv.append_slots(chunk.seq_id, len(local_idx))
-        q_per_rank = [layout.num_local(r) for r in range(pc.world_size)]
+        ids, pos, rope_len, write_rows, write_slots, parts = [], [], [], [], [], []
+        row = 0
+        for chunk in plan.prefill:
+            n = len(chunk.token_ids)
+            layout = ZigzagLayout(n, pc.world_size)
+            local_idx = layout.local_indices(pc.rank)
+            m = len(local_idx)
+            ids.append(torch.tensor(chunk.token_ids, dtype=torch.long)[local_idx])
+            pos.append(local_idx + chunk.start_pos)
+            rope_len.append(torch.full((m,), max(chunk.total_len, chunk.start_pos + n), dtype=torch.long))
+            cached = self.kv.runs(chunk.seq_id) if chunk.start_pos > 0 else None
+            write_rows.append(torch.arange(row, row + m))
+            write_slots.append(self.kv.append_slots(chunk.seq_id, m))
+            last = None
+            if chunk.want_logits and layout.owner_of(n - 1) == pc.rank:
+                last = row + int((local_idx == n - 1).nonzero()[0, 0])
+            parts.append(_ChunkPart(chunk.seq_id, slice(row, row + m), layout, cached, last))
+            row += m
+        decode_rows = slice(row, row + len(plan.decode))
+        shards = None
+        if plan.decode:
+            ids.append(torch.tensor([t.token_id for t in plan.decode], dtype=torch.long))
+            dpos = torch.tensor([t.position for t in plan.decode], dtype=torch.long)
+            pos.append(dpos)
+            rope_len.append(dpos + 1)
+            owned = [i for i, t in enumerate(plan.decode) if t.owner_rank == pc.rank]
+            if owned:
+                write_rows.append(torch.tensor(owned, dtype=torch.long) + row)
+                write_slots.append(torch.cat([self.kv.append_slots(plan.decode[i].seq_id, 1)
+                                              for i in owned]))
+            # after the new tokens' slots exist: decode attends to them too
+            shards = DecodeShards(self.kv, [t.seq_id for t in plan.decode], self.scale, self.backend)
+        ids_t, pos_t, rope_len_t = (torch.cat(x).to(dev) for x in (ids, pos, rope_len))
+        write_rows_t = torch.cat(write_rows).to(dev) if write_rows else None
+        write_slots_t = torch.cat(write_slots).to(dev) if write_slots else None
+        rows_are_prefix = write_rows_t is not None and write_rows_t.numel() == row and not plan.decode
 
         def attn(layer: int, q_thd, k_thd, v_thd):
-            self.kv.write(layer, new_slots, k_thd, v_thd)
-            acc = ring_prefill_attention(pc, layout, q_thd, k_thd, v_thd, self.scale, self.backend)
-            if chunk.start_pos > 0:
-                k_cache, v_cache = self.kv.read(layer, cached_slots)
-
-                def local_partial_for(qq_thd):
-                    return pack_partial(*attention_with_lse(qq_thd, k_cache, v_cache, False, self.scale,
-                                                            self.backend))
-
-                o, lse = chunk_over_shards(pc, q_thd, q_per_rank, local_partial_for)
-                acc.add(slice(None), o, lse)
-            return acc.o_thd.to(q_thd.dtype)
+            if write_slots_t is not None:
+                if rows_are_prefix:
+                    self.kv.write(layer, write_slots_t, k_thd, v_thd)
+                else:
+                    self.kv.write(layer, write_slots_t, k_thd[write_rows_t], v_thd[write_rows_t])
+            o_thd = torch.empty_like(q_thd)
+            for part in parts:
+                o_thd[part.rows] = self._chunk_attention(layer, part, q_thd[part.rows],
+                                                         k_thd[part.rows], v_thd[part.rows])
+            if shards is not None:
+                q_bhd = q_thd[decode_rows]
+                o_thd[decode_rows] = decode_over_shards(
+                    pc, len(plan.decode), lambda rows: shards.partial(layer, q_bhd, rows))
+            return o_thd
 
         hidden_td = self.model(ids_t, pos_t, attn, rope_len_t)
-        if not chunk.want_logits:
-            return None
-        owner = layout.owner_of(n - 1)
-        last_d = torch.empty(hidden_td.shape[-1], dtype=hidden_td.dtype, device=dev)
-        if pc.rank == owner:
-            last_d.copy_(hidden_td[(local_idx == n - 1).nonzero()[0, 0]])
-        if owner != 0:
-            dist.broadcast(last_d, src=owner)
-        return self.model.compute_logits(last_d[None])[0] if pc.is_driver else None
+        return self._logits(plan, parts, hidden_td, decode_rows)
 
-    def _decode(self, tokens: list[DecodeToken]) -> torch.Tensor | None:
-        pc, dev = self.pc, self.pc.device
-        ids_t = torch.tensor([t.token_id for t in tokens], dtype=torch.long, device=dev)
-        pos_t = torch.tensor([t.position for t in tokens], dtype=torch.long, device=dev)
-        owned = [i for i, t in enumerate(tokens) if t.owner_rank == pc.rank]
-        owned_slots = torch.cat([self.kv.append_slots(tokens[i].seq_id, 1) for i in owned]) if owned else None
-        owned_t = torch.tensor(owned, dtype=torch.long, device=dev)
-        shards = DecodeShards(self.kv, [t.seq_id for t in tokens], self.scale, self.backend)
+    def _chunk_attention(self, layer: int, part: _ChunkPart, q_thd, k_thd, v_thd) -> torch.Tensor:
+        pc = self.pc
+        acc = ring_prefill_attention(pc, part.layout, q_thd, k_thd, v_thd, self.scale, self.backend)
+        if part.cached_runs is not None:
+            k_cache, v_cache = self.kv.read_runs(layer, part.cached_runs)
 
-        def attn(layer: int, q_thd, k_thd, v_thd):
-            if owned_slots is not None:
-                self.kv.write(layer, owned_slots, k_thd[owned_t], v_thd[owned_t])
-            o_thd = decode_over_shards(pc, len(tokens),
-                                       lambda rows: shards.partial(layer, q_thd, rows))
-            return o_thd.to(q_thd.dtype)
+            def local_partial_for(qq_thd):
+                return pack_partial(*attention_with_lse(qq_thd, k_cache, v_cache, False, self.scale,
+                                                        self.backend))
 
-        hidden_td = self.model(ids_t, pos_t, attn, pos_t + 1)
-        return self.model.compute_logits(hidden_td) if pc.is_driver else None
+            q_per_rank = [part.layout.num_local(r) for r in range(pc.world_size)]
+            o, lse = chunk_over_shards(pc, q_thd, q_per_rank, local_partial_for)
+            acc.add(slice(None), o, lse)
+        return acc.o_thd.to(q_thd.dtype)
+
+    def _logits(self, plan: StepPlan, parts: list[_ChunkPart], hidden_td: torch.Tensor,
+                decode_rows: slice) -> dict[int, torch.Tensor]:
+        """Rank 0's logits for the prompts that end this step and for the decode batch. A
+        prompt's last token may sit on any rank: its hidden row comes to rank 0 in one collective
+        for all of them (each row is sent by its owner; the others send zeros)."""
+        ending = [i for i, chunk in enumerate(plan.prefill) if chunk.want_logits]
+        rows_td = None
+        if ending:
+            rows_td = torch.zeros((len(ending), hidden_td.shape[-1]), dtype=hidden_td.dtype,
+                                  device=hidden_td.device)
+            for j, i in enumerate(ending):
+                if parts[i].last_row is not None:
+                    rows_td[j] = hidden_td[parts[i].last_row]
+            rows_td = self.pc.comm.sum_to_first(rows_td)
+        if not self.pc.is_driver:
+            return {}
+        seq_ids = [plan.prefill[i].seq_id for i in ending] + [t.seq_id for t in plan.decode]
+        if rows_td is not None and plan.decode:
+            rows_td = torch.cat([rows_td, hidden_td[decode_rows]])
+        elif rows_td is None:
+            rows_td = hidden_td[decode_rows]
+        logits = self.model.compute_logits(rows_td)
+        return {seq_id: logits[i] for i, seq_id in enumerate(seq_ids)}

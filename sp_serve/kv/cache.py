@@ -64,6 +64,32 @@ class PagedKVCache:
     def read(self, layer: int, slots_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_lthd[layer].index_select(0, slots_t), self.v_lthd[layer].index_select(0, slots_t)
 
+    def runs(self, seq_id: int, end: int | None = None) -> list[tuple[int, int]]:
+        """The first `end` tokens of the shard (default all) as [start, stop) slot ranges, one per
+        run of consecutive blocks. A sequence allocated on a quiet pool is one run: its shard
+        is then a view of the pool (see `read_runs`), not a copy made every layer."""
+        table = self._tables.get(seq_id, [])
+        end = self._lens.get(seq_id, 0) if end is None else end
+        out: list[tuple[int, int]] = []
+        for i in range(-(-end // self.block_size)):
+            start = table[i] * self.block_size
+            stop = start + min(self.block_size, end - i * self.block_size)
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], stop)
+            else:
+                out.append((start, stop))
+        return out
+
+    def read_runs(self, layer: int, runs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given slot runs, [t, h, d]: views when there is one run."""
+        k_thd, v_thd = self.k_lthd[layer], self.v_lthd[layer]
+        if len(runs) == 1:
+            (a, b), = runs
+            return k_thd[a:b], v_thd[a:b]
+        if not runs:
+            return k_thd[:0], v_thd[:0]
+        return (torch.cat([k_thd[a:b] for a, b in runs]), torch.cat([v_thd[a:b] for a, b in runs]))
+
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy."""
         shape = (self.num_blocks, self.block_size, *self.k_lthd.shape[2:])

@@ -147,7 +147,7 @@ def kill(procs: list) -> None:
 
 
 # ---- run_on_ranks: a function on N fresh CPU ranks, for tests and benchmarks ------------------
-def _run_entry(rank, world, port, threads, fn, args, out_q):
+def _run_entry(rank, world, port, threads, cpu_comm, fn, args, out_q):
     import io
     import traceback
 
@@ -158,9 +158,9 @@ def _run_entry(rank, world, port, threads, fn, args, out_q):
         torch.set_num_threads(threads)
         store = dist.TCPStore(_HOST, port, world, is_master=rank == 0,
                               timeout=datetime.timedelta(seconds=600))
-        pc = init_parallel(rank, world, store, torch.device("cpu"), timeout_s=600)
+        pc = init_parallel(rank, world, store, torch.device("cpu"), timeout_s=600, cpu_comm=cpu_comm)
         result = fn(pc, *args)
-        shutdown_parallel()
+        shutdown_parallel(pc)
         # bytes, not tensors: a tensor in a queue is shared memory that dies with this process
         buf = io.BytesIO()
         torch.save(result, buf)
@@ -170,17 +170,18 @@ def _run_entry(rank, world, port, threads, fn, args, out_q):
 
 
 def run_on_ranks(world: int, fn: Callable[..., Any], *args, threads: int = 1,
-                 timeout_s: float = 1800) -> list[Any]:
-    """Runs fn(pc, *args) on `world` fresh CPU processes joined by gloo; returns every rank's
-    result, in rank order. For tests and benchmarks, whose callers guard their `__main__`:
-    these ranks are multiprocessing's spawn children (fn must be importable by spawn)."""
+                 timeout_s: float = 1800, cpu_comm: str = "auto") -> list[Any]:
+    """Runs fn(pc, *args) on `world` fresh CPU processes (gloo groups; tensors through shared
+    memory unless cpu_comm="gloo"); returns every rank's result, in rank order. For tests and
+    benchmarks, whose callers guard their `__main__`: these ranks are multiprocessing's spawn
+    children (fn must be importable by spawn)."""
     import io
 
     import torch
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_run_entry, args=(r, world, port, threads, fn, args, out_q), daemon=True)
+    procs = [ctx.Process(target=_run_entry, args=(r, world, port, threads, cpu_comm, fn, args, out_q), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

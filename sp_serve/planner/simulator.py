@@ -20,12 +20,13 @@ prompt + output cannot fit in any rank's KV pool is rejected, as LLMEngine.check
 
 Step times come from one of two cost models:
   - calibrated: a CostModel JSON saved from a real engine (`CostModel.save`, see
-    `calibrate_cost_model`); a step costs the sum of its chunks' prefill_s plus decode_s, because
-    the worker runs the chunks of a step one after another and then the decode batch.
+    `calibrate_cost_model`): CostModel.step_s of the step's chunks and decode batch, which the
+    worker runs in one forward pass.
   - analytic: sp_serve.planner.analytic's prefill_seconds / decode_step_seconds for a model and
-    hardware preset, for any SP x TP layout. The scheduler itself still sees a CostModel, as in
-    the engine: one least-squares fitted to the analytic step times over the workload's range,
-    as a calibration on that hardware would produce (its fit error is reported).
+    hardware preset, for any SP x TP layout; a step carrying both reads the weights once. The
+    scheduler itself still sees a CostModel, as in the engine: one least-squares fitted to the
+    analytic step times over the workload's range, as a calibration on that hardware would
+    produce (its fit error is reported).
 
 The results are keyed like `sp-serve bench serve` results (bench.metrics.compute_metrics runs on
 the simulated requests), so a prediction and a measurement compare key by key.
@@ -54,6 +55,7 @@ from sp_serve.kv.block_manager import BlockManager
 from sp_serve.planner.analytic import (
     Deployment,
     ModelShape,
+    decode_step_breakdown,
     decode_step_seconds,
     free_kv_bytes_per_rank,
     kv_bytes_per_token_per_rank,
@@ -203,6 +205,10 @@ class StepCost(Protocol):
 
     def decode_s(self, context_lens: list[int]) -> float: ...
 
+    def step_s(self, chunks: list[tuple[int, int]], context_lens: list[int]) -> float:
+        """A step of prompt chunks [(new, cached)] and a decode batch (each sequence's context)."""
+        ...
+
     def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
         """The CostModel the scheduler sizes chunks and orders prompts with."""
         ...
@@ -229,15 +235,19 @@ class CalibratedStepCost:
         return self.model.prefill_s(new_tokens, cached_tokens)
 
     def decode_s(self, context_lens: list[int]) -> float:
-        return self._decode_s(len(context_lens), sum(context_lens))
+        return self._step_s([], len(context_lens), sum(context_lens))
 
-    def _decode_s(self, batch: int, context: int) -> float:
-        return self.model.decode_s(batch, context) * self.decode_batch_factor.get(batch, 1.0)
+    def step_s(self, chunks: list[tuple[int, int]], context_lens: list[int]) -> float:
+        return self._step_s(chunks, len(context_lens), sum(context_lens))
+
+    def _step_s(self, chunks: list[tuple[int, int]], batch: int, context: int) -> float:
+        factor = self.decode_batch_factor.get(batch, 1.0) if batch and not chunks else 1.0
+        return self.model.step_s(chunks, batch, context) * factor
 
     def logged_step_s(self, step: Step) -> float:
         """The modelled seconds of a step as a step log records it (read_step_log)."""
         chunks, batch, context, _ = step
-        return sum(self.prefill_s(n, c) for n, c in chunks) + self._decode_s(batch, context)
+        return self._step_s(chunks, batch, context)
 
     def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
         return self.scheduler_model
@@ -276,9 +286,8 @@ class StepLogFit:
 def fit_step_log(paths: str | Path | list[str] | list[Path]) -> StepLogFit:
     """Step times as a server measured them (`sp-serve serve --step-log FILE`): each step from
     one schedule() to the next, so sampling, streaming and whatever else shares the machine
-    under that load are in. A CostModel fitted on the single-chunk prefill steps and the decode
-    steps of one or more logs, and the log-normal noise around it (SimConfig.step_time_sigma
-    and _at_s)."""
+    under that load are in. A CostModel fitted on every step of one or more logs, and the
+    log-normal noise around it (SimConfig.step_time_sigma and _at_s)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     return fit_steps([read_step_log(path) for path in paths], ", ".join(map(str, paths)))
@@ -319,12 +328,13 @@ def fit_steps(logs: list[list[Step]], source: str) -> StepLogFit:
     if not all(logs):
         raise ValueError(f"{source}: a log without a step measured")
     steps = [s for log in logs for s in log]
-    prefill = [(*chunks[0], t) for chunks, b, _, t in steps if len(chunks) == 1 and not b]
+    with_chunks = sum(1 for chunks, *_ in steps if chunks)
     decode = [(b, k, t) for chunks, b, k, t in steps if b and not chunks]
-    if len(prefill) < 3 or len(decode) < 3:
-        raise ValueError(f"{source}: {len(prefill)} prefill and {len(decode)} decode steps; a fit "
-                         "needs at least 3 of each (log a longer run with prompts and outputs)")
-    model = CostModel.fit(prefill, decode)
+    if with_chunks < 3 or len(decode) < 3:
+        raise ValueError(f"{source}: {with_chunks} steps with prompt chunks and {len(decode)} "
+                         "decode-only steps; a fit needs at least 3 of each (log a longer run "
+                         "with prompts and outputs)")
+    model = CostModel.fit(steps)
     ratios: dict[int, list[float]] = {}
     for b, k, t in decode:
         if model.decode_s(b, k) > 0:
@@ -398,26 +408,38 @@ class AnalyticStepCost:
             return 0.0
         return decode_step_seconds(self.shape, self.hw, self.dep, context_lens)
 
+    def step_s(self, chunks: list[tuple[int, int]], context_lens: list[int]) -> float:
+        """The chunks' prefill times plus the decode batch's, less one read of the weights when
+        both are there: the decode rows ride along the chunks' pass over the weights."""
+        prefill = sum(self.prefill_s(n, c) for n, c in chunks)
+        decode = self.decode_s(context_lens)
+        if prefill and decode:
+            b = decode_step_breakdown(self.shape, self.hw, self.dep, context_lens)
+            weights_s = b.weight_bytes_per_rank / (self.hw.hbm_bandwidth * self.dep.bandwidth_efficiency)
+            decode = max(decode - weights_s, b.merge_comm_s + b.tp_comm_s)
+        return prefill + decode
+
     def scheduler_cost(self, max_chunk: int, max_context: int) -> CostModel:
         """CostModel.fit over a grid covering the workload: chunk sizes up to max_chunk over
-        cached prefixes up to max_context, decode batches over contexts up to max_context."""
+        cached prefixes up to max_context, decode batches over contexts up to max_context,
+        and decode batches carrying a chunk."""
         chunks = sorted({min(max_chunk, n) for n in (32, 128, 512, 2048, 8192, max_chunk)})
         prefixes = sorted({0, *(int(max_context * f) for f in (0.1, 0.25, 0.5, 0.9))})
-        prefill = [(n, c, self.prefill_s(n, c)) for n in chunks for c in prefixes]
         contexts = sorted({min(max_context, k) for k in (128, 1024, 8192)} | {max_context})
-        decode = [(b, b * k, self.decode_s([k] * b)) for b in (1, 4, 16, 64) for k in contexts]
-        model = CostModel.fit(prefill, decode)
-        errors = [abs(model.prefill_s(n, c) / s - 1) for n, c, s in prefill]
-        errors += [abs(model.decode_s(b, k) / s - 1) for b, k, s in decode]
-        self.fit_max_rel_error = max(errors)
+        shapes = [([(n, c)], []) for n in chunks for c in prefixes]
+        shapes += [([], [k] * b) for b in (1, 4, 16, 64) for k in contexts]
+        shapes += [([(n, 0)], [k] * 16) for n in chunks for k in contexts]
+        samples = [(ch, len(ctx), sum(ctx), self.step_s(ch, ctx)) for ch, ctx in shapes]
+        model = CostModel.fit(samples)
+        self.fit_max_rel_error = max(abs(model.step_s(ch, b, k) / s - 1) for ch, b, k, s in samples)
         return model
 
 
 def step_seconds(cost: StepCost, step: ScheduledStep) -> float:
-    """The worker runs a step's prefill chunks one after another, then the decode batch. The
-    decode context counts each sequence's cached tokens including the one decoded now."""
-    prefill = sum(cost.prefill_s(end - start, start) for _, start, end in step.prefill)
-    return prefill + cost.decode_s([seq.num_cached for seq, _ in step.decode])
+    """One forward pass over the step's chunks and decode batch. The decode context counts each
+    sequence's cached tokens including the one decoded now."""
+    return cost.step_s([(end - start, start) for _, start, end in step.prefill],
+                       [seq.num_cached for seq, _ in step.decode])
 
 
 def kv_blocks_per_rank(kv_bytes_per_rank: float, kv_bytes_per_token_per_rank_: float,

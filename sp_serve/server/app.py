@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sp_serve.engine.protocol import EngineClient
@@ -17,10 +17,13 @@ from sp_serve.server.chat import create_chat_completion
 from sp_serve.server.completions import create_completion
 from sp_serve.server.errors import BadRequest, error_response, install_error_handlers
 from sp_serve.server.metrics import ServerMetrics
+from sp_serve.server.openapi import error_responses, install_openapi
 from sp_serve.server.prompts import check_token_ids, encode_chat, encode_text, load_chat_template
 from sp_serve.server.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -53,12 +56,16 @@ def build_app(engine: EngineClient, *, served_model_name: str | None = None,
     app = FastAPI(title="sp-serve", description="Sequence-parallel LLM serving, OpenAI API")
     app.state.ctx = ctx
     install_error_handlers(app)
+    install_openapi(app, model_name, ctx.vocab_size)
+    generation_errors = error_responses(400, 404, 500, 503)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None,
+              responses={200: _json_or_sse(CompletionResponse), **generation_errors})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(ctx, body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses={200: _json_or_sse(ChatCompletionResponse), **generation_errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(ctx, body, request)
 
@@ -68,7 +75,7 @@ def build_app(engine: EngineClient, *, served_model_name: str | None = None,
                                          max_model_len=engine.max_model_len,
                                          sp_serve=ctx.extra_model_info)])
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=error_responses(400, 404, 500))
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -82,21 +89,37 @@ def build_app(engine: EngineClient, *, served_model_name: str | None = None,
                                                 ctx.chat_template, body.add_generation_prompt)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=error_responses(400, 404, 500))
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.check_model(body.model)
         check_token_ids(body.tokens, ctx.vocab_size, param="tokens")
         text = await ctx.in_tokenizer_thread(ctx.tokenizer.decode, body.tokens)
         return DetokenizeResponse(prompt=text)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The engine and every rank are up (empty body).",
+                              "content": {}}, **error_responses(503)})
     async def health() -> Response:
         if engine.is_healthy():
             return Response(status_code=200)
         return error_response("The engine is not healthy.", 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format.",
+                              "content": {CONTENT_TYPE_LATEST.split(";")[0]: {
+                                  "schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _json_or_sse(model: type) -> dict[str, Any]:
+    """A 200 that is the JSON body, or with `"stream": true` server-sent events of chunks."""
+    return {"model": model, "description": "The JSON response; with `stream` true, server-sent "
+            "events (`data: {chunk}` lines, an error event if the request fails mid-stream, "
+            "then `data: [DONE]`).",
+            "content": {"text/event-stream": {"schema": {  # each event, as OpenAPI 3.1 has it
+                "type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string", "description": "A chunk or an error "
+                                        "envelope as JSON, or [DONE]."}}}}}}

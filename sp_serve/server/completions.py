@@ -10,7 +10,6 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from sp_serve.engine.protocol import TokenLogprob
-from sp_serve.server.errors import BadRequest
 from sp_serve.server.generation import ChoiceResult, ChoiceUpdate, GenerationGroup
 from sp_serve.server.prompts import check_token_ids, encode_text, resolve_max_tokens
 from sp_serve.server.protocol import (
@@ -30,9 +29,7 @@ def _prompt_ids(ctx: ServerContext, request: CompletionRequest) -> list[list[int
     batch = [prompt] if single else prompt
     prompts = []
     for item in batch:
-        if isinstance(item, str):
-            if not item:
-                raise BadRequest("The prompt is empty; send at least one token.", param="prompt")
+        if isinstance(item, str):  # not empty, valid Unicode: the request model checked it
             prompts.append(encode_text(ctx.tokenizer, item, request.add_special_tokens))
         else:
             check_token_ids(item, ctx.vocab_size, param="prompt")

@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from sp_serve.engine.protocol import EngineClient, TokenDelta, TokenLogprob
+from sp_serve.engine.protocol import EngineClient, EngineUnavailable, TokenDelta, TokenLogprob
 from sp_serve.engine.sampling import SamplingParams
 from sp_serve.server.errors import BadRequest, ClientDisconnected, ServiceUnavailable
 from sp_serve.server.metrics import ServerMetrics
@@ -190,7 +190,11 @@ class GenerationGroup:
                 return
             choice.engine_done = True  # refused: nothing was admitted, nothing to abort
             self._queue.put_nowait(BadRequest(str(exc)))
-        except Exception as exc:  # noqa: BLE001 -- an engine failure: the consumer answers 5xx
+        except EngineUnavailable as exc:  # stopped or shutting down: 503, try elsewhere
+            message = str(exc)
+            self._queue.put_nowait(ServiceUnavailable(
+                f"{message[:1].upper()}{message[1:]}; retry on another replica."))
+        except Exception as exc:  # noqa: BLE001 -- this request failed: the consumer answers 5xx
             if not self.engine.is_healthy():  # the engine died under us: 503, try elsewhere
                 exc = ServiceUnavailable(f"The engine stopped: {type(exc).__name__}: {exc}")
             self._queue.put_nowait(exc)

@@ -1,15 +1,21 @@
 """OpenAI-compatible request and response bodies, with vLLM's extensions and limits.
 
 The field constraints here are what a client gets back as HTTP 400: each message names the
-field (the validation handler in errors.py formats them). Fields OpenAI defines but sp-serve
-cannot honour are accepted only at their no-op value, so a client is never silently ignored.
+field (the validation handler in errors.py formats them). The models are the published schema
+(/openapi.json), so they say exactly what is accepted: types are strict (no "yes" for true, no
+false for a token id), numbers finite, strings valid Unicode (no lone UTF-16 surrogate), and
+fields OpenAI defines but sp-serve cannot honour are accepted only at their no-op value, which
+the schema lists as the only one. Rules a schema cannot state (a prompt that does not fit the
+context, a rule between two fields) are 400s described on the field.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -22,25 +28,95 @@ from pydantic import (
 
 MAX_N = 128  # OpenAI's own cap on n; each choice is a separate engine request.
 MAX_LOGPROBS = 20  # SamplingParams.logprobs accepts 0..20.
-_INT64 = 2**63
+# Seeds stay within the integers a double holds exactly (and a JavaScript client can send):
+# JSON Schema validators compare big integers as doubles, and past 2**53 they would disagree
+# with this server about the bound.
+_MAX_SEED = 2**53 - 1
+_DOUBLE_MAX = sys.float_info.max  # JSON numbers past it parse as inf: not finite, refused
+# Token ids carry this mark in the schema; the app replaces it by the model's vocabulary bound.
+TOKEN_ID_MARK = "x-sp-serve-token-id"
+MODEL_MARK = "x-sp-serve-model"  # and a request's `model` by the served name (others are 404)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_text(value: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\ud800"), which no tokenizer can encode."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"must be valid Unicode text: a lone UTF-16 surrogate "
+                             f"({value[exc.start]!a}) at position {exc.start}") from None
+    return value
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 3.0; a bool or a string is still refused (strict int)."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+def integer(**constraints: Any) -> Any:
+    """An integer field (constraints as Field's ge, le, ...) that takes 3.0 as 3."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
+
+
+Integer = integer()
+Text = Annotated[str, AfterValidator(check_text)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(check_text)]
+ModelName = Annotated[Text, Field(json_schema_extra={MODEL_MARK: True})]
+TokenId = integer(ge=0, json_schema_extra={TOKEN_ID_MARK: True})
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Seed = integer(ge=-_MAX_SEED, le=_MAX_SEED)
 
 
 def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and set(map(type, value)) <= {int}  # bools are not ids
+    if not isinstance(value, list):
+        return False
+    types = set(map(type, value))  # one pass, fast on a million ids; bools are not ids
+    return types <= {int} or (types <= {int, float}
+                              and all(type(t) is int or t.is_integer() for t in value))
+
+
+def _as_ids(value: list) -> list[int]:
+    return value if all(type(t) is int for t in value) else [int(t) for t in value]
 
 
 def _prompt_shape(value: Any) -> Any:
     """Checks the prompt in one pass: a million token ids through pydantic's union of four list
     types takes 0.3 s of event-loop time; and one message beats one error per union arm."""
-    if isinstance(value, str) or _is_token_ids(value):
-        return value
-    if isinstance(value, list) and value and (
-        all(isinstance(p, str) for p in value) or all(_is_token_ids(p) for p in value)
+    if isinstance(value, str):
+        items = [value]
+    elif _is_token_ids(value):
+        items = [value := _as_ids(value)]
+    elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        items = value
+    elif isinstance(value, list) and value and all(_is_token_ids(p) for p in value):
+        items = value = [_as_ids(p) for p in value]
+    else:
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of "
+                         "lists of token ids")
+    for item in items:
+        if not item:
+            raise ValueError("must not be empty: send at least one token")
+        if isinstance(item, str):
+            check_text(item)
+        elif min(item) < 0:  # the vocabulary bound is checked with the model at hand
+            raise ValueError(f"token ids are >= 0, got {min(item)}")
+    return value
+
+
+def _content_shape(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value if value is None else check_text(value)
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in value
     ):
+        for part in value:
+            check_text(part["text"])
         return value
-    raise ValueError(
-        "must be a string, a list of strings, a list of token ids or a list of lists of token ids"
-    )
+    raise ValueError("must be a string or a list of {'type': 'text', 'text': ...} parts; only "
+                     "text content parts are supported by sp-serve")
 
 
 def _stop_list(value: Any) -> Any:
@@ -49,18 +125,29 @@ def _stop_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _neutral_only(schema: dict[str, Any], what: str) -> WithJsonSchema:
+    """The schema of a field sp-serve takes only at its no-op value (`schema` allows just it)."""
+    return WithJsonSchema({**schema, "description": f"{what} is not supported by sp-serve; "
+                           "only the value that changes nothing is accepted."})
+
+
 PromptInput = Annotated[
     Any, BeforeValidator(_prompt_shape),
-    WithJsonSchema(TypeAdapter(str | list[str] | list[int] | list[list[int]]).json_schema()),
+    WithJsonSchema(TypeAdapter(NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
+                               | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+                               ).json_schema()),
 ]
-StopStrings = Annotated[list[str], BeforeValidator(_stop_list)]
-Seed = Annotated[int, Field(ge=-_INT64, lt=_INT64)]
+StopStrings = Annotated[list[NonEmptyText], BeforeValidator(_stop_list),
+                        WithJsonSchema(TypeAdapter(NonEmptyText | list[NonEmptyText] | None
+                                                   ).json_schema())]
+Temperature = Annotated[float, Field(ge=0.0, le=_DOUBLE_MAX)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Request(BaseModel):
     # Unknown fields are ignored (clients send vendor extras); fields with an effect we cannot
     # provide are declared below and refused unless left at their neutral value.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -68,38 +155,33 @@ class StreamOptions(_Request):
 
 
 class SamplingRequest(_Request):
-    """The sampling fields completions and chat share (vLLM's names)."""
+    """The sampling fields completions and chat share (vLLM's names and ranges)."""
 
-    model: str | None = None
-    temperature: Annotated[float, Field(ge=0.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    model: ModelName | None = None
+    temperature: Temperature | None = Field(
+        None, description="Below 1e-5 decoding is greedy (vLLM's rule).")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        None, description="Nucleus sampling; the most likely token is always kept.")
+    top_k: integer(ge=-1) | None = Field(None, description="-1 or 0: disabled.")
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        None, description="vLLM extension: keep tokens at least min_p times as likely as the "
+        "most likely one.")
     seed: Seed | None = None
     stop: StopStrings = []
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[integer(ge=0)] | None = None
     ignore_eos: bool = False
-    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    n: integer(ge=1, le=MAX_N) | None = Field(
+        None, description=f"400 if prompts x n exceeds {MAX_N}.")
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value not in (None, 0.0):
-            raise ValueError("penalties are not supported by sp-serve; leave it at 0")
-        return value
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_repetition_penalty(cls, value: float | None) -> float | None:
-        if value not in (None, 1.0):
-            raise ValueError("repetition penalty is not supported by sp-serve; leave it at 1")
-        return value
+    stream_options: StreamOptions | None = Field(
+        None, description="400 unless stream is true.")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=_DOUBLE_MAX)] | None = None
+    logit_bias: Annotated[dict[str, float] | None,
+                          _neutral_only({"type": ["object", "null"], "maxProperties": 0},
+                                        "logit_bias")] = None
+    user: Text | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -121,12 +203,15 @@ class SamplingRequest(_Request):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: PromptInput
-    max_tokens: Annotated[int, Field(ge=1)] | None = None  # None: the rest of the context
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: PromptInput = Field(
+        description="400 if a prompt plus max_tokens does not fit the model's context.")
+    max_tokens: integer(ge=1) | None = Field(
+        None, description="Default: the rest of the context.")
+    logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
+    echo: Annotated[bool | None, _neutral_only({"enum": [False, None]}, "echo")] = False
+    suffix: Annotated[str | None, _neutral_only({"type": ["string", "null"], "maxLength": 0},
+                                                "suffix")] = None
+    best_of: Integer | None = Field(None, description="400 unless equal to n.")
     add_special_tokens: bool = True  # vLLM extension: BOS for string prompts
 
     @field_validator("echo")
@@ -151,37 +236,32 @@ class CompletionRequest(SamplingRequest):
         return value
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
 class ChatMessage(BaseModel):
     # Extra keys (tool_calls, tool_call_id, ...) go through to the chat template untouched.
-    model_config = ConfigDict(extra="allow")
-    role: Annotated[str, Field(min_length=1)]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts_only(cls, value: str | list[ContentPart] | None) -> str | list | None:
-        if isinstance(value, list) and any(p.type != "text" or p.text is None for p in value):
-            raise ValueError("only text content parts are supported by sp-serve")
-        return value
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal[ROLES]
+    content: Annotated[Any, BeforeValidator(_content_shape),
+                       WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "null"}, {
+                           "type": "array", "items": {
+                               "type": "object", "required": ["type", "text"],
+                               "properties": {"type": {"const": "text"},
+                                              "text": {"type": "string"}}}}]})
+                       ] = Field(None, description="Missing or null: empty text.")
+    name: Text | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The dict a Hugging Face chat template expects; text parts joined by newlines (vLLM)."""
+        """The dict a Hugging Face chat template expects; text parts joined by newlines (vLLM),
+        no content as empty text (templates concatenate it)."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            message["content"] = "\n".join(part.text or "" for part in self.content)
+            message["content"] = "\n".join(part["text"] for part in self.content)
+        message.setdefault("content", "")
         return message
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Annotated[str, _neutral_only({"enum": ["text"]}, "a response format other than text")]
 
     @field_validator("type")
     @classmethod
@@ -192,13 +272,18 @@ class ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI, still honoured
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="400 if the chat template refuses them (e.g. roles out of order) or they do "
+        "not fit the model's context.")
+    max_tokens: integer(ge=1) | None = None  # deprecated by OpenAI, still honoured
+    max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="Above 0: 400 unless logprobs is true.")
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
+    tools: Annotated[list[Any] | None,
+                     _neutral_only({"type": ["array", "null"], "maxItems": 0}, "tool calling")
+                     ] = None
     add_generation_prompt: bool = True  # vLLM extension
 
     @field_validator("tools")
@@ -211,7 +296,7 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator("top_logprobs")
     @classmethod
     def _top_needs_logprobs(cls, value: int | None, info) -> int | None:
-        if value is not None and not info.data.get("logprobs"):
+        if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs set to true")
         return value
 
@@ -226,16 +311,32 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    """Exactly one of prompt or messages (400 otherwise)."""
+
+    model: ModelName | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    model: ModelName | None = None
+    tokens: list[TokenId]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope (`object` as vLLM adds it); every 4xx and 5xx has this body."""
+
+    object: Literal["error"] = "error"
+    error: ErrorInfo
 
 
 # ---------------------------------------------------------------------------------- responses

@@ -25,6 +25,7 @@ from sp_serve.server.errors import (
     ClientDisconnected,
     NotFound,
     ServiceUnavailable,
+    echo,
     error_body,
 )
 from sp_serve.server.generation import Choice, ChoiceResult, ChoiceUpdate, GenerationGroup
@@ -71,7 +72,7 @@ class ServerContext:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise NotFound(f"The model `{model}` does not exist.", param="model")
+            raise NotFound(f"The model `{echo(model)}` does not exist.", param="model")
 
     def check_healthy(self) -> None:
         if not self.engine.is_healthy():
@@ -90,11 +91,16 @@ class ResponseFormatter(Protocol):
     def response(self, results: list[ChoiceResult], usage: UsageInfo) -> BaseModel: ...
 
 
+# Request fields passed to SamplingParams as they are, unless unset (then its default holds).
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty")
+
+
 def sampling_params(request: SamplingRequest, max_tokens: int, sample: int,
                     logprobs: int | None) -> SamplingParams:
     """One engine request's parameters: n is fanned out here, so the engine always sees n=1;
     sample i of a seeded request draws with seed + i, so the n samples differ yet reproduce."""
-    chosen = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
+    chosen = {name: getattr(request, name) for name in _SAMPLING_FIELDS}
     try:
         return SamplingParams(
             max_tokens=max_tokens,
