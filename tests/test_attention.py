@@ -165,3 +165,20 @@ def test_engine_triton_backend_matches_torch_at_sp2(tiny_model_dir):
         2, engine_jobs, [(*job, "torch"), (*job, "triton")])
     torch.testing.assert_close(logits_triton, logits_torch, rtol=1e-4, atol=1e-4)
     assert tokens_triton == tokens_torch
+
+
+def test_kv_pool_hands_out_lowest_free_blocks_so_a_lone_sequence_is_one_run():
+    kv = PagedKVCache(1, 12, 4, 1, 2, torch.float32, torch.device("cpu"))
+    for seq in range(4):  # four sequences of two blocks each, interleaved
+        kv.append_slots(seq, 4)
+    for seq in range(4):
+        kv.append_slots(seq, 4)
+    for seq in (1, 3, 0, 2):  # all gone, in a shuffled order (as after calibration)
+        kv.free(seq)
+    kv.append_slots(9, 16)  # four blocks: the lowest free ones, 0 1 2 3, in order
+    assert kv.block_table(9) == [0, 1, 2, 3]
+    assert kv.runs(9) == [(0, 16)]
+    k, _ = kv.read_runs(0, kv.runs(9))
+    assert k.data_ptr() == kv.k_lthd[0].data_ptr()  # a view of the pool, not a copy
+    kv.free(9)
+    assert kv.num_free_blocks == 12

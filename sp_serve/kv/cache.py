@@ -13,6 +13,8 @@ b sequences, m blocks of the longest block table.
 """
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 
@@ -26,7 +28,9 @@ class PagedKVCache:
         self.v_lthd = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id
+        # A min-heap: a new block is always the lowest free id, so a sequence that grows alone
+        # gets consecutive blocks (one run, read in place) even after others came and went.
+        self._free = list(range(num_blocks))
         self._tables: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
 
@@ -44,7 +48,7 @@ class PagedKVCache:
         end = start + count
         while len(table) * self.block_size < end:
             assert self._free, "KV pool exhausted: the engine admitted more than this rank holds"
-            table.append(self._free.pop())
+            table.append(heapq.heappop(self._free))
         self._lens[seq_id] = end
         return self._slots(table, start, end)
 
@@ -106,7 +110,8 @@ class PagedKVCache:
         return tables_bm.to(self.k_lthd.device), lens_b.to(self.k_lthd.device)
 
     def free(self, seq_id: int) -> None:
-        self._free.extend(reversed(self._tables.pop(seq_id, [])))
+        for block in self._tables.pop(seq_id, []):
+            heapq.heappush(self._free, block)
         self._lens.pop(seq_id, None)
 
     def block_table(self, seq_id: int) -> list[int]:
