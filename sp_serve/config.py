@@ -29,6 +29,9 @@ class EngineConfig:
     cpu_comm: str = "auto"  # CPU tensor collectives: auto (shared memory on one host) | shm | gloo
     tokenizer: str | None = None  # a tokenizer directory or .gguf file (default: the model's)
     hf_overrides: dict | None = None  # merged into config.json (model/overrides.py)
+    # Keep finished sequences' KV and share common prompt prefixes. None: on, unless the model
+    # cannot share prefixes (dynamic-NTK RoPE); True: on (an error where it cannot be).
+    enable_prefix_caching: bool | None = None
 
     def __post_init__(self) -> None:
         checks = [

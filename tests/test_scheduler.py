@@ -622,3 +622,273 @@ def test_step_observer_sees_every_measured_step_with_its_shape():
         assert rec["measured_s"] == pytest.approx(took)
         assert rec["measured_s"] == pytest.approx(2.0 * rec["predicted_s"])
         assert rec["kind"] == step.kind and rec["kind"] in ("prefill", "mixed", "decode")
+
+
+# ---- prefix caching: shared blocks, ref counts, eviction, and the ranks' mirror ----------------
+class RankMirror:
+    """The ranks' side of a simulated engine: each rank's PagedKVCache (one layer, one head, a
+    2-wide head_dim) runs the plan as a worker does, the engine's ops then the step's appends.
+    Each slot stores (position, token id), so a sequence's shards can be checked token by token
+    after any sharing, copying, eviction and reuse of blocks."""
+
+    def __init__(self, world_size: int, blocks_per_rank: int, block_size: int):
+        import torch
+        from sp_serve.attention.zigzag import ZigzagLayout
+        from sp_serve.kv.cache import PagedKVCache
+        self.torch, self.layout = torch, ZigzagLayout
+        self.world_size = world_size
+        self.kv = [PagedKVCache(1, blocks_per_rank, block_size, 1, 2, torch.float64, torch.device("cpu"))
+                   for _ in range(world_size)]
+
+    def run(self, ops: list[tuple], step: ScheduledStep) -> None:
+        torch = self.torch
+        for r, kv in enumerate(self.kv):
+            kv.apply(ops, r)
+            for seq, a, b in step.prefill:
+                idx = self.layout(b - a, self.world_size).local_indices(r)
+                self._write(kv, seq.seq_id, (idx + a).tolist(), seq.prefill_tokens(a, b), idx.tolist())
+            for seq, owner in step.decode:
+                if owner == r:
+                    pos = seq.num_tokens - 1
+                    self._write(kv, seq.seq_id, [pos], [seq.all_token_ids[pos]], [0])
+
+    def _write(self, kv, seq_id: int, positions: list[int], tokens: list[int], local: list[int]) -> None:
+        torch = self.torch
+        slots = kv.append_slots(seq_id, len(positions))
+        values = torch.tensor([[p, tokens[i]] for p, i in zip(positions, local)], dtype=torch.float64)
+        if not positions:
+            return
+        kv.write(0, slots, values[:, None, :], values[:, None, :])
+
+    def shard(self, r: int, holder: int) -> list[tuple[int, int]]:
+        kv = self.kv[r]
+        k, _ = kv.read(0, kv.slots(holder))
+        return [(int(p), int(t)) for p, t in k[:, 0, :].tolist()]
+
+    def check(self, blocks: BlockManager, live: dict[int, Sequence]) -> None:
+        """Every rank agrees with the engine: the same holders, lengths, block counts and ref
+        counts; each live sequence's shards hold exactly its computed tokens at their positions,
+        in increasing positions along each shard."""
+        for r, kv in enumerate(self.kv):
+            pool = blocks.pools[r]
+            assert kv.num_free_blocks == pool.num_free_blocks
+            assert _holding(kv.pool) == _holding(pool)
+            # the same sharing (block ids may differ: a rank appends after the step's other ops)
+            assert _sharing(kv.pool) == _sharing(pool)
+            for holder in _holding(pool):
+                assert kv.num_tokens(holder) == pool.num_tokens(holder)
+        for sid, seq in live.items():
+            got = []
+            for r in range(self.world_size):
+                shard = self.shard(r, sid)
+                assert [p for p, _ in shard] == sorted(p for p, _ in shard), "positions out of order"
+                got += shard
+            assert sorted(got) == [(p, t) for p, t in enumerate(seq.all_token_ids[:seq.num_cached])]
+
+
+def _holding(pool) -> list[int]:
+    """Holders with a block (a worker keeps an empty table for a sequence with nothing on it)."""
+    return sorted(h for h in pool.holders() if pool.table(h))
+
+
+def _sharing(pool) -> list[tuple[int, ...]]:
+    """The holders of each used block, sorted: a pool's sharing structure without block ids."""
+    by_block: dict[int, list[int]] = {}
+    for holder in pool.holders():
+        for b in pool.table(holder):
+            by_block.setdefault(b, []).append(holder)
+    assert all(len(h) == pool.refs[b] for b, h in by_block.items())
+    return sorted(tuple(sorted(h)) for h in by_block.values())
+
+
+def check_shared_accounting(sim: Sim) -> None:
+    """Ref counts equal the holders of each block; live counts the sequences among them; a
+    block only cache entries hold is reclaimable, and counts as free."""
+    blocks = sim.blocks
+    live_ids = {s.seq_id for s in sim.sched.waiting + sim.sched.running}
+    assert set(blocks.tokens) <= live_ids
+    for r, pool in enumerate(blocks.pools):
+        refs, live = [0] * blocks.blocks_per_rank, [0] * blocks.blocks_per_rank
+        for holder in pool.holders():
+            assert holder in blocks.tokens or holder in blocks.entries
+            table = pool.table(holder)
+            assert len(table) == len(set(table)) == -(-pool.num_tokens(holder) // blocks.block_size)
+            for b in table:
+                refs[b] += 1
+                live[b] += holder in blocks.tokens
+        assert refs == pool.refs and live == blocks._live[r]
+        free = sum(1 for n in refs if n == 0)
+        assert free == pool.num_free_blocks and sorted(pool._free) == [b for b, n in enumerate(refs) if n == 0]
+        reclaimable = sum(1 for n, m in zip(refs, live) if n > 0 and m == 0)
+        assert blocks.free_blocks[r] == free + reclaimable
+    for sid, per_rank in blocks.tokens.items():
+        assert per_rank == [p.num_tokens(sid) for p in blocks.pools]
+        assert blocks.shards[sid].count_below(10**9) == per_rank
+
+
+class CachingSim(Sim):
+    def __init__(self, policy: str = "slo", world_size: int = 2, blocks_per_rank: int = 100_000,
+                 block_size: int = 16, **config):
+        super().__init__(policy, world_size, blocks_per_rank, block_size, **config)
+        self.blocks.enable_prefix_caching = True
+        self.ranks = RankMirror(world_size, blocks_per_rank, block_size)
+
+    def add_tokens(self, prompt: list[int], max_tokens: int = 4) -> Sequence:
+        seq = Sequence(next(self._ids), "r", list(prompt), SamplingParams(max_tokens=max_tokens,
+                                                                         ignore_eos=True), self.now)
+        self.sched.add(seq)
+        return seq
+
+    def step(self) -> ScheduledStep:
+        step = self.sched.schedule()
+        self.steps.append(step)
+        self.ranks.run(self.blocks.take_ops(), step)
+        self.now += self.predicted_s(step) if not step.is_empty else 1e-3
+        for seq, _, end in step.prefill:
+            if end == seq.prefill_target:
+                self.sched.prefill_done(seq)
+                self._emit(seq)
+        for seq, _ in step.decode:
+            self._emit(seq)
+        return step
+
+    def _emit(self, seq: Sequence) -> None:  # a token that depends on the sequence's history
+        seq.output_token_ids.append(1000 + (sum(seq.all_token_ids[-3:]) * 31 + seq.seq_id % 3) % 500)
+        self.first_token_at.setdefault(seq.seq_id, self.now)
+        if len(seq.output_token_ids) >= seq.params.max_tokens:
+            self.finish(seq, "length")
+
+    def check(self) -> None:
+        check_shared_accounting(self)
+        self.ranks.run(self.blocks.take_ops(), ScheduledStep())
+        self.ranks.check(self.blocks, {s.seq_id: s for s in self.sched.waiting + self.sched.running})
+
+
+def _doc(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1, 900) for _ in range(n)]
+
+
+def test_a_repeated_document_is_prefilled_once():
+    """The second question over a document prefills only what follows the shared prefix, which
+    ends mid-block and mid-chunk; the metrics count the prompt tokens looked up and found."""
+    sim = CachingSim("fcfs", world_size=3, block_size=4, max_num_batched_tokens=64)
+    doc = _doc(1, 301)
+    first = sim.add_tokens(doc + [5, 6, 7], max_tokens=3)
+    sim.run()
+    second = sim.add_tokens(doc + [8, 9], max_tokens=3)
+    sim.step()
+    assert second.num_cached_tokens == 301 and sim.steps[-1].prefill[0][1:] == (301, 303)
+    sim.check()
+    sim.run()
+    assert first.num_cached_tokens == 0
+    assert (sim.blocks.prefix_cache_queries, sim.blocks.prefix_cache_hits) == (304 + 303, 301)
+    sim.check()
+    # the same prompt again: all but its last token come from the cache
+    third = sim.add_tokens(doc + [8, 9], max_tokens=2)
+    sim.run()
+    assert third.num_cached_tokens == 302
+    sim.blocks.evict_all()
+    sim.check()
+    sim.assert_all_free()
+    assert all(kv.num_free_blocks == kv.num_blocks for kv in sim.ranks.kv)
+
+
+def test_a_running_sequences_prefix_and_its_decoded_tokens_are_shared():
+    """A live sequence's computed tokens (its prompt and what it decoded) serve a new prompt that
+    continues the conversation; its own later tokens are untouched by the copy."""
+    sim = CachingSim("fcfs", world_size=2, block_size=4, max_num_batched_tokens=40)
+    turn1 = sim.add_tokens(_doc(2, 100), max_tokens=30)
+    for _ in range(20):
+        sim.step()
+    assert turn1.status is SeqStatus.RUNNING
+    turn2 = sim.add_tokens(turn1.all_token_ids[:110] + [3, 4, 5], max_tokens=5)
+    sim.step()
+    assert turn2.num_cached_tokens == 110
+    sim.check()
+    sim.run()
+    sim.check()
+
+
+def test_n_siblings_wait_for_the_first_prefill_and_share_it():
+    """Prompts that are all the same (n > 1, or one document asked at once) are prefilled once:
+    the others wait for it, then compute only their last token."""
+    sim = CachingSim("slo", world_size=2, block_size=16, max_num_batched_tokens=256)
+    prompt = _doc(3, 1000)
+    seqs = [sim.add_tokens(prompt, max_tokens=3) for _ in range(4)]
+    sim.run()
+    assert sorted(s.num_cached_tokens for s in seqs) == [0, 999, 999, 999]
+    assert sum(b - a for step in sim.steps for _, a, b in step.prefill) == 1000 + 3
+    sim.check()
+
+
+def test_eviction_under_memory_pressure_frees_cache_entries_only():
+    """A pool too small for the cache and the running sequences: entries are evicted least
+    recently used first, live blocks never; every running sequence's shards stay intact."""
+    sim = CachingSim("fcfs", world_size=2, blocks_per_rank=52, block_size=4, max_num_batched_tokens=64)
+    docs = [_doc(10 + i, 90) for i in range(4)]
+    for doc in docs:  # four finished documents fill the pool with cache entries
+        sim.add_tokens(doc + [1], max_tokens=2)
+        sim.run()
+    assert len(sim.blocks.entries) == 4 and sim.blocks.usage() == 0.0
+    assert sum(p.num_free_blocks for p in sim.blocks.pools) < 10
+    # docs[3] is the most recent: a question over it hits; new work then evicts the rest
+    hit = sim.add_tokens(docs[3] + [2, 3], max_tokens=40)
+    other = sim.add_tokens(_doc(99, 120), max_tokens=40)
+    for _ in range(200):
+        if not sim.sched.num_unfinished:
+            break
+        sim.step()
+        sim.check()
+    assert hit.num_cached_tokens == 90 and other.num_cached_tokens == 0
+    assert len(hit.output_token_ids) == 40 and len(other.output_token_ids) == 40
+    sim.check()
+
+
+@pytest.mark.parametrize("policy", ["slo", "fcfs"])
+@pytest.mark.parametrize("seed", range(10))
+def test_random_operations_with_prefix_sharing_keep_exact_ref_counts(policy, seed):
+    """Property: prompts drawn from a few documents and their continuations (so they share
+    prefixes of every length, with live sequences and with cache entries), any mix of
+    arrivals, finishes, aborts and preemptions under a small pool: ref counts equal the holders
+    of every block on the engine and on every rank, every live sequence's shards hold exactly
+    its tokens, nothing stalls, and with the cache emptied every block is free."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 4, 16])
+    blocks_per_rank = rng.randint(30, 120)
+    world = rng.choice([1, 2, 3, 4])
+    capacity = blocks_per_rank * block_size
+    sim = CachingSim(policy, world_size=world, blocks_per_rank=blocks_per_rank, block_size=block_size,
+                     max_num_seqs=rng.randint(1, 12), max_num_batched_tokens=rng.choice([16, 64, 512]))
+    limit = int(capacity * world * 0.8) - 4 * world * block_size
+    docs = [_doc(seed * 10 + i, limit) for i in range(3)]
+    added = aborted = 0
+    seen: list[Sequence] = []
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.3:
+            total = rng.randint(2, limit)
+            prompt_len = rng.randint(1, total - 1)
+            if seen and rng.random() < 0.3:  # a later turn of an earlier conversation
+                base = rng.choice(seen).all_token_ids
+                prompt = (base + _doc(rng.random(), prompt_len))[:prompt_len]
+            else:
+                cut = rng.randint(prompt_len // 2, prompt_len)
+                prompt = rng.choice(docs)[:cut] + _doc(rng.random(), prompt_len - cut)
+            seen.append(sim.add_tokens(prompt, max_tokens=total - prompt_len))
+            added += 1
+        elif op < 0.4 and sim.sched.num_unfinished:
+            sim.finish(rng.choice(sim.sched.waiting + sim.sched.running), "abort")
+            aborted += 1
+        if sim.sched.num_unfinished:
+            assert not sim.step().is_empty, "no progress with unfinished sequences"
+        sim.check()
+    sim.run()
+    sim.check()
+    assert len(sim.finished) == added
+    assert sim.blocks.prefix_cache_hits > 0 or limit < 64  # prompts of a few tokens share little
+    sim.blocks.evict_all()
+    sim.check()
+    sim.assert_all_free()
+    for kv in sim.ranks.kv:
+        assert kv.num_free_blocks == kv.num_blocks and not kv.pool.holders() and not any(kv.pool.refs)

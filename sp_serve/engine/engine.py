@@ -94,7 +94,9 @@ class LLMEngine:
         self.world_size = self.runtime.pc.world_size
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
-        self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size)
+        self.enable_prefix_caching = prefix_caching_enabled(config, self.spec)
+        self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size,
+                                   self.enable_prefix_caching)
         cost = CostModel.load(config.cost_model_path) if config.cost_model_path else CostModel()
         self.scheduler = Scheduler(
             SchedulerConfig(config.scheduler, config.max_num_seqs, config.max_num_batched_tokens,
@@ -104,7 +106,6 @@ class LLMEngine:
         self._by_request: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._token_counts: dict[int, TokenCounts] = {}  # sequences with penalties only
-        self._pending_frees: list[int] = []
         self.last_step: StepTiming | None = None
         self.dead = False
         if config.scheduler == "slo" and not config.cost_model_path:
@@ -112,8 +113,9 @@ class LLMEngine:
         if self._step_log is not None:
             self.scheduler.step_observer = self._log_step
         log.info("sp-serve engine: %d rank(s) on %s, attention backend %s, %d KV blocks of %d tokens "
-                 "per rank, scheduler %s", self.world_size, self.device_name, self.attn_backend,
-                 self.runtime.num_blocks, config.block_size, config.scheduler)
+                 "per rank, scheduler %s, prefix caching %s", self.world_size, self.device_name,
+                 self.attn_backend, self.runtime.num_blocks, config.block_size, config.scheduler,
+                 "on" if self.enable_prefix_caching else "off")
 
     # ---- requests ------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -169,8 +171,7 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0
 
     def _release(self, seq: Sequence) -> None:
-        self.scheduler.remove(seq)
-        self._pending_frees.append(seq.seq_id)
+        self.scheduler.remove(seq)  # its KV is freed, or kept as a cache entry, on the next plan
         self._generators.pop(seq.seq_id, None)
         self._token_counts.pop(seq.seq_id, None)
         siblings = self._by_request.get(seq.request_id, [])
@@ -201,14 +202,12 @@ class LLMEngine:
         self._run(self._plan(ScheduledStep()))
 
     def _plan(self, sched: ScheduledStep) -> StepPlan:
-        frees = self._pending_frees + [s.seq_id for s in sched.preempted]
-        self._pending_frees = []
         return StepPlan(
             prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target, s.prefill_target)
                      for s, a, b in sched.prefill],
             decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
                     for s, owner in sched.decode],
-            free_seq_ids=frees)
+            kv_ops=self.blocks.take_ops())  # frees (finished, preempted, evicted), shares
 
     def _run(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         try:
@@ -332,7 +331,7 @@ class LLMEngine:
     def _release_profile(self, ids: list[int]) -> None:
         for sid in ids:
             self.blocks.free(sid)
-        self._run(StepPlan(free_seq_ids=ids))
+        self._run(StepPlan(kv_ops=self.blocks.take_ops()))
 
     def _log_step(self, record: dict) -> None:
         """--step-log: one JSON line per measured step. A failing write (disk full) stops the
@@ -360,6 +359,19 @@ class LLMEngine:
                 p.kill()
         shutdown_parallel(self.runtime.pc)
         self.runtime = None
+
+
+def prefix_caching_enabled(config: EngineConfig, spec) -> bool:
+    """--enable-prefix-caching: on unless refused. Dynamic-NTK RoPE rotates a prompt's keys by
+    the whole prompt's length, so a cached prefix is only right for prompts of the same length:
+    off by default there, an error when asked for."""
+    if spec.rope_type == "dynamic":
+        if config.enable_prefix_caching:
+            raise ValueError("--enable-prefix-caching cannot be used with dynamic-NTK RoPE (a "
+                             "prompt's keys depend on its whole length, so no prefix is shared); "
+                             "drop the flag or use --no-enable-prefix-caching")
+        return False
+    return config.enable_prefix_caching is not False
 
 
 def _one_of_n(params: SamplingParams, i: int) -> SamplingParams:

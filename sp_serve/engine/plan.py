@@ -31,9 +31,12 @@ class DecodeToken:
 class StepPlan:
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode: list[DecodeToken] = field(default_factory=list)
-    free_seq_ids: list[int] = field(default_factory=list)  # finished/aborted/preempted: drop KV
+    free_seq_ids: list[int] = field(default_factory=list)  # drop these sequences' KV first
+    # Then the engine's KV operations since the last plan, in its order (BlockManager.ops):
+    # frees, renames (a finished sequence's KV kept as a cache entry), shared prefixes.
+    kv_ops: list[tuple] = field(default_factory=list)
     shutdown: bool = False
 
     @property
     def is_noop(self) -> bool:
-        return not (self.prefill or self.decode or self.free_seq_ids or self.shutdown)
+        return not (self.prefill or self.decode or self.free_seq_ids or self.kv_ops or self.shutdown)

@@ -29,6 +29,12 @@ prompts already admitted; admission follows the policy's order, and one that doe
 back the ones behind it. When a decode token or a prompt chunk finds no room, the newest
 sequence holding KV (decoding or mid-prefill) is preempted: its KV is dropped, to be recomputed
 later. The oldest sequence can always go on, so the scheduler never stalls.
+
+Prefix caching (when the BlockManager has it): a prompt admitted shares the longest prefix a
+holder has computed (a finished sequence's cache entry, or a live sequence) and prefills only the
+rest; prompts are costed by their uncached part (the prefix they are expected to find when they
+arrive). A prompt that would find most of itself in a prompt still being prefilled (n > 1
+siblings, the same document asked twice at once) waits for it instead of computing it again.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.kv.block_manager import BlockManager
+from sp_serve.kv.prefix_cache import GROUP, common_prefix_len
 
 
 @dataclass
@@ -92,6 +99,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if not self.num_unfinished:  # the engine was idle: the time since the last step is no step's
             self._last_step = None
+        hit = self.blocks.match(seq.prefill_tokens(0, seq.prefill_target))
+        seq.prefix_hint = hit[1] if hit else 0
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -100,7 +109,9 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
+        # every token counted in num_cached was computed by a step that ran: a cache entry
+        self.blocks.free(seq.seq_id, seq.all_token_ids[:seq.num_cached]
+                         if self.blocks.enable_prefix_caching else None)
         self._passed_over_s.pop(seq.seq_id, None)
 
     def prefill_done(self, seq: Sequence) -> None:
@@ -139,6 +150,9 @@ class Scheduler:
 
     def _schedule(self) -> ScheduledStep:
         step = ScheduledStep()
+        if self.blocks.enable_prefix_caching:  # what the last step computed is shareable now
+            for seq in self.running + self._mid_prefill():
+                self.blocks.publish(seq.seq_id, seq.num_cached, lambda s=seq: s.all_token_ids)
         self._schedule_decode(step)
         budget = self.config.max_num_batched_tokens - len(step.decode)
         if self.config.policy == "fcfs":
@@ -162,7 +176,7 @@ class Scheduler:
         waiting prompt is short enough to get its first token from this step), else half the
         TTFT target."""
         scale = self.step_time.scale("prefill")
-        if step.decode or any(self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale
+        if step.decode or any(self.cost.prefill_s(*s.uncached_prefill) * scale
                               <= self.config.tbt_slo_s for s in order):
             return self.config.tbt_slo_s
         if self.config.max_prefill_step_s is not None:
@@ -186,7 +200,7 @@ class Scheduler:
         scale = self.step_time.scale("prefill")  # remaining time in measured seconds
 
         def remaining_s(s: Sequence) -> float:
-            return self.cost.prefill_s(s.remaining_prefill, s.num_cached) * scale
+            return self.cost.prefill_s(*s.uncached_prefill) * scale
 
         def priority(s: Sequence) -> tuple[float, tuple[float, int]]:
             return remaining_s(s) - self._passed_over_s.get(s.seq_id, 0.0), _age(s)
@@ -222,8 +236,10 @@ class Scheduler:
                 # of the prompts already admitted and a block per running sequence for its
                 # decode growth. Admission goes in priority order: one that does not fit holds
                 # back those behind it, so a stream of small prompts cannot starve a big one.
-                shares = self.blocks.prefill_shares(seq.remaining_prefill)
-                if not self.blocks.can_hold(seq.seq_id, shares, reserve_blocks=self._reserved_blocks()):
+                admitted = self._admit(seq)
+                if admitted is None:  # waits for a prompt in flight that computes its prefix
+                    continue
+                if not admitted:
                     admitting = False
                     continue
             n = min(budget, seq.remaining_prefill)
@@ -257,6 +273,46 @@ class Scheduler:
             seq.num_cached += n
             budget -= n
         self._age_passed_over(step)
+
+    def _admit(self, seq: Sequence) -> bool | None:
+        """Takes the sequence in: shares its longest cached prefix when there is one (its
+        num_cached jumps to it) and checks every rank can hold the rest. False: it does not
+        fit; None: it should wait for a prompt being prefilled that will hold its prefix."""
+        reserve = self._reserved_blocks()
+        blocks = self.blocks
+        if blocks.enable_prefix_caching:
+            tokens = seq.prefill_tokens(0, seq.prefill_target)
+            hit = blocks.match(tokens)
+            cached = hit[1] if hit else 0
+            if self._in_flight_holds_more(seq, tokens, cached):
+                return None
+            if hit is not None:
+                holder, cached = hit
+                rest = blocks.prefill_shares(seq.prefill_target - cached)
+                lens = blocks.share_cost(holder, cached, rest, reserve)
+                if lens is not None:
+                    blocks.share(seq.seq_id, holder, cached, lens)
+                    seq.num_cached = seq.num_cached_tokens = cached
+                    blocks.prefix_cache_queries += seq.prefill_target
+                    blocks.prefix_cache_hits += cached
+                    return True
+            if not blocks.can_hold(seq.seq_id, blocks.prefill_shares(seq.prefill_target), reserve):
+                return False
+            seq.num_cached_tokens = 0
+            blocks.prefix_cache_queries += seq.prefill_target
+            return True
+        return blocks.can_hold(seq.seq_id, blocks.prefill_shares(seq.remaining_prefill), reserve)
+
+    def _in_flight_holds_more(self, seq: Sequence, tokens: list[int], cached: int) -> bool:
+        """Whether a prompt now being prefilled will compute at least half of what this one
+        lacks (and a group of tokens or more) beyond the `cached` prefix found now."""
+        lacking = len(tokens) - 1 - cached
+        for other in self._mid_prefill():
+            if other is not seq:
+                common = common_prefix_len(other.prefill_tokens(0, other.prefill_target), tokens)
+                if min(common, len(tokens) - 1) - cached >= max(GROUP, lacking / 2):
+                    return True
+        return False
 
     def _age_passed_over(self, step: ScheduledStep) -> None:
         """Credits every waiting prompt with the time this step spends on newer ones: it was

@@ -30,6 +30,8 @@ class Sequence:
     last_token_time: float | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (last) admission
+    prefix_hint: int = 0  # ... or expected there when it arrived (the scheduler's cost estimate)
 
     def __post_init__(self) -> None:
         self.prefill_target = self.prefill_target or len(self.prompt_token_ids)
@@ -45,6 +47,13 @@ class Sequence:
     @property
     def remaining_prefill(self) -> int:
         return self.prefill_target - self.num_cached if self.status is SeqStatus.WAITING else 0
+
+    @property
+    def uncached_prefill(self) -> tuple[int, int]:
+        """(tokens left to compute, tokens before them): for a prompt not admitted yet, the
+        part the prefix cache is expected not to hold."""
+        hint = self.prefix_hint if self.num_cached == 0 and self.status is SeqStatus.WAITING else 0
+        return self.remaining_prefill - hint, self.num_cached + hint
 
     def prefill_tokens(self, start: int, end: int) -> list[int]:
         return self.all_token_ids[start:end]

@@ -59,6 +59,7 @@ class Worker:
         """Runs one step; returns {seq_id: logits [vocab] fp32} on rank 0 (empty elsewhere)."""
         for seq_id in plan.free_seq_ids:
             self.kv.free(seq_id)
+        self.kv.apply(plan.kv_ops, self.pc.rank)  # before any append: a share copies blocks
         if not (plan.prefill or plan.decode):
             return {}
         pc, dev = self.pc, self.pc.device

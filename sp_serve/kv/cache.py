@@ -6,7 +6,10 @@ deterministic allocator whose block counts the engine's BlockManager mirrors exa
 plan never carries block ids and allocation here cannot fail where the engine admitted.
 
 A shard is a bag of tokens: decode and later prompt chunks attend to all of it without a mask,
-so the order of tokens inside a rank's shard does not matter.
+so the order of tokens inside a rank's shard does not matter for attention. It is appended in
+position order, though (a chunk's zigzag share in increasing positions, then later chunks and
+decoded tokens), so the tokens of any prefix of a sequence are a prefix of each rank's shard:
+that is what prefix caching shares (`BlockPool.share_prefix`).
 
 Legend: l layers, n blocks, s block_size (slots), h kv heads, d head_dim, t tokens,
 b sequences, m blocks of the longest block table.
@@ -16,6 +19,96 @@ from __future__ import annotations
 import heapq
 
 import torch
+
+
+class BlockPool:
+    """One rank's blocks without tensors: a min-heap free list, a reference count per block, and
+    each holder's block table and length. A holder is a sequence or a prefix-cache entry (the
+    KV a finished sequence left behind); holders share the full blocks of a common prefix.
+
+    The ranks' PagedKVCache and the engine's BlockManager (one per rank) run this same code on
+    the same operations in the same order, so their block counts agree exactly."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # A min-heap: a new block is always the lowest free id, so a sequence that grows alone
+        # gets consecutive blocks (one run, read in place) even after others came and went.
+        self._free = list(range(num_blocks))
+        self.refs = [0] * num_blocks
+        self._tables: dict[int, list[int]] = {}
+        self._lens: dict[int, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def num_tokens(self, seq_id: int) -> int:
+        return self._lens.get(seq_id, 0)
+
+    def table(self, seq_id: int) -> list[int]:
+        return self._tables.get(seq_id, [])
+
+    def holders(self) -> list[int]:
+        return list(self._tables)
+
+    def _take(self) -> int:
+        assert self._free, "KV pool exhausted: the engine admitted more than this rank holds"
+        block = heapq.heappop(self._free)
+        self.refs[block] = 1
+        return block
+
+    def _drop(self, block: int) -> bool:
+        """One reference fewer; True when the block became free."""
+        self.refs[block] -= 1
+        assert self.refs[block] >= 0, "block freed twice"
+        if self.refs[block] == 0:
+            heapq.heappush(self._free, block)
+            return True
+        return False
+
+    def append(self, seq_id: int, count: int) -> tuple[list[int], int, int]:
+        """Reserves `count` slots at the end of the holder's shard: (table, start, end)."""
+        table = self._tables.setdefault(seq_id, [])
+        start = self._lens.get(seq_id, 0)
+        end = start + count
+        assert not (start % self.block_size and count and self.refs[table[-1]] > 1), \
+            "append into a shared block"
+        while len(table) * self.block_size < end:
+            table.append(self._take())
+        self._lens[seq_id] = end
+        return table, start, end
+
+    def share_prefix(self, dst: int, src: int, length: int) -> tuple[int, int, int] | None:
+        """dst (new, empty) starts as the first `length` tokens of src's shard: it shares src's
+        full blocks, and gets its own copy of a partly used last block (which src may still
+        append to). Returns (src block, dst block, tokens) for that copy, or None."""
+        assert dst not in self._tables, "a shared prefix for a sequence that holds KV already"
+        src_table = self._tables.get(src, [])
+        assert length <= self._lens.get(src, 0)
+        full, rest = divmod(length, self.block_size)
+        table = src_table[:full]
+        for block in table:
+            self.refs[block] += 1
+        copy = None
+        if rest:
+            copy = (src_table[full], self._take(), rest)
+            table = table + [copy[1]]
+        self._tables[dst] = table
+        self._lens[dst] = length
+        return copy
+
+    def rename(self, old: int, new: int) -> None:
+        assert new not in self._tables
+        if old in self._tables:
+            self._tables[new] = self._tables.pop(old)
+            self._lens[new] = self._lens.pop(old)
+
+    def free(self, seq_id: int) -> list[int]:
+        """Drops the holder; returns the blocks that became free."""
+        freed = [b for b in self._tables.pop(seq_id, []) if self._drop(b)]
+        self._lens.pop(seq_id, None)
+        return freed
 
 
 class PagedKVCache:
@@ -28,29 +121,39 @@ class PagedKVCache:
         self.v_lthd = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # A min-heap: a new block is always the lowest free id, so a sequence that grows alone
-        # gets consecutive blocks (one run, read in place) even after others came and went.
-        self._free = list(range(num_blocks))
-        self._tables: dict[int, list[int]] = {}
-        self._lens: dict[int, int] = {}
+        self.pool = BlockPool(num_blocks, block_size)
+        self._tables = self.pool._tables  # read-only views of the pool's tables and lengths
+        self._lens = self.pool._lens
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self.pool.num_free_blocks
 
     def num_tokens(self, seq_id: int) -> int:
-        return self._lens.get(seq_id, 0)
+        return self.pool.num_tokens(seq_id)
 
     def append_slots(self, seq_id: int, count: int) -> torch.Tensor:
         """Reserves `count` slots at the end of the sequence's shard; returns their slot ids."""
-        table = self._tables.setdefault(seq_id, [])
-        start = self._lens.get(seq_id, 0)
-        end = start + count
-        while len(table) * self.block_size < end:
-            assert self._free, "KV pool exhausted: the engine admitted more than this rank holds"
-            table.append(heapq.heappop(self._free))
-        self._lens[seq_id] = end
-        return self._slots(table, start, end)
+        return self._slots(*self.pool.append(seq_id, count))
+
+    def apply(self, ops: list[tuple], rank: int) -> None:
+        """The engine's KV operations of a step, in the engine's order (`BlockManager.ops`):
+        ("free", id), ("rename", old id, new id), ("share", dst, src, [tokens per rank]).
+        A shared prefix copies the partly used last block's slots, every layer, before the
+        step writes anything."""
+        for op in ops:
+            if op[0] == "free":
+                self.pool.free(op[1])
+            elif op[0] == "rename":
+                self.pool.rename(op[1], op[2])
+            else:
+                _, dst, src, lens = op
+                copy = self.pool.share_prefix(dst, src, lens[rank])
+                if copy is not None:
+                    src_block, dst_block, n = copy
+                    a, b = src_block * self.block_size, dst_block * self.block_size
+                    self.k_lthd[:, b:b + n] = self.k_lthd[:, a:a + n]
+                    self.v_lthd[:, b:b + n] = self.v_lthd[:, a:a + n]
 
     def slots(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self._lens.get(seq_id, 0) if end is None else end
@@ -110,9 +213,7 @@ class PagedKVCache:
         return tables_bm.to(self.k_lthd.device), lens_b.to(self.k_lthd.device)
 
     def free(self, seq_id: int) -> None:
-        for block in self._tables.pop(seq_id, []):
-            heapq.heappush(self._free, block)
-        self._lens.pop(seq_id, None)
+        self.pool.free(seq_id)
 
     def block_table(self, seq_id: int) -> list[int]:
         return list(self._tables.get(seq_id, []))
