@@ -55,6 +55,10 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
                    help="append every step's shape and measured seconds to FILE (JSONL), to "
                    "calibrate `sp-serve plan --simulate --step-log FILE` on real traffic")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep finished requests' KV (evicted least recently used when memory is "
+                   "needed) and reuse the longest cached prompt prefix; on by default, except for "
+                   "dynamic-NTK RoPE models")
 
 
 def _hf_overrides(text: str) -> dict:
@@ -77,7 +81,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     fields = ["sp_size", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
               "block_size", "kv_cache_memory", "gpu_memory_utilization", "scheduler", "ttft_slo_ms",
               "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cpu_comm", "cost_model_path",
-              "step_log", "seed", "tokenizer", "hf_overrides"]
+              "step_log", "seed", "tokenizer", "hf_overrides", "enable_prefix_caching"]
     return EngineConfig(model=model, **{f: getattr(args, f) for f in fields})
 
 

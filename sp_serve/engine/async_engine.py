@@ -163,11 +163,14 @@ class AsyncEngine:
             logprobs = None
             if s is not None and s.logprob is not None:
                 logprobs = [TokenLogprob(s.token_id, s.logprob, s.top or [])]
-            queue_time = None
-            if len(seq.output_token_ids) == 1 and seq.first_scheduled_time is not None:
-                queue_time = seq.first_scheduled_time - seq.arrival_time
+            queue_time = cached = None
+            if len(seq.output_token_ids) == 1:
+                cached = seq.num_cached_tokens
+                if seq.first_scheduled_time is not None:
+                    queue_time = seq.first_scheduled_time - seq.arrival_time
             self._send(seq.request_id, TokenDelta([s.token_id] if s else [], logprobs,
-                                                  seq.finish_reason if ev.finished else None, queue_time))
+                                                  seq.finish_reason if ev.finished else None, queue_time,
+                                                  cached))
 
     def _send(self, request_id: str, item) -> None:
         with self._lock:
@@ -184,5 +187,6 @@ class AsyncEngine:
 
     def _update_stats(self) -> None:
         sched = self.engine.scheduler
-        self._stats = EngineStats(len(sched.running), len(sched.waiting), self.engine.blocks.usage(),
-                                  sched.num_preemptions)
+        blocks = self.engine.blocks
+        self._stats = EngineStats(len(sched.running), len(sched.waiting), blocks.usage(),
+                                  sched.num_preemptions, blocks.prefix_cache_queries, blocks.prefix_cache_hits)

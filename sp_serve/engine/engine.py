@@ -62,6 +62,7 @@ class LLMEngine:
         config = replace(config, model=str(checkpoint_dir(config.model)))
         self.config = config
         self.spec = load_spec(config.model, config.hf_overrides)  # fails fast, before any rank starts
+        self.enable_prefix_caching = prefix_caching_enabled(config, self.spec)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, required=bool(config.tokenizer))
         limit = self.spec.max_model_len  # max_position_embeddings, extended by RoPE scaling
         if config.max_model_len is not None and config.max_model_len > limit:
@@ -94,7 +95,6 @@ class LLMEngine:
         self.world_size = self.runtime.pc.world_size
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
-        self.enable_prefix_caching = prefix_caching_enabled(config, self.spec)
         self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size,
                                    self.enable_prefix_caching)
         cost = CostModel.load(config.cost_model_path) if config.cost_model_path else CostModel()

@@ -36,6 +36,7 @@ class TokenDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" (eos / stop_token_ids), "length", "abort"
     queue_time_s: float | None = None  # set on the first delta: arrival -> first scheduled
+    num_cached_tokens: int | None = None  # set on the first delta: prompt tokens the prefix cache held
 
 
 @dataclass
@@ -44,6 +45,8 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, over all ranks, 0..1
     num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0  # of those, found there
 
 
 class EngineClient(Protocol):

@@ -61,6 +61,8 @@ class Choice:
     engine_done: bool = False  # the engine finished it, or we aborted it: nothing to free
     first_token_at: float | None = None
     last_token_at: float | None = None
+    prompt_index: int = 0  # which of the request's prompts (n choices share one)
+    cached_tokens: int = 0  # of its prompt, found in the prefix cache
 
     def consume(self, delta: TokenDelta) -> ChoiceUpdate:
         pieces: list[str] = []
@@ -169,6 +171,16 @@ class GenerationGroup:
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens found cached, each prompt once (like prompt_tokens): the fewest any of
+        its n choices found (the first one computes what was not cached before the request;
+        the others then share it, which is not a cache hit for the request)."""
+        per_prompt: dict[int, int] = {}
+        for c in self.choices:
+            per_prompt[c.prompt_index] = min(per_prompt.get(c.prompt_index, c.cached_tokens), c.cached_tokens)
+        return sum(per_prompt.values())
+
     async def _run(self, choice: Choice, stream: AsyncIterator[TokenDelta]) -> None:
         try:
             async for delta in stream:
@@ -207,6 +219,8 @@ class GenerationGroup:
         now = time.monotonic()
         if delta.queue_time_s is not None:
             self.metrics.request_queue_time.observe(delta.queue_time_s)
+        if delta.num_cached_tokens is not None:
+            choice.cached_tokens = delta.num_cached_tokens
         if delta.new_token_ids:
             if choice.first_token_at is None:
                 choice.first_token_at = now

@@ -55,6 +55,15 @@ class EngineStatsCollector(Collector):
                                           labels=["model_name"])
         preemptions.add_metric(label, stats.num_preemptions)
         yield preemptions
+        for name, doc, value in [
+            ("prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.",
+             stats.prefix_cache_queries),
+            ("prefix_cache_hits", "Prefix cache hits, in prompt tokens found cached.",
+             stats.prefix_cache_hits),
+        ]:
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            counter.add_metric(label, value)
+            yield counter
 
 
 class ServerMetrics:

@@ -131,7 +131,7 @@ def make_choices(ctx: ServerContext, request_id: str, request: SamplingRequest,
             params = sampling_params(request, prompt_max_tokens, sample, logprobs)
             index = p * n + sample
             choices.append(Choice(index, f"{request_id}-{index}", prompt_ids, params,
-                                  TextStream(ctx.tokenizer, prompt_ids, params.stop)))
+                                  TextStream(ctx.tokenizer, prompt_ids, params.stop), prompt_index=p))
     return choices
 
 
@@ -148,7 +148,7 @@ async def respond(group: GenerationGroup, formatter: ResponseFormatter, request:
             results = await group.collect()
         finally:
             await group.close()
-        usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens)
+        usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens, group.cached_tokens)
         body = formatter.response(results, usage).model_dump_json()
         return Response(body, media_type="application/json")
     try:
@@ -171,7 +171,7 @@ async def _sse(group: GenerationGroup, formatter: ResponseFormatter,
             if chunk is not None:
                 yield _event(chunk)
         if include_usage:
-            usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens)
+            usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens, group.cached_tokens)
             yield _event(formatter.usage_chunk(usage))
     except ClientDisconnected:
         return
