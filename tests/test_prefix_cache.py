@@ -146,3 +146,40 @@ def test_cli_flag_spellings():
                         (["--no-enable-prefix-caching"], False)]:
         args = parser.parse_args(["generate", "--model", "m", "--prompt", "x", *flag])
         assert engine_config(args).enable_prefix_caching is value
+
+
+def test_server_reports_cached_tokens_and_prefix_cache_metrics(tiny_model_dir):
+    """Over HTTP (the real engine at SP=2 behind the app): usage.prompt_tokens_details.
+    cached_tokens as OpenAI reports it (0 on a miss; streamed usage too), and vLLM's
+    prefix_cache_queries / prefix_cache_hits counters in prompt tokens."""
+    import httpx
+
+    from sp_serve.config import EngineConfig
+    from sp_serve.engine.async_engine import AsyncEngine
+    from sp_serve.engine.engine import LLMEngine
+    from sp_serve.server.app import build_app
+    from tests.live_app import serve_app
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), sp_size=2, **ENGINE))
+    aengine = AsyncEngine(engine, "tiny")
+    prompt = _tokens(120, 9)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0}
+    try:
+        with serve_app(build_app(aengine)) as url, httpx.Client(base_url=url, timeout=120) as client:
+            first = client.post("/v1/completions", json=body).json()
+            second = client.post("/v1/completions", json=body).json()
+            assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+            assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 119}
+            assert second["choices"][0]["text"] == first["choices"][0]["text"]
+            stream = {**body, "prompt": prompt + [5], "stream": True,
+                      "stream_options": {"include_usage": True}}
+            with client.stream("POST", "/v1/completions", json=stream) as response:
+                events = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+            import json
+            usage = json.loads(events[-1])["usage"]
+            assert usage["prompt_tokens"] == 121 and usage["prompt_tokens_details"]["cached_tokens"] == 120
+            metrics = client.get("/metrics").text
+            assert 'sp_serve:prefix_cache_queries_total{model_name="tiny"} 361.0' in metrics
+            assert 'sp_serve:prefix_cache_hits_total{model_name="tiny"} 239.0' in metrics
+    finally:
+        aengine.close()
+        engine.shutdown()
