@@ -31,6 +31,7 @@ from sp_serve.bench.datasets import (
     jsonl_requests,
     load_tokenizer,
     long_doc_requests,
+    prefix_repetition_requests,
     random_requests,
 )
 from sp_serve.bench.metrics import compute_metrics, parse_goodput, parse_percentiles
@@ -386,6 +387,45 @@ def test_long_doc_mix(tokenizer_dir):
     assert [r.prompt for r in again] == [r.prompt for r in requests]  # seeded
     with pytest.raises(ValueError, match="long-fraction"):
         long_doc_requests(10, 1.3, 250, 30, 8, 0.0, np.random.default_rng(2), tok)
+
+
+def test_prefix_repetition_documents_times_questions(tokenizer_dir):
+    """N documents x M questions (vLLM's prefix-repetition): each prompt is one of N shared
+    prefixes and its own suffix, in a seeded shuffled order; token-id prompts are exact."""
+    rng = np.random.default_rng(3)
+    requests = prefix_repetition_requests(12, 40, 7, 3, 5, rng, None, "token-ids")
+    assert len(requests) == 12 and all(len(r.prompt) == r.prompt_len == 47 for r in requests)
+    assert all(r.expected_output_len == 5 for r in requests)
+    prefixes = [tuple(r.prompt[:40]) for r in requests]
+    assert sorted(prefixes.count(p) for p in set(prefixes)) == [4, 4, 4]
+    assert len({tuple(r.prompt[40:]) for r in requests}) == 12
+    assert prefixes[:4] != [prefixes[0]] * 4  # shuffled, not document by document
+    again = prefix_repetition_requests(12, 40, 7, 3, 5, np.random.default_rng(3), None, "token-ids")
+    assert [r.prompt for r in again] == [r.prompt for r in requests]
+    tok = load_tokenizer(tokenizer_dir)
+    texts = prefix_repetition_requests(4, 30, 10, 2, 5, np.random.default_rng(3), tok)
+    assert all(isinstance(r.prompt, str) and r.prompt_len == 40 for r in texts)
+    with pytest.raises(ValueError, match="multiple of --prefix-repetition-num-prefixes"):
+        prefix_repetition_requests(10, 40, 7, 3, 5, rng, None, "token-ids")
+    with pytest.raises(ValueError, match="--prefix-repetition-prefix-len must be >= 1"):
+        prefix_repetition_requests(9, 0, 7, 3, 5, rng, None, "token-ids")
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    config = serve_cli.config_from_args(parser.parse_args(
+        ["--dataset-name", "prefix-repetition", "--num-prompts", "32",
+         "--prefix-repetition-num-prefixes", "4", "--prefix-repetition-prefix-len", "7000"]))
+    assert (config.dataset_name, config.prefix_repetition_num_prefixes,
+            config.prefix_repetition_prefix_len) == ("prefix-repetition", 4, 7000)
+
+
+def test_cached_tokens_from_usage_give_the_hit_rate():
+    done = [RequestResult(success=True, ttft=0.1, latency=0.2, prompt_len=100, output_tokens=2,
+                          cached_tokens=c) for c in (0, 80, 99)]
+    metrics = compute_metrics(done, 1.0, [50.0], None, None)
+    assert metrics["total_cached_tokens"] == 179
+    assert metrics["prefix_cache_hit_rate"] == pytest.approx(179 / 300)
+    plain = [RequestResult(success=True, ttft=0.1, latency=0.2, prompt_len=100, output_tokens=2)]
+    assert "prefix_cache_hit_rate" not in compute_metrics(plain, 1.0, [50.0], None, None)
 
 
 def test_jsonl_parsing(tmp_path):

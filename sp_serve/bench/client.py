@@ -25,6 +25,7 @@ class RequestResult:
     success: bool = False
     prompt_len: int = 0  # the server's usage.prompt_tokens when reported
     output_tokens: int = 0  # the server's usage.completion_tokens; 0 when not reported
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when reported
     num_text_chunks: int = 0
     ttft: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds, one per text chunk after the first
@@ -94,6 +95,9 @@ async def _stream(
                 result.output_tokens = usage.get("completion_tokens") or 0
                 if usage.get("prompt_tokens") is not None:
                     result.prompt_len = usage["prompt_tokens"]
+                details = usage.get("prompt_tokens_details") or {}
+                if details.get("cached_tokens") is not None:
+                    result.cached_tokens = details["cached_tokens"]
     result.generated_text = "".join(texts)
     result.latency = last - result.start_time
     if result.num_text_chunks == 0:

@@ -28,6 +28,10 @@ class ServeBenchConfig:
     long_fraction: float = 0.1
     long_input_len: int = 32768
     short_input_len: int = 512
+    prefix_repetition_prefix_len: int = 256
+    prefix_repetition_suffix_len: int = 256
+    prefix_repetition_num_prefixes: int = 10
+    prefix_repetition_output_len: int = 128
     prompt_format: str = "auto"
     request_rate: float = math.inf
     burstiness: float = 1.0

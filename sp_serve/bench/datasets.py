@@ -1,4 +1,5 @@
-"""Prompts for `sp-serve bench serve`: `random`, `long-doc` (a long/short mix) and `jsonl`.
+"""Prompts for `sp-serve bench serve`: `random`, `long-doc` (a long/short mix),
+`prefix-repetition` (N documents x M questions each, vLLM's dataset) and `jsonl`.
 
 Prompts of an exact token length are built with the tokenizer: random word tokens (ids that
 decode to a space and letters and encode back to themselves) are decoded to text, re-encoded,
@@ -17,7 +18,7 @@ import numpy as np
 
 from sp_serve.jsonl import iter_jsonl_objects
 
-DATASETS = ("random", "long-doc", "jsonl")
+DATASETS = ("random", "long-doc", "prefix-repetition", "jsonl")
 PROMPT_FORMATS = ("auto", "text", "token-ids")
 # Token ids used when no tokenizer is known: inside every Llama/Mistral/Qwen vocabulary and
 # clear of their special tokens (which sit at the very start or the very end).
@@ -203,6 +204,39 @@ def long_doc_requests(
         prompt, real_len = _build_prompt(in_len, tokenizer, source, prompt_format)
         requests.append(SampleRequest(prompt, real_len, out_len, is_long=long))
     return requests
+
+
+def prefix_repetition_requests(
+    num_prompts: int,
+    prefix_len: int,
+    suffix_len: int,
+    num_prefixes: int,
+    output_len: int,
+    rng: np.random.Generator,
+    tokenizer: Any | None = None,
+    prompt_format: str = "auto",
+) -> list[SampleRequest]:
+    """vLLM's prefix-repetition dataset: num_prefixes random prefixes (documents) of prefix_len
+    tokens, each followed by num_prompts / num_prefixes random suffixes (questions) of
+    suffix_len tokens, in a seeded random order. With text prompts the two parts are encoded
+    apart, so a prompt may be a token off where they meet."""
+    _check_lengths(num_prompts=num_prompts, prefix_repetition_prefix_len=prefix_len,
+                   prefix_repetition_suffix_len=suffix_len,
+                   prefix_repetition_num_prefixes=num_prefixes,
+                   prefix_repetition_output_len=output_len)
+    if num_prompts % num_prefixes:
+        raise ValueError(f"--num-prompts ({num_prompts}) must be a multiple of "
+                         f"--prefix-repetition-num-prefixes ({num_prefixes}): each document gets "
+                         "the same number of questions")
+    prompt_format = resolve_prompt_format(prompt_format, tokenizer)
+    source = _TokenSource(tokenizer, rng)
+    requests = []
+    for _ in range(num_prefixes):
+        prefix, prefix_real = _build_prompt(prefix_len, tokenizer, source, prompt_format)
+        for _ in range(num_prompts // num_prefixes):
+            suffix, suffix_real = _build_prompt(suffix_len, tokenizer, source, prompt_format)
+            requests.append(SampleRequest(prefix + suffix, prefix_real + suffix_real, output_len))
+    return [requests[i] for i in rng.permutation(len(requests))]
 
 
 def jsonl_requests(

@@ -146,6 +146,10 @@ def compute_metrics(
         "max_concurrent_requests": max_in_flight,
         "output_lens": output_lens,
     }
+    reported = [r.cached_tokens for r, _ in done if r.cached_tokens is not None]
+    if reported:  # the server reports prompt_tokens_details.cached_tokens (prefix caching)
+        metrics["total_cached_tokens"] = sum(reported)
+        metrics["prefix_cache_hit_rate"] = sum(reported) / max(1, total_input)
     for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
         metrics.update(summarize(values, percentiles, name))
 

@@ -109,6 +109,11 @@ def print_summary(result: dict[str, Any], config: ServeBenchConfig, console: Any
         ("Peak concurrent requests:", f"{result['max_concurrent_requests']:.2f}"),
         ("Total token throughput (tok/s):", f"{result['total_token_throughput']:.2f}"),
     ]
+    if result.get("prefix_cache_hit_rate") is not None:
+        rows += [
+            ("Cached prompt tokens:", result["total_cached_tokens"]),
+            ("Prefix cache hit rate (%):", f"{100 * result['prefix_cache_hit_rate']:.2f}"),
+        ]
     for label, value in rows:
         table.add_row(label, str(value))
     names = [m for m in config.percentile_metrics]

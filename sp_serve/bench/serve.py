@@ -35,6 +35,7 @@ from sp_serve.bench.config import ENDPOINTS, SP_SERVE_TAGS, ServeBenchConfig
 from sp_serve.bench.datasets import (
     SampleRequest,
     jsonl_requests,
+    prefix_repetition_requests,
     load_tokenizer,
     long_doc_requests,
     random_requests,
@@ -99,6 +100,17 @@ def build_requests(
             config.short_input_len,
             config.random_output_len,
             config.random_range_ratio,
+            rng,
+            tokenizer,
+            config.prompt_format,
+        )
+    if config.dataset_name == "prefix-repetition":
+        return prefix_repetition_requests(
+            config.num_prompts,
+            config.prefix_repetition_prefix_len,
+            config.prefix_repetition_suffix_len,
+            config.prefix_repetition_num_prefixes,
+            config.prefix_repetition_output_len,
             rng,
             tokenizer,
             config.prompt_format,

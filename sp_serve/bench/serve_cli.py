@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--long-input-len", type=int, default=32768)
     data.add_argument("--short-input-len", type=int, default=512)
+    data.add_argument("--prefix-repetition-prefix-len", type=int, default=256,
+                      help="prefix-repetition: tokens of each shared prefix (document)")
+    data.add_argument("--prefix-repetition-suffix-len", type=int, default=256,
+                      help="prefix-repetition: tokens of each request's own suffix (question)")
+    data.add_argument("--prefix-repetition-num-prefixes", type=int, default=10,
+                      help="prefix-repetition: documents; --num-prompts / this = questions each")
+    data.add_argument("--prefix-repetition-output-len", type=int, default=128)
     data.add_argument(
         "--prompt-format",
         default="auto",
@@ -146,6 +153,10 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         long_fraction=args.long_fraction,
         long_input_len=args.long_input_len,
         short_input_len=args.short_input_len,
+        prefix_repetition_prefix_len=args.prefix_repetition_prefix_len,
+        prefix_repetition_suffix_len=args.prefix_repetition_suffix_len,
+        prefix_repetition_num_prefixes=args.prefix_repetition_num_prefixes,
+        prefix_repetition_output_len=args.prefix_repetition_output_len,
         prompt_format=args.prompt_format,
         request_rate=args.request_rate,
         burstiness=args.burstiness,
