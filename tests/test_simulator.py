@@ -266,7 +266,7 @@ def test_generated_workload_shapes():
     assert trace[-1].arrival_time == pytest.approx(40 / 2.0)  # as the bench scales arrivals
     burst = generate_trace("random", 5, math.inf, input_len=77, output_len=3)
     assert [(r.arrival_time, r.prompt_len, r.output_len) for r in burst] == [(0.0, 77, 3)] * 5
-    with pytest.raises(ValueError, match="random or long-doc"):
+    with pytest.raises(ValueError, match="random, long-doc or prefix-repetition"):
         generate_trace("jsonl", 5)
 
 
@@ -553,3 +553,35 @@ def test_cli_simulate_from_a_step_log(tmp_path, capsys):
     assert "give --step-time-sigma too" in capsys.readouterr().err
     assert cli.run(_args("--simulate", "--step-log", str(tmp_path / "none.jsonl"),
                          "--num-kv-blocks", "10")) == 2
+
+
+@pytest.mark.parametrize("policy", ["slo", "fcfs"])
+def test_prefix_repetition_with_and_without_caching(policy, tmp_path):
+    """4 documents x 8 questions, Poisson arrivals: with the engine's prefix caching each
+    document is prefilled about once (hit rate near 7/8 of the documents' share), TTFT and
+    the time to serve them all drop; TTFT floors are the uncached parts' prefills. Traces keep
+    the prefix ids."""
+    trace = generate_trace("prefix-repetition", num_prompts=32, request_rate=4.0, seed=3,
+                           output_len=8, prefix_len=3000, suffix_len=64, num_prefixes=4)
+    assert sorted({r.prefix_id for r in trace}) == [0, 1, 2, 3]
+    assert all(r.prompt_len == 3064 and r.prefix_len == 3000 for r in trace)
+    runs = {}
+    for caching in (False, True):
+        config = SimConfig(sp_size=2, scheduler=policy, max_num_batched_tokens=2048,
+                           num_kv_blocks=4096, enable_prefix_caching=caching)
+        runs[caching] = result = simulate(trace, config, CalibratedStepCost(CPU_COST))
+        check_invariants(trace, result)
+    off, on = (runs[c].summary()["metrics"] for c in (False, True))
+    assert "prefix_cache_hit_rate" not in off
+    assert on["prefix_cache_hit_rate"] > 0.8 * (28 * 3000) / (32 * 3064)
+    assert on["median_ttft_ms"] < off["median_ttft_ms"] / 2
+    assert runs[True].duration_s < runs[False].duration_s
+    assert sum(s.prefill_tokens for s in runs[True].steps) < 0.5 * sum(
+        s.prefill_tokens for s in runs[False].steps)
+    path = tmp_path / "t.jsonl"
+    save_trace(trace, path)
+    t0 = trace[0].arrival_time  # a loaded trace starts at 0
+    assert [(r.prefix_id, r.prefix_len, r.arrival_time + t0) for r in load_trace(path)] == [
+        (r.prefix_id, r.prefix_len, pytest.approx(r.arrival_time)) for r in trace]
+    with pytest.raises(ValueError, match="multiple of --prefix-repetition-num-prefixes"):
+        generate_trace("prefix-repetition", num_prompts=30, num_prefixes=4)

@@ -99,8 +99,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if not self.num_unfinished:  # the engine was idle: the time since the last step is no step's
             self._last_step = None
-        hit = self.blocks.match(seq.prefill_tokens(0, seq.prefill_target))
-        seq.prefix_hint = hit[1] if hit else 0
+        if self.blocks.enable_prefix_caching:  # the part it is expected to find cached
+            hit = self.blocks.match(seq.prefill_tokens(0, seq.prefill_target))
+            seq.prefix_hint = hit[1] if hit else 0
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:

@@ -297,9 +297,10 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--dataset-name",
         default="random",
-        choices=["random", "long-doc"],
-        help="generated workload when no --trace: random (--context-len tokens) or long-doc "
-        "(--long-fraction of --long-input-len, the rest --short-input-len)",
+        choices=["random", "long-doc", "prefix-repetition"],
+        help="generated workload when no --trace: random (--context-len tokens), long-doc "
+        "(--long-fraction of --long-input-len, the rest --short-input-len) or prefix-repetition "
+        "(N documents x M questions, bench serve's flags)",
     )
     sim.add_argument("--num-prompts", type=int, default=100)
     sim.add_argument(
@@ -313,6 +314,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--long-input-len", type=int, default=None, help="long-doc (default: --context-len)"
     )
     sim.add_argument("--short-input-len", type=int, default=512)
+    sim.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
+    sim.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
+    sim.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
+    sim.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="simulate the engine's prefix caching (on, as the engine's default) for "
+                     "requests that share a prefix (prefix-repetition, traces with prefix_id)")
     sim.add_argument("--save-trace", default=None, help="write the workload as a JSONL trace")
     sim.add_argument(
         "--cost-model",
@@ -397,6 +404,9 @@ def build_workload(args: argparse.Namespace):
         long_fraction=args.long_fraction,
         long_input_len=args.long_input_len or args.context_len,
         short_input_len=args.short_input_len,
+        prefix_len=args.prefix_repetition_prefix_len,
+        suffix_len=args.prefix_repetition_suffix_len,
+        num_prefixes=args.prefix_repetition_num_prefixes,
     )
     source = {
         "source": args.dataset_name,
@@ -502,6 +512,7 @@ def build_simulations(args: argparse.Namespace):
             step_time_sigma=sigma or 0.0,
             step_time_sigma_at_s=(sigma_at_ms or 0.0) / 1e3,
             seed=args.seed,
+            enable_prefix_caching=args.enable_prefix_caching,
         )
         runs.append((config, cost))
     return runs

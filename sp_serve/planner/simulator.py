@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,6 +74,10 @@ class TraceRequest:
     prompt_len: int
     output_len: int
     is_long: bool | None = None  # long-doc workloads mark their long requests
+    # prefix-repetition workloads: the prompt starts with shared prefix `prefix_id`, of
+    # prefix_len tokens (the same document in several requests); the rest is its own
+    prefix_id: int | None = None
+    prefix_len: int = 0
 
 
 def _check_request(req: TraceRequest, where: str) -> None:
@@ -84,11 +88,14 @@ def _check_request(req: TraceRequest, where: str) -> None:
         and req.output_len >= 1
         and math.isfinite(req.arrival_time)
         and req.arrival_time >= 0
+        and isinstance(req.prefix_len, int)
+        and 0 <= req.prefix_len <= req.prompt_len
+        and (req.prefix_id is None or isinstance(req.prefix_id, int))
     )
     if not ok:
         raise ValueError(
-            f"{where}: need arrival_time >= 0 seconds and integer prompt_len, output_len >= 1; "
-            f"got {req}"
+            f"{where}: need arrival_time >= 0 seconds, integer prompt_len, output_len >= 1 and "
+            f"(optional) integer prefix_id with 0 <= prefix_len <= prompt_len; got {req}"
         )
 
 
@@ -113,7 +120,7 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
             raise ValueError(f"{where}: each line needs arrival_time, prompt_len and output_len, "
                              f"like {TRACE_EXAMPLE}")
         req = TraceRequest(float(obj["arrival_time"]), obj["prompt_len"], obj["output_len"],
-                           obj.get("is_long"))
+                           obj.get("is_long"), obj.get("prefix_id"), obj.get("prefix_len", 0))
         _check_request(req, where)
         trace.append(req)
     if not trace:
@@ -138,14 +145,15 @@ def trace_from_bench_result(result: dict[str, Any]) -> list[TraceRequest]:
 
 def _from_zero(trace: list[TraceRequest]) -> list[TraceRequest]:
     t0 = min(r.arrival_time for r in trace)
-    return sorted((TraceRequest(r.arrival_time - t0, r.prompt_len, r.output_len, r.is_long)
-                   for r in trace), key=lambda r: r.arrival_time)
+    return sorted((replace(r, arrival_time=r.arrival_time - t0) for r in trace),
+                  key=lambda r: r.arrival_time)
 
 
 def save_trace(trace: list[TraceRequest], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(
-            json.dumps({k: v for k, v in asdict(r).items() if v is not None}) + "\n" for r in trace)
+            json.dumps({k: v for k, v in asdict(r).items()
+                        if v is not None and (k != "prefix_len" or v)}) + "\n" for r in trace)
 
 
 def generate_trace(
@@ -160,13 +168,34 @@ def generate_trace(
     long_fraction: float = 0.1,
     long_input_len: int = 32768,
     short_input_len: int = 512,
+    prefix_len: int = 256,
+    suffix_len: int = 256,
+    num_prefixes: int = 10,
 ) -> list[TraceRequest]:
     """A workload of the bench datasets' shapes without building prompts: `random` (input_len
-    +- range_ratio) or `long-doc` (exactly round(n x long_fraction) long requests at seeded
-    positions), output_len +- range_ratio, sent at Poisson (gamma) arrival times."""
-    if dataset not in ("random", "long-doc"):
-        raise ValueError(f"dataset {dataset!r}: the simulator generates random or long-doc "
-                         "workloads; pass --trace FILE for anything else")
+    +- range_ratio), `long-doc` (exactly round(n x long_fraction) long requests at seeded
+    positions), output_len +- range_ratio, or `prefix-repetition` (num_prefixes documents of
+    prefix_len tokens, each asked num_prompts / num_prefixes questions of suffix_len tokens, in
+    a seeded order; output_len each), sent at Poisson (gamma) arrival times."""
+    if dataset not in ("random", "long-doc", "prefix-repetition"):
+        raise ValueError(f"dataset {dataset!r}: the simulator generates random, long-doc or "
+                         "prefix-repetition workloads; pass --trace FILE for anything else")
+    if dataset == "prefix-repetition":
+        for name, value in (("num-prompts", num_prompts), ("prefix-repetition-prefix-len", prefix_len),
+                            ("prefix-repetition-suffix-len", suffix_len),
+                            ("prefix-repetition-num-prefixes", num_prefixes),
+                            ("output-len", output_len)):
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if num_prompts % num_prefixes:
+            raise ValueError(f"--num-prompts ({num_prompts}) must be a multiple of "
+                             f"--prefix-repetition-num-prefixes ({num_prefixes})")
+        rng = np.random.default_rng(seed)
+        ids = [i // (num_prompts // num_prefixes) for i in range(num_prompts)]
+        ids = [ids[i] for i in rng.permutation(num_prompts)]
+        times = arrival_times(num_prompts, request_rate, burstiness, np.random.default_rng([seed, 1]))
+        return [TraceRequest(t, prefix_len + suffix_len, output_len, None, d, prefix_len)
+                for t, d in zip(times, ids)]
     for name, value in (("num-prompts", num_prompts), ("input-len", input_len),
                         ("output-len", output_len), ("long-input-len", long_input_len),
                         ("short-input-len", short_input_len)):
@@ -490,6 +519,9 @@ class SimConfig:
     step_time_sigma: float = 0.0
     step_time_sigma_at_s: float = 0.0
     seed: int = 0
+    # As the engine's --enable-prefix-caching; it matters only for requests with a prefix_id
+    # (others share no tokens), which are then simulated with token ids.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -550,6 +582,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     rejected: str = ""  # why the engine would refuse it (empty when accepted)
+    cached_tokens: int | None = None  # found in the prefix cache (simulated caching only)
 
     @property
     def ttft(self) -> float:
@@ -604,7 +637,7 @@ class SimResult:
                 success=True, prompt_len=r.prompt_len, output_tokens=len(r.token_times),
                 num_text_chunks=len(r.token_times), ttft=r.ttft,
                 itl=np.diff(r.token_times).tolist(), latency=r.e2e, start_time=r.arrival_time,
-                is_long=r.is_long))
+                is_long=r.is_long, cached_tokens=r.cached_tokens))
         return out
 
     def summary(self, percentiles: list[float] | None = None,
@@ -672,6 +705,15 @@ class SimResult:
         return out
 
 
+def _prompt_ids(i: int, req: TraceRequest) -> list[int]:
+    """Token ids for simulated prefix caching: the shared prefix's ids name the prefix (equal
+    across its requests), the rest are this request's own."""
+    if req.prefix_id is None:
+        return [-(i + 1)] * req.prompt_len  # a repeated token matches no other request's
+    prefix = [(req.prefix_id << 32) + k for k in range(req.prefix_len)]
+    return prefix + [-((i + 1) << 32) - k for k in range(req.prompt_len - req.prefix_len)]
+
+
 def _rejection(blocks: BlockManager, req: TraceRequest) -> str:
     """LLMEngine.check_prompt's KV test: the whole request must fit in every rank's pool."""
     need = blocks.prefill_shares(req.prompt_len + req.output_len)
@@ -698,7 +740,8 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
     if not trace:
         raise ValueError("the workload is empty")
     clock = _Clock()
-    blocks = BlockManager(config.sp_size, config.num_kv_blocks, config.block_size)
+    caching = config.enable_prefix_caching and any(r.prefix_id is not None for r in trace)
+    blocks = BlockManager(config.sp_size, config.num_kv_blocks, config.block_size, caching)
     max_context = max(r.prompt_len + r.output_len for r in trace)
     sched_cost = cost.scheduler_cost(config.max_num_batched_tokens, max_context)
     scheduler = Scheduler(
@@ -726,7 +769,8 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
             rec.rejected = _rejection(blocks, req)
             if rec.rejected:
                 continue
-            seq = Sequence(i, str(i), _PromptLength(req.prompt_len),  # type: ignore[arg-type]
+            prompt = _PromptLength(req.prompt_len) if not caching else _prompt_ids(i, req)
+            seq = Sequence(i, str(i), prompt,  # type: ignore[arg-type]
                            SamplingParams(max_tokens=req.output_len, ignore_eos=True),
                            req.arrival_time + delay)
             record_of[seq.seq_id] = rec
@@ -736,6 +780,9 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
         rec = record_of[seq.seq_id]
         seq.output_token_ids.append(0)
         seq.last_token_time = clock.now
+        if not rec.token_times and caching:  # its TTFT floor: the prefill of what was not cached
+            rec.cached_tokens = seq.num_cached_tokens
+            rec.prefill_alone_s = cost.prefill_s(rec.prompt_len - rec.cached_tokens, rec.cached_tokens)
         rec.token_times.append(clock.now)
         if len(seq.output_token_ids) >= seq.params.max_tokens:
             seq.status, seq.finish_reason = SeqStatus.FINISHED, "length"
