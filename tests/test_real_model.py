@@ -62,17 +62,44 @@ def prompts(tokenizer) -> dict[str, list[int]]:
             "passkey": passkey_prompt(tokenizer, PASSKEY_TOKENS, 0.5, random_key(7))}
 
 
+def _hf_greedy(model, ids: list[int]) -> list[int]:
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return gen[0, len(ids):].tolist()
+
+
 @pytest.fixture(scope="module")
-def hf_tokens(smollm2, prompts) -> dict[str, list[int]]:
+def hf_model(smollm2):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    out = {}
-    for name, ids in prompts.items():
-        with torch.no_grad():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        out[name] = gen[0, len(ids):].tolist()
+    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(hf_model, prompts, follow_ups) -> dict[str, list[int]]:
+    out = {name: _hf_greedy(hf_model, ids) for name, ids in prompts.items()}
+    out.update({name: _hf_greedy(hf_model, ids) for name, (ids, _) in follow_ups.items()})
     return out
+
+
+@pytest.fixture(scope="module")
+def follow_ups(tokenizer, prompts, hf_model) -> dict[str, tuple[list[int], int]]:
+    """name -> (prompt, its tokens the prefix cache holds once the first prompts ran): the
+    article chat's second turn (its prompt and first answer, all but the answer's last token
+    computed), and another question on the same article (cached up to where they differ)."""
+    def chat(messages: list[dict]) -> list[int]:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+    article = prompts["article"]
+    answer = _hf_greedy(hf_model, article)
+    tail = tokenizer.encode("<|im_end|>\n<|im_start|>user\nNow in French.<|im_end|>\n"
+                            "<|im_start|>assistant\n", add_special_tokens=False)
+    turn2 = article + answer + list(tail)
+    question = chat([{"role": "user", "content": ARTICLE.replace("Summarise the text above in one "
+                                                                 "sentence.", "Which sea?")}])
+    common = next(i for i, (a, b) in enumerate(zip(article, question)) if a != b)
+    return {"turn2": (turn2, len(article) + NEW_TOKENS - 1), "article_q2": (question, common)}
 
 
 def test_converted_checkpoint_is_smollm2(smollm2, tokenizer, prompts):
@@ -87,13 +114,24 @@ def test_converted_checkpoint_is_smollm2(smollm2, tokenizer, prompts):
 
 
 @pytest.mark.parametrize("sp", [1, 2, 3])
-def test_greedy_tokens_match_hf_and_the_pass_key_is_found(smollm2, tokenizer, prompts, hf_tokens, sp):
+def test_greedy_tokens_match_hf_and_the_pass_key_is_found(smollm2, tokenizer, prompts, follow_ups,
+                                                         hf_tokens, sp):
     from sp_serve import LLM, SamplingParams
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     with LLM(str(smollm2), sp_size=sp, **ENGINE_ARGS) as llm:
         outs = llm.generate(list(prompts.values()), params)
+        # Prefix caching (on by default), on the same engine: a second turn of the article chat
+        # reuses the first turn's prompt and decoded tokens; another question on the article
+        # reuses the prompt up to where they differ (mid-prompt: mid-chunk and mid-block).
+        blocks = llm.engine.blocks
+        follow = {}
+        for name, (prompt, cached) in follow_ups.items():
+            before = blocks.prefix_cache_hits
+            follow[name] = llm.generate([prompt], params)[0].outputs[0].token_ids
+            assert blocks.prefix_cache_hits - before == cached, name
     tokens = {name: out.outputs[0].token_ids for name, out in zip(prompts, outs)}
-    assert tokens == hf_tokens
+    assert tokens == {name: hf_tokens[name] for name in prompts}
+    assert follow == {name: hf_tokens[name] for name in follow_ups}
     text = {name: tokenizer.decode(ids, skip_special_tokens=True) for name, ids in tokens.items()}
     assert text["capital"].startswith("The capital of France is Paris."), text
     assert found_key(text["passkey"], random_key(7)), text["passkey"]
