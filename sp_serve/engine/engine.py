@@ -1,8 +1,9 @@
 """The engine on rank 0: requests in, one step at a time, tokens out.
 
 step(): the scheduler picks the step, the plan goes to every rank, every rank's worker runs it,
-rank 0 samples from the returned logits and applies the stop rules. Frees (finished, aborted,
-preempted) ride on the next plan, so a rank never holds a dead sequence's blocks past one step.
+rank 0 samples from the returned logits and applies the stop rules. KV operations (frees of
+finished, aborted, preempted or evicted KV, renames to cache entries, shared prefixes) ride on
+the next plan, so a rank never holds a dead sequence's blocks past one step.
 """
 from __future__ import annotations
 
