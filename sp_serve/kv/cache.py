@@ -28,27 +28,54 @@ class PagedKVCache:
         self.v_lthd = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # A min-heap: a new block is always the lowest free id, so a sequence that grows alone
-        # gets consecutive blocks (one run, read in place) even after others came and went.
-        self._free = list(range(num_blocks))
+        # Prompt chunks take the lowest free blocks, decode growth the highest: a prompt
+        # prefilled in chunks between decode steps stays consecutive (one run, read in place)
+        # instead of being cut by every decode tail's new block, and this holds after others
+        # came and went. Two heaps with lazy deletion: an entry counts only while its block is
+        # free (a block taken from one heap leaves a stale entry in the other).
+        self._is_free = [True] * num_blocks
+        self._num_free = num_blocks
+        self._low = list(range(num_blocks))  # min-heap of ids
+        self._high = [-b for b in range(num_blocks - 1, -1, -1)]  # min-heap of -ids
         self._tables: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._num_free
+
+    def _take(self, highest: bool) -> int:
+        assert self._num_free, "KV pool exhausted: the engine admitted more than this rank holds"
+        heap, sign = (self._high, -1) if highest else (self._low, 1)
+        while not self._is_free[sign * heap[0]]:
+            heapq.heappop(heap)  # stale: taken through the other heap
+        block = sign * heapq.heappop(heap)
+        self._is_free[block] = False
+        self._num_free -= 1
+        return block
+
+    def _give_back(self, block: int) -> None:
+        assert not self._is_free[block], f"block {block} freed twice"
+        self._is_free[block] = True
+        self._num_free += 1
+        if len(self._low) + len(self._high) > 4 * self.num_blocks:  # stale entries: rebuild
+            self._low = [b for b in range(self.num_blocks) if self._is_free[b]]
+            self._high = [-b for b in reversed(self._low)]
+        else:
+            heapq.heappush(self._low, block)
+            heapq.heappush(self._high, -block)
 
     def num_tokens(self, seq_id: int) -> int:
         return self._lens.get(seq_id, 0)
 
-    def append_slots(self, seq_id: int, count: int) -> torch.Tensor:
-        """Reserves `count` slots at the end of the sequence's shard; returns their slot ids."""
+    def append_slots(self, seq_id: int, count: int, decode: bool = False) -> torch.Tensor:
+        """Reserves `count` slots at the end of the sequence's shard; returns their slot ids.
+        Prompt chunks get the lowest free blocks, decode tokens (decode=True) the highest."""
         table = self._tables.setdefault(seq_id, [])
         start = self._lens.get(seq_id, 0)
         end = start + count
         while len(table) * self.block_size < end:
-            assert self._free, "KV pool exhausted: the engine admitted more than this rank holds"
-            table.append(heapq.heappop(self._free))
+            table.append(self._take(highest=decode))
         self._lens[seq_id] = end
         return self._slots(table, start, end)
 
@@ -94,6 +121,19 @@ class PagedKVCache:
             return k_thd[:0], v_thd[:0]
         return (torch.cat([k_thd[a:b] for a, b in runs]), torch.cat([v_thd[a:b] for a, b in runs]))
 
+    def read_pieces(self, layer: int, runs: list[tuple[int, int]]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K and V of the given slot runs as at most two pieces [t, h, d] whose union is the
+        shard (attention over them is merged by lse, so order does not matter): the longest run
+        as a view of the pool, and the other runs copied together. A shard whose blocks were
+        interleaved with other sequences' (a prompt chunked between decode steps, a decode
+        tail) then costs a copy of its short fragments each layer, not of all of it."""
+        if len(runs) <= 1:
+            return [self.read_runs(layer, runs)]
+        longest = max(range(len(runs)), key=lambda i: runs[i][1] - runs[i][0])
+        rest = runs[:longest] + runs[longest + 1:]
+        return [self.read_runs(layer, [runs[longest]]), self.read_runs(layer, rest)]
+
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy."""
         shape = (self.num_blocks, self.block_size, *self.k_lthd.shape[2:])
@@ -111,7 +151,7 @@ class PagedKVCache:
 
     def free(self, seq_id: int) -> None:
         for block in self._tables.pop(seq_id, []):
-            heapq.heappush(self._free, block)
+            self._give_back(block)
         self._lens.pop(seq_id, None)
 
     def block_table(self, seq_id: int) -> list[int]:
