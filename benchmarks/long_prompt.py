@@ -6,6 +6,9 @@ For each SP size, in one engine per scheduler (both in this process, one after t
   - TTFT of one prompt of --prompt-len tokens alone, max_tokens=1: under the default `slo`
     scheduler, and in one pass (`fcfs` with a token budget above the prompt: one step);
   - the slo engine's start-up calibration (the cost model's fixed costs);
+  - on the slo engine, a --short-len prompt alone, then the long prompt again with that short
+    one (reversed, so nothing is shared) arriving --short-at-s seconds into its prefill: the
+    short one's TTFT (it waits for the step in flight, then goes first) and the long one's;
   - measured steps on the fcfs engine: a 1-token prompt chunk, a 1-token chunk after 2048
     cached tokens, and decode steps of batch 1 and 8 at ~600 tokens of context each (median of
     --reps), with and without a 64-token chunk riding along.
@@ -64,7 +67,29 @@ def ttft(llm, prompt: list[int]) -> float:
     return time.perf_counter() - t0
 
 
-def run_sp(model: str, sp: int, prompt: list[int], reps: int, cpu_comm: str) -> dict:
+def short_during_long(engine, prompt: list[int], short: list[int], at_s: float) -> dict[str, float]:
+    """The long prompt alone, and a short one arriving `at_s` seconds into its prefill: both
+    TTFTs (each from its own arrival), driven step by step as the server's loop does."""
+    from sp_serve import SamplingParams
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    t0 = time.monotonic()
+    engine.add_request("long", prompt, params, arrival_time=t0)
+    first: dict[str, float] = {}
+    arrived: dict[str, float] = {"long": t0}
+    while engine.has_unfinished():
+        if "short" not in arrived and time.monotonic() - t0 >= at_s:
+            arrived["short"] = time.monotonic()
+            engine.add_request("short", short, params, arrival_time=arrived["short"])
+        for event in engine.step():
+            rid = event.seq.request_id
+            if event.sample is not None and rid not in first:
+                first[rid] = time.monotonic() - arrived[rid]
+    return {"long_ttft_s": first["long"], "short_ttft_s": first.get("short", float("nan")),
+            "short_arrived_at_s": arrived.get("short", t0) - t0}
+
+
+def run_sp(model: str, sp: int, prompt: list[int], reps: int, cpu_comm: str,
+           short_len: int, short_at_s: float) -> dict:
     from sp_serve import LLM
     res: dict = {"sp": sp}
     common = dict(sp_size=sp, cpu_threads=1, cpu_comm=cpu_comm)
@@ -81,6 +106,10 @@ def run_sp(model: str, sp: int, prompt: list[int], reps: int, cpu_comm: str) -> 
         llm.engine.scheduler.step_observer = records.append
         res["slo_ttft_s"] = ttft(llm, prompt)
         res["slo_steps"] = len(records) + 1  # the last step has no next schedule() to end it
+        llm.engine.scheduler.step_observer = None
+        short = prompt[:short_len]
+        res["slo_short_alone_ttft_s"] = ttft(llm, short)
+        res["slo_with_short"] = short_during_long(llm.engine, prompt, short[::-1], short_at_s)
     finally:
         llm.shutdown()
     res["slo_over_one_pass"] = res["slo_ttft_s"] / res["one_pass_ttft_s"]
@@ -94,6 +123,8 @@ def main() -> None:
     p.add_argument("--sp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--cpu-comm", default="auto", choices=["auto", "shm", "gloo"])
+    p.add_argument("--short-len", type=int, default=128, help="the short prompt arriving mid-way")
+    p.add_argument("--short-at-s", type=float, default=5.0, help="its arrival, s into the long prefill")
     p.add_argument("--json", type=Path, default=Path("results/long_prompt.json"))
     args = p.parse_args()
     from sp_serve.model.source import checkpoint_dir, default_model
@@ -105,13 +136,16 @@ def main() -> None:
     print(f"model {model}; {args.prompt_len}-token prompt; machine {machine}", flush=True)
     runs = []
     for sp in args.sp:
-        runs.append(run_sp(model, sp, prompt, args.reps, args.cpu_comm))
+        runs.append(run_sp(model, sp, prompt, args.reps, args.cpu_comm, args.short_len, args.short_at_s))
         print(json.dumps(runs[-1], indent=1), flush=True)
     print(f"\n{'':34}" + "".join(f"{'SP=' + str(r['sp']):>12}" for r in runs))
     rows = [("one-pass TTFT (s)", lambda r: r["one_pass_ttft_s"]),
             ("slo TTFT (s)", lambda r: r["slo_ttft_s"]),
             ("slo / one pass", lambda r: r["slo_over_one_pass"]),
             ("slo steps", lambda r: r["slo_steps"]),
+            ("short prompt alone TTFT (s)", lambda r: r["slo_short_alone_ttft_s"]),
+            ("short arriving mid-long TTFT (s)", lambda r: r["slo_with_short"]["short_ttft_s"]),
+            ("long TTFT with that short (s)", lambda r: r["slo_with_short"]["long_ttft_s"]),
             ("cost model step_fixed (ms)", lambda r: 1e3 * r["cost_model"]["step_fixed_s"]),
             ("cost model chunk_fixed (ms)", lambda r: 1e3 * r["cost_model"]["chunk_fixed_s"])]
     rows += [(f"{name} (ms)", lambda r, n=name: 1e3 * r["steps_s"][n]) for name in runs[0]["steps_s"]]

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from sp_serve.attention.local import attention_with_lse
+from sp_serve.attention.local import attention_over_pieces, attention_with_lse
 from sp_serve.attention.merge import PartialAccumulator, merge_partials
 from sp_serve.attention.sharded_cache import DecodeShards
 from sp_serve.attention.zigzag import ZigzagLayout
@@ -182,3 +182,57 @@ def test_kv_pool_hands_out_lowest_free_blocks_so_a_lone_sequence_is_one_run():
     assert k.data_ptr() == kv.k_lthd[0].data_ptr()  # a view of the pool, not a copy
     kv.free(9)
     assert kv.num_free_blocks == 12
+
+
+def test_attention_over_a_fragmented_shard_reads_the_longest_run_in_place():
+    torch.manual_seed(0)
+    kv = PagedKVCache(1, 16, 4, 2, 8, torch.float64, torch.device("cpu"))
+    kv.k_lthd.normal_()
+    kv.v_lthd.normal_()
+    kv.append_slots(0, 10)  # blocks 0-2
+    kv.append_slots(1, 4)   # block 3
+    kv.append_slots(0, 9)   # blocks 4-5 after the 2 free slots of block 2: runs (0, 12) (16, 23)
+    kv.append_slots(1, 4)   # block 6
+    kv.append_slots(0, 3)   # block 6 is taken: (28, 31) is a third run
+    runs = kv.runs(0)
+    assert len(runs) == 3
+    pieces = kv.read_pieces(0, runs)
+    assert len(pieces) == 2 and pieces[0][0].data_ptr() == kv.k_lthd[0, runs[0][0]].data_ptr()
+    q = torch.randn(3, 4, 8, dtype=torch.float64)
+    k_all, v_all = kv.read_runs(0, runs)
+    want_o, want_lse = attention_with_lse(q, k_all, v_all, False, 0.3)
+    got_o, got_lse = attention_over_pieces(q, pieces, 0.3)
+    torch.testing.assert_close(got_o.double(), want_o, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_lse.double(), want_lse.double(), atol=1e-6, rtol=0)
+
+
+def test_kv_pool_keeps_a_chunked_prompt_consecutive_beside_decode_growth():
+    kv = PagedKVCache(1, 64, 4, 1, 2, torch.float32, torch.device("cpu"))
+    for step in range(6):  # a prompt chunk of 10 and two decode tokens per step
+        kv.append_slots(0, 10)
+        for seq in (1, 2):
+            kv.append_slots(seq, 4, decode=True)
+    assert kv.runs(0) == [(0, 60)]  # one run: the decode blocks came from the top
+    assert kv.block_table(1)[0] == 63
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kv_pool_random_operations_never_hand_out_a_block_twice(seed):
+    import random
+    rng = random.Random(seed)
+    kv = PagedKVCache(1, 40, 4, 1, 2, torch.float32, torch.device("cpu"))
+    for _ in range(400):
+        seq = rng.randrange(6)
+        if rng.random() < 0.25:
+            kv.free(seq)
+        else:
+            need = -(-(kv.num_tokens(seq) + 3) // 4) - len(kv.block_table(seq))
+            if need <= kv.num_free_blocks:
+                kv.append_slots(seq, 3, decode=rng.random() < 0.5)
+        held = [b for s in range(6) for b in kv.block_table(s)]
+        assert len(held) == len(set(held)) and kv.num_free_blocks == 40 - len(held)
+    for seq in range(6):
+        kv.free(seq)
+    assert kv.num_free_blocks == 40
+    kv.append_slots(7, 160)  # the whole pool, in order, after all that churn
+    assert kv.runs(7) == [(0, 160)]

@@ -646,15 +646,16 @@ class RankMirror:
             kv.apply(ops, r)
             for seq, a, b in step.prefill:
                 idx = self.layout(b - a, self.world_size).local_indices(r)
-                self._write(kv, seq.seq_id, (idx + a).tolist(), seq.prefill_tokens(a, b), idx.tolist())
+                self._write(kv, seq.seq_id, (idx + a).tolist(), seq.prefill_tokens(a, b), idx.tolist(), False)
             for seq, owner in step.decode:
                 if owner == r:
                     pos = seq.num_tokens - 1
-                    self._write(kv, seq.seq_id, [pos], [seq.all_token_ids[pos]], [0])
+                    self._write(kv, seq.seq_id, [pos], [seq.all_token_ids[pos]], [0], True)
 
-    def _write(self, kv, seq_id: int, positions: list[int], tokens: list[int], local: list[int]) -> None:
+    def _write(self, kv, seq_id: int, positions: list[int], tokens: list[int], local: list[int],
+               decode: bool) -> None:
         torch = self.torch
-        slots = kv.append_slots(seq_id, len(positions))
+        slots = kv.append_slots(seq_id, len(positions), decode)
         values = torch.tensor([[p, tokens[i]] for p, i in zip(positions, local)], dtype=torch.float64)
         if not positions:
             return
@@ -718,7 +719,9 @@ def check_shared_accounting(sim: Sim) -> None:
                 live[b] += holder in blocks.tokens
         assert refs == pool.refs and live == blocks._live[r]
         free = sum(1 for n in refs if n == 0)
-        assert free == pool.num_free_blocks and sorted(pool._free) == [b for b, n in enumerate(refs) if n == 0]
+        free_ids = {b for b, n in enumerate(refs) if n == 0}
+        assert free == pool.num_free_blocks == len(free_ids)
+        assert {b for b in pool._low if not refs[b]} == free_ids == {-b for b in pool._high if not refs[-b]}
         reclaimable = sum(1 for n, m in zip(refs, live) if n > 0 and m == 0)
         assert blocks.free_blocks[r] == free + reclaimable
     for sid, per_rank in blocks.tokens.items():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from sp_serve.attention.merge import merge_partials
+
 _NEG_INF = float("-inf")
 
 
@@ -53,6 +55,17 @@ def attention_with_lse(
     o_bhtd, lse_bht = _flash(q_thd.transpose(0, 1)[None], k_thd.transpose(0, 1)[None],
                              v_thd.transpose(0, 1)[None], causal, scale)
     return o_bhtd[0].transpose(0, 1), lse_bht[0].transpose(0, 1)
+
+
+def attention_over_pieces(
+    q_thd: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]], scale: float,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full (non-causal) attention of q over the union of KV pieces [(k, v)], merged by lse."""
+    if len(pieces) == 1:
+        return attention_with_lse(q_thd, *pieces[0], False, scale, backend)
+    parts = [attention_with_lse(q_thd, k, v, False, scale, backend) for k, v in pieces]
+    return merge_partials(torch.stack([o.float() for o, _ in parts]), torch.stack([lse for _, lse in parts]))
 
 
 def _flash(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

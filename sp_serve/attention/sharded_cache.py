@@ -16,7 +16,8 @@ A rank whose shard is empty for a sequence contributes lse = -inf, which the mer
 
 A decode partial over this rank's shards (`DecodeShards`): on the triton backend one split-KV
 kernel launch per micro-batch reads the paged pool in place; other backends attend one sequence
-at a time to its shard, a view of the pool when its blocks are consecutive (`PagedKVCache.runs`).
+at a time to its shard: its longest run of consecutive blocks as a view of the pool, the rest
+copied (`PagedKVCache.read_pieces`), merged by lse.
 
 Legend: b batch (one query per sequence), t tokens, h q heads, d head_dim, n ranks,
 m blocks of the longest block table;
@@ -28,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from sp_serve.attention.local import attention_with_lse
+from sp_serve.attention.local import attention_over_pieces
 from sp_serve.attention.merge import merge_partials
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.parallel.groups import ParallelContext
@@ -64,9 +65,9 @@ class DecodeShards:
         if self.backend != "triton":
             parts = []
             for b in range(rows.start, rows.stop):
-                k_thd, v_thd = self.kv.read_runs(layer, self.runs[b])
-                parts.append(pack_partial(*attention_with_lse(q_bhd[b:b + 1], k_thd, v_thd, False,
-                                                              self.scale, self.backend)))
+                pieces = self.kv.read_pieces(layer, self.runs[b])
+                parts.append(pack_partial(*attention_over_pieces(q_bhd[b:b + 1], pieces, self.scale,
+                                                                 self.backend)))
             return torch.cat(parts)
         from sp_serve_kernels import paged_decode_attention
         q_bhd = q_bhd[rows]

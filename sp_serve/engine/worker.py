@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sp_serve.attention.local import attention_with_lse
+from sp_serve.attention.local import attention_over_pieces
 from sp_serve.attention.ring_prefill import ring_prefill_attention
 from sp_serve.attention.sharded_cache import (
     DecodeShards,
@@ -91,8 +91,8 @@ class Worker:
             owned = [i for i, t in enumerate(plan.decode) if t.owner_rank == pc.rank]
             if owned:
                 write_rows.append(torch.tensor(owned, dtype=torch.long) + row)
-                write_slots.append(torch.cat([self.kv.append_slots(plan.decode[i].seq_id, 1)
-                                              for i in owned]))
+                write_slots.append(torch.cat([
+                    self.kv.append_slots(plan.decode[i].seq_id, 1, decode=True) for i in owned]))
             # after the new tokens' slots exist: decode attends to them too
             shards = DecodeShards(self.kv, [t.seq_id for t in plan.decode], self.scale, self.backend)
         ids_t, pos_t, rope_len_t = (torch.cat(x).to(dev) for x in (ids, pos, rope_len))
@@ -123,11 +123,10 @@ class Worker:
         pc = self.pc
         acc = ring_prefill_attention(pc, part.layout, q_thd, k_thd, v_thd, self.scale, self.backend)
         if part.cached_runs is not None:
-            k_cache, v_cache = self.kv.read_runs(layer, part.cached_runs)
+            pieces = self.kv.read_pieces(layer, part.cached_runs)
 
             def local_partial_for(qq_thd):
-                return pack_partial(*attention_with_lse(qq_thd, k_cache, v_cache, False, self.scale,
-                                                        self.backend))
+                return pack_partial(*attention_over_pieces(qq_thd, pieces, self.scale, self.backend))
 
             q_per_rank = [part.layout.num_local(r) for r in range(pc.world_size)]
             o, lse = chunk_over_shards(pc, q_thd, q_per_rank, local_partial_for)

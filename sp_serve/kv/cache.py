@@ -32,16 +32,24 @@ class BlockPool:
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # A min-heap: a new block is always the lowest free id, so a sequence that grows alone
-        # gets consecutive blocks (one run, read in place) even after others came and went.
-        self._free = list(range(num_blocks))
-        self.refs = [0] * num_blocks
+        # Prompt chunks take the lowest free blocks, decode growth the highest: a prompt
+        # prefilled in chunks between decode steps stays consecutive (one run, read in place)
+        # instead of being cut by every decode tail's new block, and this holds after others
+        # came and went. Two heaps with lazy deletion: an entry counts only while its block is
+        # free (a block taken from one heap leaves a stale entry in the other).
+        self.refs = [0] * num_blocks  # 0: free
+        self._num_free = num_blocks
+        self._low = list(range(num_blocks))  # min-heap of ids
+        self._high = [-b for b in range(num_blocks - 1, -1, -1)]  # min-heap of -ids
         self._tables: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._num_free
+
+    def free_block_ids(self) -> list[int]:
+        return [b for b, n in enumerate(self.refs) if n == 0]
 
     def num_tokens(self, seq_id: int) -> int:
         return self._lens.get(seq_id, 0)
@@ -52,30 +60,41 @@ class BlockPool:
     def holders(self) -> list[int]:
         return list(self._tables)
 
-    def _take(self) -> int:
-        assert self._free, "KV pool exhausted: the engine admitted more than this rank holds"
-        block = heapq.heappop(self._free)
+    def _take(self, highest: bool = False) -> int:
+        assert self._num_free, "KV pool exhausted: the engine admitted more than this rank holds"
+        heap, sign = (self._high, -1) if highest else (self._low, 1)
+        while self.refs[sign * heap[0]]:
+            heapq.heappop(heap)  # stale: taken through the other heap
+        block = sign * heapq.heappop(heap)
         self.refs[block] = 1
+        self._num_free -= 1
         return block
 
     def _drop(self, block: int) -> bool:
         """One reference fewer; True when the block became free."""
+        assert self.refs[block] > 0, f"block {block} freed twice"
         self.refs[block] -= 1
-        assert self.refs[block] >= 0, "block freed twice"
-        if self.refs[block] == 0:
-            heapq.heappush(self._free, block)
-            return True
-        return False
+        if self.refs[block]:
+            return False
+        self._num_free += 1
+        if len(self._low) + len(self._high) > 4 * self.num_blocks:  # stale entries: rebuild
+            self._low = self.free_block_ids()
+            self._high = [-b for b in reversed(self._low)]
+        else:
+            heapq.heappush(self._low, block)
+            heapq.heappush(self._high, -block)
+        return True
 
-    def append(self, seq_id: int, count: int) -> tuple[list[int], int, int]:
-        """Reserves `count` slots at the end of the holder's shard: (table, start, end)."""
+    def append(self, seq_id: int, count: int, decode: bool = False) -> tuple[list[int], int, int]:
+        """Reserves `count` slots at the end of the holder's shard: (table, start, end). New
+        blocks are the lowest free ones for a prompt chunk, the highest for decode tokens."""
         table = self._tables.setdefault(seq_id, [])
         start = self._lens.get(seq_id, 0)
         end = start + count
         assert not (start % self.block_size and count and self.refs[table[-1]] > 1), \
             "append into a shared block"
         while len(table) * self.block_size < end:
-            table.append(self._take())
+            table.append(self._take(highest=decode))
         self._lens[seq_id] = end
         return table, start, end
 
@@ -132,9 +151,10 @@ class PagedKVCache:
     def num_tokens(self, seq_id: int) -> int:
         return self.pool.num_tokens(seq_id)
 
-    def append_slots(self, seq_id: int, count: int) -> torch.Tensor:
-        """Reserves `count` slots at the end of the sequence's shard; returns their slot ids."""
-        return self._slots(*self.pool.append(seq_id, count))
+    def append_slots(self, seq_id: int, count: int, decode: bool = False) -> torch.Tensor:
+        """Reserves `count` slots at the end of the sequence's shard; returns their slot ids.
+        Prompt chunks get the lowest free blocks, decode tokens (decode=True) the highest."""
+        return self._slots(*self.pool.append(seq_id, count, decode))
 
     def apply(self, ops: list[tuple], rank: int) -> None:
         """The engine's KV operations of a step, in the engine's order (`BlockManager.ops`):
@@ -196,6 +216,19 @@ class PagedKVCache:
         if not runs:
             return k_thd[:0], v_thd[:0]
         return (torch.cat([k_thd[a:b] for a, b in runs]), torch.cat([v_thd[a:b] for a, b in runs]))
+
+    def read_pieces(self, layer: int, runs: list[tuple[int, int]]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K and V of the given slot runs as at most two pieces [t, h, d] whose union is the
+        shard (attention over them is merged by lse, so order does not matter): the longest run
+        as a view of the pool, and the other runs copied together. A shard whose blocks were
+        interleaved with other sequences' (a prompt chunked between decode steps, a decode
+        tail) then costs a copy of its short fragments each layer, not of all of it."""
+        if len(runs) <= 1:
+            return [self.read_runs(layer, runs)]
+        longest = max(range(len(runs)), key=lambda i: runs[i][1] - runs[i][0])
+        rest = runs[:longest] + runs[longest + 1:]
+        return [self.read_runs(layer, [runs[longest]]), self.read_runs(layer, rest)]
 
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy."""
