@@ -57,6 +57,9 @@ class EngineConfig:
             (self.dist_timeout_s > 0, f"--dist-timeout must be > 0, got {self.dist_timeout_s}"),
             (self.cpu_comm in ("auto", "shm", "gloo"),
              f"--cpu-comm must be auto, shm or gloo, got {self.cpu_comm!r}"),
+            (self.enable_prefix_caching in (None, True, False),
+             f"enable_prefix_caching must be True, False or None (the default: on where the model "
+             f"allows it), got {self.enable_prefix_caching!r}"),
         ]
         for ok, message in checks:
             if not ok:

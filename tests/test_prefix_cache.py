@@ -139,6 +139,12 @@ def test_dynamic_rope_turns_prefix_caching_off_or_refuses_it(tmp_path):
         LLM(ckpt, enable_prefix_caching=True)
 
 
+def test_bad_enable_prefix_caching_value():
+    from sp_serve.config import EngineConfig
+    with pytest.raises(ValueError, match="enable_prefix_caching must be True, False or None"):
+        EngineConfig(model="m", enable_prefix_caching="yes")
+
+
 def test_cli_flag_spellings():
     from sp_serve.cli import build_parser, engine_config
     parser = build_parser()
