@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass, replace
 
@@ -82,6 +83,12 @@ class LLMEngine:
         if launched_by_torchrun():
             rank, world, local_rank = torchrun_rank()
             if rank != 0:  # every other rank serves plans until rank 0 says stop, then leaves
+                # torchrun sends SIGTERM (and a terminal SIGINT) to every rank at once; rank 0
+                # alone stops the work (drain, then a shutdown plan), as with spawned ranks. A
+                # rank whose rank 0 died still leaves at its next collective; torchrun follows
+                # an unanswered SIGTERM with SIGKILL.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 worker_rank_main(rank, world, None, config, local_rank)
                 raise SystemExit(0)
             self.runtime: RankRuntime = build_runtime(config, 0, world, None, local_rank)
