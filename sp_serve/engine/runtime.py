@@ -90,7 +90,12 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
     kv = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
                       spec.head_dim, kv_dtype, pc.device)
     backend = resolve_backend(config.attn_backend, pc.device)
-    return RankRuntime(pc, Worker(pc, model, spec, kv, backend), num_blocks)
+    worker = Worker(pc, model, spec, kv, backend)
+    if worker.uses_triton:  # compile every kernel variant now, not mid-serving on one rank
+        t0 = time.perf_counter()
+        launches = worker.warm_up(config.max_num_seqs)
+        log.info("Triton kernels warmed up: %d launches in %.1f s", launches, time.perf_counter() - t0)
+    return RankRuntime(pc, worker, num_blocks)
 
 
 def worker_rank_main(rank: int, world_size: int, store_port: int | None, config: EngineConfig,
