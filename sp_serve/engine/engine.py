@@ -192,6 +192,7 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         logits = self._run(plan)
+        self._sync_device()
         self.last_step = _timing(sched, time.perf_counter() - t0)
         now = time.monotonic()
         events = []
@@ -216,6 +217,15 @@ class LLMEngine:
             decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
                     for s, owner in sched.decode],
             free_seq_ids=frees)
+
+    def _sync_device(self) -> None:
+        """On CUDA, waits for the step's kernels: a step is timed (StepTiming, --step-log, the
+        scheduler's clock, calibration) by when its work is done, not when it was queued. A
+        step whose logits are sampled waits there anyway; a prefill chunk that samples nothing
+        would otherwise look nearly free and its time land on the next step. A no-op on CPU."""
+        dev = self.runtime.pc.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def _run(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         try:
@@ -268,7 +278,11 @@ class LLMEngine:
         alone (1, 2, 4 and 8 short sequences: the per-sequence cost; the long ones: the
         per-context-token cost; median of 3 each), and decode batches carrying a chunk (the
         steps the slo policy runs while sequences decode)."""
-        cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, 2048))
+        # The chunk sizes the scheduler will run. On CPU at most 2048 (a profile step of a
+        # bigger chunk takes seconds there); a GPU runs the largest chunk in milliseconds, and
+        # its cost per token changes with size (tiles fill up), so it is profiled as it is.
+        limit = 2048 if self.runtime.pc.device.type == "cpu" else self.config.max_num_batched_tokens
+        cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, limit))
         sizes = sorted({max(8, cap // 8), max(8, cap // 2), cap})
         ctx: dict[int, int] = {}  # profile sequence -> tokens cached
         # Warm-up: one-off allocator and pool costs.
@@ -326,6 +340,7 @@ class LLMEngine:
                                  for sid, start, end in chunks], decode=tokens)
         t0 = time.perf_counter()
         self._run(plan)
+        self._sync_device()
         seconds = time.perf_counter() - t0
         for sid, _, end in chunks:
             ctx[sid] = end
