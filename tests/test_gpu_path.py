@@ -249,3 +249,45 @@ def test_steps_and_calibration_are_timed_after_a_device_sync(monkeypatch):
     order.clear()
     eng._profile_step([(-6, 0, 8)], [], {}, samples)
     assert order == ["clock", "execute", "clock"]  # CPU: nothing to wait for
+
+
+def test_profile_forward_runs_on_the_model(tiny_model_dir, monkeypatch):
+    """The profiling forward is a real forward pass (here on the CPU, where it measures 0)."""
+    from sp_serve.engine.runtime import profile_peak_bytes
+    model, spec = load_model(tiny_model_dir, dtype=torch.float32)
+    seen = []
+    original = model.forward
+
+    def counted(ids, pos, attn, rope_len=None):
+        seen.append(ids.shape[0])
+        return original(ids, pos, attn, rope_len)
+    monkeypatch.setattr(model, "forward", counted)
+    assert profile_peak_bytes(model, spec, 300, 8, "torch", torch.device("cpu")) == 0
+    assert seen == [300]
+
+
+def test_cuda_kv_pool_is_sized_after_a_profiling_forward(monkeypatch):
+    """The KV budget on a GPU: what --gpu-memory-utilization allows, less the weights, the
+    profiled peak of the largest step this rank may run and the memory outside torch's
+    allocator; no fixed reserve. The CUDA memory API is faked (no GPU here)."""
+    from types import SimpleNamespace
+
+    from sp_serve.config import EngineConfig
+    from sp_serve.engine import runtime
+    gib = 2**30
+    profiled = []
+
+    def fake_profile(model, spec, tokens, logits, backend, device):
+        profiled.append((tokens, logits, backend))
+        return int(3.5 * gib)
+    monkeypatch.setattr(runtime, "profile_peak_bytes", fake_profile)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 16 * gib)  # weights
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 18 * gib)
+    config = EngineConfig(model="unused", max_num_batched_tokens=8192, max_num_seqs=64,
+                          gpu_memory_utilization=0.9)
+    pc = SimpleNamespace(device=torch.device("cuda", 0), world_size=2)
+    budget = runtime.cuda_kv_budget(config, None, None, pc, "triton")
+    assert profiled == [(4096 + 64, 64, "triton")]  # this rank's share of the largest chunk
+    # 72 GiB allowed - 16 weights - 3.5 profiled peak - 2 outside torch (20 used, 18 reserved)
+    assert budget == int(72 * gib) - 16 * gib - int(3.5 * gib) - 2 * gib
