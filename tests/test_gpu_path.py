@@ -291,3 +291,44 @@ def test_cuda_kv_pool_is_sized_after_a_profiling_forward(monkeypatch):
     assert profiled == [(4096 + 64, 64, "triton")]  # this rank's share of the largest chunk
     # 72 GiB allowed - 16 weights - 3.5 profiled peak - 2 outside torch (20 used, 18 reserved)
     assert budget == int(72 * gib) - 16 * gib - int(3.5 * gib) - 2 * gib
+
+
+def test_a_dead_rank_on_cuda_aborts_the_communicators_at_once(monkeypatch):
+    """NCCL does not notice a dead peer until its timeout: rank 0 watches its spawned ranks and
+    aborts the communicators when one exits, so the blocked collective fails and the engine is
+    dead (/health 503, exit 1) at once. Faked here: no NCCL on this machine."""
+    from types import SimpleNamespace
+
+    from sp_serve.engine import engine as engine_module
+    aborts = []
+    monkeypatch.setattr(engine_module, "abort_parallel", lambda: aborts.append(1) or True)
+    eng = engine_module.LLMEngine.__new__(engine_module.LLMEngine)
+    import threading
+    eng._stopping, eng.dead = threading.Event(), False
+    eng._procs = [SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=None)]
+    assert not eng._check_ranks() and not aborts and not eng.dead
+    eng._procs[1].exitcode = 1  # rank 2 ran out of memory and exited
+    assert eng._check_ranks() and aborts == [1] and eng.dead
+    eng._stopping.set()  # a normal shutdown: ranks exiting then are no fault
+    eng.dead, aborts[:] = False, []
+    assert not eng._check_ranks() and not aborts and not eng.dead
+
+
+def test_nccl_errors_reach_the_waiting_call_instead_of_killing_the_process(monkeypatch):
+    """On CUDA, TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (abort the communicators, raise in the caller)
+    is set before the process group starts, unless the user chose a value."""
+    from sp_serve.parallel import groups
+    seen = []
+
+    def fake_init(**kwargs):
+        seen.append(os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(groups.dist, "init_process_group", fake_init)
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    with pytest.raises(RuntimeError, match="stop here"):
+        groups.init_parallel(0, 1, None, torch.device("cuda", 0))
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    with pytest.raises(RuntimeError, match="stop here"):
+        groups.init_parallel(0, 1, None, torch.device("cuda", 0))
+    assert seen == ["2", "1"]
+    assert groups.abort_parallel() is False  # nothing initialised: nothing to abort

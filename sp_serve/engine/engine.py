@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -28,7 +29,7 @@ from sp_serve.model.loader import load_tokenizer
 from sp_serve.model.overrides import stretch_hint
 from sp_serve.model.source import checkpoint_dir
 from sp_serve.model.spec import load_spec
-from sp_serve.parallel.groups import shutdown_parallel
+from sp_serve.parallel.groups import abort_parallel, shutdown_parallel
 from sp_serve.parallel.launch import (
     launched_by_torchrun,
     spawn_ranks,
@@ -99,6 +100,9 @@ class LLMEngine:
                 config, 0, config.sp_size, store,
                 before_join=lambda: wait_for_ranks(store, self._procs, config.dist_timeout_s))
         self.world_size = self.runtime.pc.world_size
+        self._stopping = threading.Event()
+        if self._procs and self.runtime.pc.device.type == "cuda":
+            threading.Thread(target=self._watch_ranks, daemon=True, name="sp-serve-rank-watch").start()
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
         self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size)
@@ -217,6 +221,26 @@ class LLMEngine:
             decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
                     for s, owner in sched.decode],
             free_seq_ids=frees)
+
+    def _watch_ranks(self, interval_s: float = 0.5) -> None:
+        while not self._stopping.wait(interval_s):
+            if self._check_ranks():
+                return
+
+    def _check_ranks(self) -> bool:
+        """On CUDA, a spawned rank that exits (crash, out of memory, killed) leaves its peers
+        blocked in an NCCL collective that only the NCCL timeout would end: abort the
+        communicators at once, so rank 0's collective fails, the engine is marked dead (/health
+        503, `sp-serve serve` exits 1) and nothing is left to the watchdog. True once done.
+        (Gloo, on CPU, notices a closed socket by itself.)"""
+        gone = [f"rank {i} exited with code {p.exitcode}" for i, p in enumerate(self._procs, 1)
+                if p.exitcode is not None]
+        if not gone or self._stopping.is_set():
+            return False
+        log.error("%s: aborting the NCCL communicators", "; ".join(gone))
+        self.dead = True
+        abort_parallel()
+        return True
 
     def _sync_device(self) -> None:
         """On CUDA, waits for the step's kernels: a step is timed (StepTiming, --step-log, the
@@ -371,6 +395,8 @@ class LLMEngine:
             self._step_log = None
         if getattr(self, "runtime", None) is None:
             return
+        if getattr(self, "_stopping", None) is not None:
+            self._stopping.set()
         try:
             if not self.dead:
                 self.runtime.send_plan(StepPlan(shutdown=True))
@@ -380,7 +406,7 @@ class LLMEngine:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        shutdown_parallel(self.runtime.pc)
+        shutdown_parallel(self.runtime.pc, aborted=self.dead)
         self.runtime = None
 
 
