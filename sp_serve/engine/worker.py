@@ -97,7 +97,7 @@ class Worker:
         this rank while the others wait for it in a collective. Step-dependent kernel arguments
         are not specialized (sp_serve_kernels: `no_specialize`), so the variants left are the
         constexpr ones: causal or full prefill blocks; decode with one KV split or several (and
-        the split merge, whose head block depends on the batch: every power of two up to
+        the split merge, whose head block depends on the batch: every batch size up to
         max_batch). Uses a few blocks of the pool, freed again. Returns the launches made."""
         if not self.uses_triton:
             return 0
@@ -112,7 +112,7 @@ class Worker:
             for tq, tk, causal in ((64, 64, True), (1, 1, True), (17, 64, False), (64, 3, False)):
                 attention_with_lse(q[:tq], k[:tk], k[:tk], causal, self.scale, self.backend)
                 launches += 1
-        if self.paged_decode:
+        if self.paged_decode and kv.num_free_blocks >= 2:
             # Two dummy shards (no engine sequence has a negative id): one block (a narrow block
             # table: one KV split) and a long one (several splits, then their merge). Every
             # batch size: the merge kernel's head block changes with it.
