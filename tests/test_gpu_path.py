@@ -35,14 +35,14 @@ class _LayerSpy:
     def __init__(self, model):
         self.model, self.in_layer, self.events = model, False, []
 
-    def __call__(self, ids, pos, attn, rope_len):
+    def __call__(self, ids, pos, attn, rope_len, **kwargs):
         def watched(*args):
             self.in_layer = True
             try:
                 return attn(*args)
             finally:
                 self.in_layer = False
-        return self.model(ids, pos, watched, rope_len)
+        return self.model(ids, pos, watched, rope_len, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -332,3 +332,21 @@ def test_nccl_errors_reach_the_waiting_call_instead_of_killing_the_process(monke
         groups.init_parallel(0, 1, None, torch.device("cuda", 0))
     assert seen == ["2", "1"]
     assert groups.abort_parallel() is False  # nothing initialised: nothing to abort
+
+
+def test_dynamic_rope_lengths_come_from_the_host(hf_checkpoint, monkeypatch):
+    """Dynamic-NTK RoPE needs the step's distinct sequence lengths: the worker hands them over
+    from its host metadata, so the model does not read them back from the device (a sync per
+    step on CUDA). The numbers are test_sp_vs_hf's (the llama-dynamic-scaling case)."""
+    from sp_serve.model.rope import RotaryEmbedding
+    worker = _worker(hf_checkpoint("llama-dynamic-scaling"), "torch", num_blocks=256)
+    assert worker.model.rope.rope_type == "dynamic"
+    seen = []
+    original = RotaryEmbedding._inv_freq
+
+    def recording(self, positions_t, rope_len_t, lengths=None):
+        seen.append(lengths)
+        return original(self, positions_t, rope_len_t, lengths)
+    monkeypatch.setattr(RotaryEmbedding, "_inv_freq", recording)
+    _steps(worker, [list(range(5, 300)), list(range(40, 71))], num_decode=1)
+    assert seen == [[31, 295], [31], [32, 296]]  # decode: position + 1

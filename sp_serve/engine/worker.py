@@ -205,7 +205,10 @@ class Worker:
                     pc, len(plan.decode), lambda rows: shards.partial(layer, q_bhd, rows))
             return o_thd
 
-        hidden_td = self.model(ids_t, pos_t, attn, rope_len_t)
+        rope_lengths = None
+        if self.model.rope.rope_type == "dynamic":  # its distinct lengths, from the host copy
+            rope_lengths = torch.unique(host[2]).tolist()
+        hidden_td = self.model(ids_t, pos_t, attn, rope_len_t, rope_lengths=rope_lengths)
         return self._logits(plan, parts, hidden_td, decode_rows)
 
     def _chunk_attention(self, layer: int, part: _ChunkPart, q_thd, k_thd, v_thd) -> torch.Tensor:
