@@ -28,7 +28,8 @@ def test_dry_run_passes_and_writes_json_and_markdown(tmp_path):
     assert merged["preflight"]["torch"] and merged["preflight"]["dry_run"] is True
     assert merged["kernel_tests"]["passed"] >= 3 and merged["kernel_tests"]["failed"] == 0
     cases = merged["engine"]["cases"]
-    assert [c["prompt_len"] for c in cases] == [1, 7, 40] and all(c["ok"] for c in cases)
+    assert [c["prompt_len"] for c in cases] == [1, 7, 40] * 2 and all(c["ok"] for c in cases)
+    assert [r["backend"] for r in merged["engine"]["runs"]] == ["torch", "auto"]
     assert all(c["greedy_tokens_equal"] == 8 for c in cases)  # fp32 on CPU: exactly HF's
     assert "--decode-batches" in merged["kernels"]["dry_run_args"]
     md = (out / "gpu_check.md").read_text()
