@@ -46,7 +46,8 @@ GPU_LENGTHS = [1, 100, 1000, 4000]
 DRY_LENGTHS = [1, 7, 40]
 NUM_TOKENS = 8
 TOP_K = 20
-TIE = {"float32": 1e-3, "bfloat16": 0.1}  # HF top-2 margin below which a differing greedy token is a tie
+# HF's top-2 margin below which a greedy token that differs from HF's counts as a tie
+TIE = {"float32": 1e-3, "bfloat16": 0.1}
 
 
 def fail(message: str) -> None:
@@ -243,9 +244,10 @@ def engine_check(out_dir: Path, dry_run: bool) -> dict:
     bad = [c for c in report["cases"] if not c["ok"]]
     recompiled = [r for r in report["runs"] if r["triton_variants_compiled_while_serving"]]
     for c in report["cases"]:
-        print(f"engine {c['backend']:>6} ({c['chosen_backend']}) {c['dtype']:>8} len {c['prompt_len']:>5}: "
-              f"logprob err {c['logprob_max_err']:.2e} (tol {c['tolerance']:g}), greedy "
-              f"{c['greedy_tokens_equal']}/{NUM_TOKENS}{' (then a tie)' if c['diverged_on_a_tie'] else ''}"
+        tie = " (then a tie)" if c["diverged_on_a_tie"] else ""
+        print(f"engine {c['backend']:>6} ({c['chosen_backend']}) {c['dtype']:>8} "
+              f"len {c['prompt_len']:>5}: logprob err {c['logprob_max_err']:.2e} "
+              f"(tol {c['tolerance']:g}), greedy {c['greedy_tokens_equal']}/{NUM_TOKENS}{tie}"
               f"  {'ok' if c['ok'] else 'MISMATCH'}", flush=True)
     if bad:
         fail(f"{len(bad)} engine case(s) differ from transformers (see {out_dir / 'engine.json'})")
@@ -310,7 +312,8 @@ def report(out_dir: Path, dry_run: bool) -> dict:
              f"{pre.get('flash_attn')}", ""]
     kt = parts["kernel_tests"]
     if kt:
-        lines += [f"kernel unit tests ({kt['mode']}): {kt['passed']} passed, {kt['failed']} failed", ""]
+        lines += [f"kernel unit tests ({kt['mode']}): {kt['passed']} passed, "
+                  f"{kt['failed']} failed", ""]
     eng = parts["engine"]
     if eng:
         lines += ["## engine (SP=1) vs transformers", "",
@@ -319,7 +322,8 @@ def report(out_dir: Path, dry_run: bool) -> dict:
         for c in eng["cases"]:
             lines.append(f"| {c['backend']} ({c['chosen_backend']}) | {c['dtype']} | "
                          f"{c['prompt_len']} | {c['logprob_max_err']:.2e} | "
-                         f"{c['greedy_tokens_equal']}/{NUM_TOKENS} | {'yes' if c['ok'] else 'NO'} |")
+                         f"{c['greedy_tokens_equal']}/{NUM_TOKENS} | "
+                         f"{'yes' if c['ok'] else 'NO'} |")
         lines += ["", "| backend | dtype | start s | generate s | Triton variants compiled "
                   "while serving |", "| --- | --- | ---: | ---: | ---: |"]
         for r in eng["runs"]:
@@ -335,8 +339,9 @@ def report(out_dir: Path, dry_run: bool) -> dict:
             lines += [f"ceilings: bf16 matmul {ceil.get('matmul_bf16_tflops', 0):.0f} TFLOP/s, "
                       f"copy {ceil.get('copy_gbps', 0):.0f} GB/s", ""]
         if kb.get("prefill"):
-            lines += ["| prefill tokens | " + " | ".join(k for k in kb["prefill"][0] if k != "tokens")
-                      + " |", "| ---: |" + " ---: |" * (len(kb["prefill"][0]) - 1)]
+            keys = [k for k in kb["prefill"][0] if k != "tokens"]
+            lines += ["| prefill tokens | " + " | ".join(keys) + " |",
+                      "| ---: |" + " ---: |" * len(keys)]
             for row in kb["prefill"]:
                 lines.append(f"| {row['tokens']} | " + " | ".join(
                     _fmt(v) for k, v in row.items() if k != "tokens") + " |")

@@ -27,8 +27,10 @@ class _ThisCheckoutsKernels(importlib.abc.MetaPathFinder):
         return None
 
 
-_installed = importlib.util.find_spec("sp_serve_kernels") if "sp_serve_kernels" not in sys.modules else None
-if _installed is not None and _installed.origin and _KERNELS not in Path(_installed.origin).resolve().parents:
+_installed = (None if "sp_serve_kernels" in sys.modules
+              else importlib.util.find_spec("sp_serve_kernels"))
+if (_installed is not None and _installed.origin
+        and _KERNELS not in Path(_installed.origin).resolve().parents):
     sys.meta_path.insert(0, _ThisCheckoutsKernels())
 
 

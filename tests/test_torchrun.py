@@ -15,11 +15,9 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 
 from tests.server_proc import alive, descendants, proc_stat
@@ -77,28 +75,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_serve_one_request_then_sigterm(tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    cmd = [*TORCHRUN, "-m", "sp_serve.cli", "serve", "--device", "cpu", "--cpu-threads", "1",
-           "--model", str(tiny_model_dir), "--served-model-name", "tiny", "--port", str(port),
-           "--scheduler", "fcfs", "--kv-cache-memory", "64MiB", "--shutdown-timeout", "300"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+def _start_serve(model_dir, tmp_path):
+    """`torchrun ... sp_serve.cli serve` on a free port, up once /health answers 200 (another
+    port if that one was taken meanwhile)."""
+    for attempt in range(3):
+        port = _free_port()
+        log = tmp_path / f"serve-{attempt}.log"
+        cmd = [*TORCHRUN, "-m", "sp_serve.cli", "serve", "--device", "cpu", "--cpu-threads", "1",
+               "--model", str(model_dir), "--served-model-name", "tiny", "--port", str(port),
+               "--scheduler", "fcfs", "--kv-cache-memory", "64MiB", "--shutdown-timeout", "300"]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
+                                    start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240  # a hang guard, not a speed check
         while proc.poll() is None and time.monotonic() < deadline:
             try:
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
+                    return proc, url, log
             except httpx.HTTPError:
                 time.sleep(0.5)
-        else:
-            raise AssertionError(f"the server did not come up:\n{log.read_text()[-3000:]}")
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        if "address already in use" not in log.read_text(errors="replace").lower():
+            break
+    raise AssertionError(f"the server did not come up:\n{log.read_text()[-3000:]}")
+
+
+def test_torchrun_serve_one_request_then_sigterm(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    proc, url, log = _start_serve(tiny_model_dir, tmp_path)
+    try:
         ranks = {p: s[19] for p in descendants(proc.pid) if (s := proc_stat(p)) is not None}
         info = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["sp_serve"]
         assert info["sp_size"] == 2

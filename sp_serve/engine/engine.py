@@ -102,7 +102,8 @@ class LLMEngine:
         self.world_size = self.runtime.pc.world_size
         self._stopping = threading.Event()
         if self._procs and self.runtime.pc.device.type == "cuda":
-            threading.Thread(target=self._watch_ranks, daemon=True, name="sp-serve-rank-watch").start()
+            threading.Thread(target=self._watch_ranks, daemon=True,
+                             name="sp-serve-rank-watch").start()
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
         self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size)

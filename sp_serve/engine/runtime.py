@@ -146,7 +146,8 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
     if worker.uses_triton:  # compile every kernel variant now, not mid-serving on one rank
         t0 = time.perf_counter()
         launches = worker.warm_up(config.max_num_seqs)
-        log.info("Triton kernels warmed up: %d launches in %.1f s", launches, time.perf_counter() - t0)
+        log.info("Triton kernels warmed up: %d launches in %.1f s", launches,
+                 time.perf_counter() - t0)
     return RankRuntime(pc, worker, num_blocks)
 
 
