@@ -117,13 +117,19 @@ def abort_parallel() -> bool:
     the peers, so a collective blocked on a dead or stuck rank returns with an error instead of
     waiting out the timeout. Non-collective and safe from any thread; False if this torch has
     no such call or it failed (then the NCCL timeout, --dist-timeout, still ends the wait)."""
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if abort is None or not dist.is_initialized():
+    if not dist.is_initialized():
         return False
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None:
+        try:
+            abort()  # every group, NCCL communicators inside one NCCL group call
+            return True
+        except Exception:  # e.g. a backend of this torch without abort: the NCCL one alone
+            pass
     try:
-        abort()
+        dist.group.WORLD._get_backend(torch.device("cuda")).abort()
         return True
-    except Exception:  # already aborted, or a backend without abort (gloo): nothing to undo
+    except Exception:  # already aborted, or no NCCL backend: nothing to undo
         return False
 
 
