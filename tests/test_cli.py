@@ -143,7 +143,8 @@ _DEATH_SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
     from sp_serve import LLM, SamplingParams
     if __name__ == "__main__":
-        llm = LLM(sys.argv[1], sp_size=2, dist_timeout_s=30)
+        # A dist timeout far beyond the test's own: the error must come from noticing the exit.
+        llm = LLM(sys.argv[1], sp_size=2, dist_timeout_s=3600)
         print("CHILD", llm.engine._procs[0].pid, flush=True)
         if sys.argv[2] == "kill-worker":
             os.kill(llm.engine._procs[0].pid, signal.SIGKILL)
@@ -173,7 +174,9 @@ def test_worker_death_gives_a_clear_error_fast(tiny_model_dir, tmp_path):
     r = _run_death_script(tmp_path, tiny_model_dir, "kill-worker", mark)
     line = next((x for x in r.stdout.splitlines() if x.startswith(("ERROR", "NO ERROR"))), r.stdout)
     assert line.startswith("ERROR"), (line, r.stderr[-1500:])
-    assert "rank 1 exited" in line and float(line.split()[1]) < 30
+    # "rank 1 exited": the peer's exit was noticed, not a timeout waited out (3600 s, beyond the
+    # subprocess's 180 s).
+    assert "rank 1 exited" in line
     _assert_none_left(mark)
 
 

@@ -47,7 +47,8 @@ def engine_requests(engine: FakeEngine, response_id: str):
                   key=lambda r: r[0])
 
 
-def wait_for(condition, timeout: float = 3.0) -> bool:
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    """True once condition() holds; the timeout only means "hung" (generous for a loaded machine)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -177,8 +178,12 @@ def test_chat_applies_template_and_max_completion_tokens(served):
     assert out.object == "chat.completion"
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == REPLY.encode()[:12].decode()
-    expected = served.engine.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    # The reference is ChatML written out by hand (not the template the server calls): the
+    # markers are special tokens, everything else one token per UTF-8 byte.
+    tok = served.engine.tokenizer
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    expected = [start, *b"system\nbe brief", end, *b"\n", start, *"user\nhi ✓".encode(), end,
+                *b"\n", start, *b"assistant\n"]
     [(_, prompt_ids, params)] = engine_requests(served.engine, out.id)
     assert prompt_ids == list(expected) and params.max_tokens == 12
     assert out.usage.prompt_tokens == len(expected)
@@ -580,16 +585,17 @@ def test_disconnect_during_long_prefill_aborts_at_once(served, stream):
     """The long-prompt case: a client that gives up during a minutes-long prefill."""
     engine = served.engine
     before = {r[0] for r in engine.requests}
-    engine.prefill_s = 5.0
+    # A prefill that never ends by itself: the request can only finish by being aborted.
+    engine.prefill_s = 3600.0
     try:
-        started = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(served.url + "/v1/completions", timeout=0.2,
                        json={**_COMPLETION, "max_tokens": 5, "stream": stream})
         assert wait_for(lambda: len(engine.requests) > len(before))
         [request_id] = [r[0] for r in engine.requests if r[0] not in before]
-        assert wait_for(lambda: request_id in engine.finished, timeout=2.0)
-        assert request_id in engine.aborted and time.monotonic() - started < 2.0
+        assert wait_for(lambda: request_id in engine.finished, timeout=60.0)
+        assert request_id in engine.aborted
+        assert engine.finished[request_id] == ("abort", 0)  # during the prefill, no token out
     finally:
         engine.prefill_s = FakeEngine.prefill_s
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -27,7 +29,7 @@ from sp_serve.model.loader import load_tokenizer
 from sp_serve.model.overrides import stretch_hint
 from sp_serve.model.source import checkpoint_dir
 from sp_serve.model.spec import load_spec
-from sp_serve.parallel.groups import shutdown_parallel
+from sp_serve.parallel.groups import abort_parallel, shutdown_parallel
 from sp_serve.parallel.launch import (
     launched_by_torchrun,
     spawn_ranks,
@@ -82,6 +84,12 @@ class LLMEngine:
         if launched_by_torchrun():
             rank, world, local_rank = torchrun_rank()
             if rank != 0:  # every other rank serves plans until rank 0 says stop, then leaves
+                # torchrun sends SIGTERM (and a terminal SIGINT) to every rank at once; rank 0
+                # alone stops the work (drain, then a shutdown plan), as with spawned ranks. A
+                # rank whose rank 0 died still leaves at its next collective; torchrun follows
+                # an unanswered SIGTERM with SIGKILL.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 worker_rank_main(rank, world, None, config, local_rank)
                 raise SystemExit(0)
             self.runtime: RankRuntime = build_runtime(config, 0, world, None, local_rank)
@@ -92,6 +100,10 @@ class LLMEngine:
                 config, 0, config.sp_size, store,
                 before_join=lambda: wait_for_ranks(store, self._procs, config.dist_timeout_s))
         self.world_size = self.runtime.pc.world_size
+        self._stopping = threading.Event()
+        if self._procs and self.runtime.pc.device.type == "cuda":
+            threading.Thread(target=self._watch_ranks, daemon=True,
+                             name="sp-serve-rank-watch").start()
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
         self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size)
@@ -185,6 +197,7 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         logits = self._run(plan)
+        self._sync_device()
         self.last_step = _timing(sched, time.perf_counter() - t0)
         now = time.monotonic()
         events = []
@@ -209,6 +222,35 @@ class LLMEngine:
             decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
                     for s, owner in sched.decode],
             free_seq_ids=frees)
+
+    def _watch_ranks(self, interval_s: float = 0.5) -> None:
+        while not self._stopping.wait(interval_s):
+            if self._check_ranks():
+                return
+
+    def _check_ranks(self) -> bool:
+        """On CUDA, a spawned rank that exits (crash, out of memory, killed) leaves its peers
+        blocked in an NCCL collective that only the NCCL timeout would end: abort the
+        communicators at once, so rank 0's collective fails, the engine is marked dead (/health
+        503, `sp-serve serve` exits 1) and nothing is left to the watchdog. True once done.
+        (Gloo, on CPU, notices a closed socket by itself.)"""
+        gone = [f"rank {i} exited with code {p.exitcode}" for i, p in enumerate(self._procs, 1)
+                if p.exitcode is not None]
+        if not gone or self._stopping.is_set():
+            return False
+        log.error("%s: aborting the NCCL communicators", "; ".join(gone))
+        self.dead = True
+        abort_parallel()
+        return True
+
+    def _sync_device(self) -> None:
+        """On CUDA, waits for the step's kernels: a step is timed (StepTiming, --step-log, the
+        scheduler's clock, calibration) by when its work is done, not when it was queued. A
+        step whose logits are sampled waits there anyway; a prefill chunk that samples nothing
+        would otherwise look nearly free and its time land on the next step. A no-op on CPU."""
+        dev = self.runtime.pc.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def _run(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         try:
@@ -261,7 +303,11 @@ class LLMEngine:
         alone (1, 2, 4 and 8 short sequences: the per-sequence cost; the long ones: the
         per-context-token cost; median of 3 each), and decode batches carrying a chunk (the
         steps the slo policy runs while sequences decode)."""
-        cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, 2048))
+        # The chunk sizes the scheduler will run. On CPU at most 2048 (a profile step of a
+        # bigger chunk takes seconds there); a GPU runs the largest chunk in milliseconds, and
+        # its cost per token changes with size (tiles fill up), so it is profiled as it is.
+        limit = 2048 if self.runtime.pc.device.type == "cpu" else self.config.max_num_batched_tokens
+        cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, limit))
         sizes = sorted({max(8, cap // 8), max(8, cap // 2), cap})
         ctx: dict[int, int] = {}  # profile sequence -> tokens cached
         # Warm-up: one-off allocator and pool costs.
@@ -319,6 +365,7 @@ class LLMEngine:
                                  for sid, start, end in chunks], decode=tokens)
         t0 = time.perf_counter()
         self._run(plan)
+        self._sync_device()
         seconds = time.perf_counter() - t0
         for sid, _, end in chunks:
             ctx[sid] = end
@@ -349,6 +396,8 @@ class LLMEngine:
             self._step_log = None
         if getattr(self, "runtime", None) is None:
             return
+        if getattr(self, "_stopping", None) is not None:
+            self._stopping.set()
         try:
             if not self.dead:
                 self.runtime.send_plan(StepPlan(shutdown=True))
@@ -358,7 +407,7 @@ class LLMEngine:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        shutdown_parallel(self.runtime.pc)
+        shutdown_parallel(self.runtime.pc, aborted=self.dead)
         self.runtime = None
 
 
