@@ -163,11 +163,14 @@ class AsyncEngine:
             logprobs = None
             if s is not None and s.logprob is not None:
                 logprobs = [TokenLogprob(s.token_id, s.logprob, s.top or [])]
-            queue_time = None
-            if len(seq.output_token_ids) == 1 and seq.first_scheduled_time is not None:
-                queue_time = seq.first_scheduled_time - seq.arrival_time
+            queue_time, prompt_logprobs = None, None
+            if len(seq.output_token_ids) == 1:
+                if seq.first_scheduled_time is not None:
+                    queue_time = seq.first_scheduled_time - seq.arrival_time
+                prompt_logprobs = seq.prompt_logprobs
             self._send(seq.request_id, TokenDelta([s.token_id] if s else [], logprobs,
-                                                  seq.finish_reason if ev.finished else None, queue_time))
+                                                  seq.finish_reason if ev.finished else None,
+                                                  queue_time, prompt_logprobs))
 
     def _send(self, request_id: str, item) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ from sp_serve.attention.backend import device_name
 from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
+from sp_serve.engine.protocol import TokenLogprob
 from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
 from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
@@ -124,6 +125,10 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not (0 <= t < self.spec.vocab_size)]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of vocabulary (size {self.spec.vocab_size})")
+        bad = [t for t in (params.logit_bias or {}) if t >= self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is out of vocabulary (size "
+                             f"{self.spec.vocab_size})")
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -188,6 +193,10 @@ class LLMEngine:
         self.last_step = _timing(sched, time.perf_counter() - t0)
         now = time.monotonic()
         events = []
+        for seq, start, _ in sched.prefill:
+            rows = self.runtime.worker.prompt_logprobs.get(seq.seq_id)
+            if rows is not None:
+                self._store_prompt_logprobs(seq, start, rows)
         for seq, _, end in sched.prefill:
             if end == seq.prefill_target:
                 self.scheduler.prefill_done(seq)
@@ -195,6 +204,18 @@ class LLMEngine:
         for seq, _ in sched.decode:
             events.append(self._append(seq, logits[seq.seq_id], now))
         return events
+
+    def _store_prompt_logprobs(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
+        """Rows of one prefilled chunk (row i scores prompt position start + i + 1), kept by
+        position: a chunk prefilled again after a preemption overwrites its entries."""
+        prompt = seq.prompt_token_ids
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None] * len(prompt)
+        k = seq.params.prompt_logprobs
+        for i, row in enumerate(rows[:max(0, len(prompt) - 1 - start)].tolist()):
+            top = list(zip((int(t) for t in row[2 + k:2 + 2 * k]), row[2:2 + k]))
+            seq.prompt_logprobs[start + i + 1] = TokenLogprob(prompt[start + i + 1], row[0], top,
+                                                              int(row[1]))
 
     def heartbeat(self) -> None:
         """Sends pending frees (or an empty plan) so idle ranks see rank 0 alive."""
@@ -204,11 +225,21 @@ class LLMEngine:
         frees = self._pending_frees + [s.seq_id for s in sched.preempted]
         self._pending_frees = []
         return StepPlan(
-            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target, s.prefill_target)
+            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target,
+                                  s.prefill_target, *self._prompt_logprobs_of(s, b))
                      for s, a, b in sched.prefill],
             decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
                     for s, owner in sched.decode],
             free_seq_ids=frees)
+
+    def _prompt_logprobs_of(self, seq: Sequence, end: int) -> tuple[int | None, int | None]:
+        """(k, the token after the chunk) for a chunk of a prompt whose logprobs were asked for
+        and not yet computed (a recompute after preemption does not score them again)."""
+        k = seq.params.prompt_logprobs
+        if k is None or seq.output_token_ids:
+            return None, None
+        prompt = seq.prompt_token_ids
+        return min(k, self.spec.vocab_size), prompt[end] if end < len(prompt) else None
 
     def _run(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         try:
@@ -228,7 +259,8 @@ class LLMEngine:
         step goes on for the others. A failing device shows in the next step's _run instead."""
         try:
             counts = self._token_counts.get(seq.seq_id)
-            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts)
+            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts,
+                            self._banned(seq))
             if counts is not None:
                 counts.add(result.token_id)
             seq.output_token_ids.append(result.token_id)
@@ -243,12 +275,21 @@ class LLMEngine:
             self._release(seq)
         return StepEvent(seq, result, reason is not None)
 
+    def _banned(self, seq: Sequence) -> list[int] | None:
+        """vLLM's min_tokens: the tokens that would stop the sequence, while it is too short."""
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            return None
+        stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.spec.eos_token_ids))
+        return [t for t in stops if t < self.spec.vocab_size] or None
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and token in self.spec.eos_token_ids:
-            return "stop"
-        if token in p.stop_token_ids:
-            return "stop"
+        if len(seq.output_token_ids) >= p.min_tokens:
+            if not p.ignore_eos and token in self.spec.eos_token_ids:
+                return "stop"
+            if token in p.stop_token_ids:
+                return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

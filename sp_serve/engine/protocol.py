@@ -26,6 +26,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the top-k (token_id, logprob) at this position
+    rank: int | None = None  # of token_id at this position (1: the most likely); prompt logprobs
 
 
 @dataclass
@@ -36,6 +37,8 @@ class TokenDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" (eos / stop_token_ids), "length", "abort"
     queue_time_s: float | None = None  # set on the first delta: arrival -> first scheduled
+    # set on the first delta when SamplingParams.prompt_logprobs was: one per prompt token
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
