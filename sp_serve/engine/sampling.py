@@ -164,11 +164,7 @@ def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Gene
     or temperature -> min-p -> top-k -> top-p -> draw (vLLM's order). Logprobs are of the raw
     logits, as vLLM reports them."""
     logits_v = _clean(logits_v.float())
-    x_v = logits_v
-    if params.logit_bias or banned:
-        x_v = _clean(_processed(x_v, params, banned))
-    if counts is not None:
-        x_v = _clean(_penalize(x_v, params, counts))
+    x_v = _processed_logits(logits_v, params, counts, banned)
     if params.greedy:
         token = int(torch.argmax(x_v))
     else:
@@ -184,6 +180,25 @@ def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Gene
         top = list(zip(ids.tolist(), values.tolist()))
     chosen = logprobs_v[token]
     return SampleResult(token, float(chosen), top, int((logprobs_v > chosen).sum()) + 1)
+
+
+def distribution(logits_v: torch.Tensor, params: SamplingParams, counts: TokenCounts | None = None,
+                 banned: list[int] | None = None) -> torch.Tensor:
+    """The probabilities `sample` draws from (greedy: one-hot on the argmax), for tests."""
+    x_v = _processed_logits(_clean(logits_v.float()), params, counts, banned)
+    if params.greedy:
+        return torch.zeros_like(x_v).scatter_(0, torch.argmax(x_v)[None], 1.0)
+    return torch.softmax(_filtered(x_v, params), -1)
+
+
+def _processed_logits(logits_v: torch.Tensor, params: SamplingParams,
+                      counts: TokenCounts | None, banned: list[int] | None) -> torch.Tensor:
+    x_v = logits_v
+    if params.logit_bias or banned:
+        x_v = _clean(_processed(x_v, params, banned))
+    if counts is not None:
+        x_v = _clean(_penalize(x_v, params, counts))
+    return x_v
 
 
 def _clean(x_v: torch.Tensor) -> torch.Tensor:

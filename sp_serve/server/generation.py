@@ -36,6 +36,7 @@ class ChoiceUpdate:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first update, if asked
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None
     stop_reason: str | int | None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Choice:
                 stop_reason = last_token
         self.num_tokens += len(token_ids)
         return ChoiceUpdate(self.index, "".join(pieces), token_ids, logprobs, finish_reason,
-                            stop_reason)
+                            stop_reason, delta.prompt_logprobs)
 
 
 _CLOSED = object()  # queue item: the group was closed before every choice finished
@@ -163,6 +165,8 @@ class GenerationGroup:
             if update.logprobs is not None:
                 result.logprobs = (result.logprobs or []) + update.logprobs
             result.finish_reason, result.stop_reason = update.finish_reason, update.stop_reason
+            if update.prompt_logprobs is not None:
+                result.prompt_logprobs = update.prompt_logprobs
         return [results[c.index] for c in self.choices]
 
     @property

@@ -144,14 +144,33 @@ Temperature = Annotated[float, Field(ge=0.0, le=_DOUBLE_MAX)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
+# Fields a request may carry that change nothing sp-serve computes, so they are accepted and
+# ignored: the one place that lists them. Any other field not declared on a request model is a
+# 400 naming it (extra="forbid"): a client is never silently ignored.
+IGNORED_FIELDS: dict[str, str] = {
+    "user": "an end-user id for the provider's abuse monitoring",
+    "metadata": "the client's tags for a stored completion",
+    "store": "whether the provider stores the completion (sp-serve stores nothing)",
+    "service_tier": "the provider's processing tier",
+    "prompt_cache_key": "a hint for the provider's prompt cache",
+    "safety_identifier": "an end-user id for the provider's abuse monitoring",
+    "parallel_tool_calls": "only meaningful with tools, which are refused unless empty",
+}
+_IGNORED = "Accepted and ignored: {}."
+
+
 class _Request(BaseModel):
-    # Unknown fields are ignored (clients send vendor extras); fields with an effect we cannot
-    # provide are declared below and refused unless left at their neutral value.
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    # A field that is not declared is a 400 naming it; fields with an effect we cannot provide
+    # are declared below and refused unless left at their neutral value; IGNORED_FIELDS lists
+    # the ones accepted without effect.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(
+        False, description="vLLM extension: with include_usage, every chunk carries the usage "
+        "so far.")
 
 
 class SamplingRequest(_Request):
@@ -178,17 +197,25 @@ class SamplingRequest(_Request):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=_DOUBLE_MAX)] | None = None
-    logit_bias: Annotated[dict[str, float] | None,
-                          _neutral_only({"type": ["object", "null"], "maxProperties": 0},
-                                        "logit_bias")] = None
-    user: Text | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported by sp-serve")
-        return value
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit; 400 for an id "
+        "out of the vocabulary.")
+    min_tokens: integer(ge=0) | None = Field(
+        None, description="vLLM extension: eos, stop_token_ids and stop strings cannot end the "
+        "output before this many tokens; 400 if above max_tokens.")
+    include_stop_str_in_output: bool = Field(
+        False, description="vLLM extension: keep the matched stop string at the end of the text.")
+    user: Text | None = Field(None, description=_IGNORED.format(IGNORED_FIELDS["user"]))
+    metadata: dict[str, Text] | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["metadata"]))
+    store: bool | None = Field(None, description=_IGNORED.format(IGNORED_FIELDS["store"]))
+    service_tier: Text | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["service_tier"]))
+    prompt_cache_key: Text | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["prompt_cache_key"]))
+    safety_identifier: Text | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["safety_identifier"]))
 
     @field_validator("stream_options")
     @classmethod
@@ -201,6 +228,11 @@ class SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        # as vLLM: only together with include_usage
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
 
 class CompletionRequest(SamplingRequest):
     prompt: PromptInput = Field(
@@ -208,18 +240,16 @@ class CompletionRequest(SamplingRequest):
     max_tokens: integer(ge=1) | None = Field(
         None, description="Default: the rest of the context.")
     logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
-    echo: Annotated[bool | None, _neutral_only({"enum": [False, None]}, "echo")] = False
+    echo: bool | None = Field(
+        False, description="The prompt comes first in each choice's text and, with logprobs, "
+        "its tokens first in the logprobs (the first token's logprob null: nothing predicts it).")
+    prompt_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="vLLM extension: each choice's prompt_logprobs lists, per prompt "
+        "token, its logprob and rank and the top k at its position (null for the first).")
     suffix: Annotated[str | None, _neutral_only({"type": ["string", "null"], "maxLength": 0},
                                                 "suffix")] = None
     best_of: Integer | None = Field(None, description="400 unless equal to n.")
     add_special_tokens: bool = True  # vLLM extension: BOS for string prompts
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("echo is not supported by sp-serve")
-        return value
 
     @field_validator("suffix")
     @classmethod
@@ -285,6 +315,19 @@ class ChatCompletionRequest(SamplingRequest):
                      _neutral_only({"type": ["array", "null"], "maxItems": 0}, "tool calling")
                      ] = None
     add_generation_prompt: bool = True  # vLLM extension
+    prompt_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="vLLM extension: the response's prompt_logprobs lists, per prompt "
+        "token, its logprob and rank and the top k at its position; 400 with stream.")
+    parallel_tool_calls: bool | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["parallel_tool_calls"]))
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, value: int | None, info) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs cannot be streamed on chat completions (as in "
+                             "vLLM); use stream false, or /v1/completions")
+        return value
 
     @field_validator("tools")
     @classmethod
@@ -359,9 +402,22 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
-    token_logprobs: list[float] = []
+    # null for an echoed prompt's first token, which nothing predicts (OpenAI's echo shape)
+    token_logprobs: list[float | None] = []
     tokens: list[str] = []
-    top_logprobs: list[dict[str, float]] = []
+    top_logprobs: list[dict[str, float] | None] = []
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: a token's logprob, its rank at its position (1: the most likely)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt token: {token id: its logprob, and the top k's}; null for the first token.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -370,6 +426,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or stop token that ended it
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension, when asked for
 
 
 class CompletionResponse(BaseModel):
@@ -415,6 +472,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension, when asked for
 
 
 class DeltaMessage(BaseModel):

@@ -1,0 +1,174 @@
+"""OpenAI's echo and vLLM's prompt_logprobs and sampling extensions over HTTP, on the real
+engine (the tiny checkpoint at SP=2, prompts chunked at 32 tokens), with the openai client.
+
+- echo + logprobs as lm-evaluation-harness' local-completions sends them (loglikelihood and
+  loglikelihood_rolling): OpenAI's shape (prompt text first, text_offset, tokens, the first
+  token's logprob null) and every prompt logprob equal to transformers' log_softmax;
+- prompt_logprobs on completions (per choice) and chat (per response), vLLM's shape;
+- min_tokens, logit_bias, against the engine's greedy output.
+"""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sp_serve.config import EngineConfig
+from sp_serve.engine.async_engine import AsyncEngine
+from sp_serve.engine.engine import LLMEngine
+from sp_serve.server.app import build_app
+from tests.live_app import serve_app
+
+MODEL = "tiny"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), sp_size=2, scheduler="fcfs",
+                                    max_num_batched_tokens=32, cpu_threads=1, dist_timeout_s=60))
+    aengine = AsyncEngine(engine, MODEL)
+    app = build_app(aengine, served_model_name=MODEL)
+    try:
+        with serve_app(app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                                   timeout=120)
+            yield client, url, engine
+    finally:
+        aengine.close()
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+    return logprobs
+
+
+def _ids(engine, text: str) -> list[int]:
+    return engine.tokenizer.encode(text)
+
+
+def test_echo_has_openai_shape_and_hf_logprobs(served, hf):
+    client, _, engine = served
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3  # > 32 tokens: chunked
+    ids = _ids(engine, prompt)
+    out = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=2,
+                                    max_tokens=1, temperature=0)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + 1 == len(lp.token_logprobs) == len(lp.text_offset)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    offsets = [0]
+    for token in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert lp.text_offset == offsets
+    ref = hf(ids)
+    for p in range(1, len(ids)):
+        assert abs(lp.token_logprobs[p] - float(ref[p - 1, ids[p]])) < TOL, p
+        assert len(lp.top_logprobs[p]) >= 2  # the prompt token and the top 2 (may coincide)
+    # the generated token's logprob is the last entry, of the same distribution
+    assert abs(lp.token_logprobs[-1] - float(ref[-1].max())) < TOL
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 1
+
+
+def test_lm_eval_loglikelihood_requests(served, hf):
+    """What lm-eval's local-completions sends for loglikelihood (context + continuation, token
+    ids, echo, logprobs=1, max_tokens=1) and how it reads the answer."""
+    client, _, engine = served
+    context = _ids(engine, "Question: what is the capital of France?\nAnswer:")
+    continuations = [_ids(engine, " Paris"), _ids(engine, " London is the capital of England")]
+    prompts = [context + c for c in continuations]
+    out = client.completions.create(model=MODEL, prompt=prompts, echo=True, logprobs=1,
+                                    max_tokens=1, temperature=0, seed=1234)
+    for prompt, cont, choice in zip(prompts, continuations, sorted(out.choices,
+                                                                  key=lambda c: c.index)):
+        ctxlen = len(context)
+        got = sum(choice.logprobs.token_logprobs[ctxlen:-1])
+        ref = hf(prompt)
+        want = sum(float(ref[p - 1, prompt[p]]) for p in range(ctxlen, len(prompt)))
+        assert abs(got - want) < TOL * len(cont)
+        # lm-eval's is_greedy: the continuation token is the top one at every position
+        greedy = all(max(top, key=top.get) == tok for tok, top in
+                     zip(choice.logprobs.tokens[ctxlen:-1], choice.logprobs.top_logprobs[ctxlen:-1]))
+        assert greedy == all(int(ref[p - 1].argmax()) == prompt[p]
+                             for p in range(ctxlen, len(prompt)))
+    # loglikelihood_rolling: the whole document, its first token unconditioned
+    doc = _ids(engine, "Rolling perplexity over a document that is long enough to be chunked. " * 2)
+    out = client.completions.create(model=MODEL, prompt=doc, echo=True, logprobs=0,
+                                    max_tokens=1, temperature=0)
+    token_logprobs = out.choices[0].logprobs.token_logprobs
+    ref = hf(doc)
+    want = sum(float(ref[p - 1, doc[p]]) for p in range(1, len(doc)))
+    assert abs(sum(token_logprobs[1:-1]) - want) < TOL * len(doc)
+
+
+def test_echo_streams_the_prompt_first(served):
+    client, _, engine = served
+    prompt = "Once upon a time"
+    events = list(client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=3,
+                                            temperature=0, stream=True))
+    text = "".join(e.choices[0].text for e in events if e.choices)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+    assert events[0].choices[0].text.startswith(prompt)
+    assert text == prompt + plain.choices[0].text
+
+
+def test_prompt_logprobs_vllm_shape(served, hf):
+    client, url, engine = served
+    prompt = "Sequence parallelism splits a prompt over ranks."
+    ids = _ids(engine, prompt)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 3}
+    got = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+    plp = got["choices"][0]["prompt_logprobs"]
+    ref = hf(ids)
+    assert len(plp) == len(ids) and plp[0] is None
+    for p in range(1, len(ids)):
+        entry = plp[p][str(ids[p])]
+        assert abs(entry["logprob"] - float(ref[p - 1, ids[p]])) < TOL
+        assert entry["rank"] == int((ref[p - 1] > ref[p - 1, ids[p]]).sum()) + 1
+        assert len(plp[p]) in (3, 4)  # the top 3, plus the prompt token when not among them
+    chat = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+        "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    stream = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        "prompt_logprobs": 0})
+    assert stream.status_code == 400 and stream.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_min_tokens_and_logit_bias(served, hf):
+    client, url, engine = served
+    prompt = "Hello"
+    ids = _ids(engine, prompt)
+    t1 = int(hf(ids)[-1].argmax())
+    t2 = int(hf(ids + [t1])[-1].argmax())  # the greedy second token: make it a stop token
+    short = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                      extra_body={"stop_token_ids": [t2], "ignore_eos": True})
+    assert short.usage.completion_tokens <= 2 and short.choices[0].finish_reason == "stop"
+    long = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                     extra_body={"stop_token_ids": [t2], "ignore_eos": True,
+                                                 "min_tokens": 5})
+    assert long.usage.completion_tokens >= 5
+    # a +100 bias makes a token the greedy choice at every step
+    tokens = httpx.post(url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 0,
+        "logit_bias": {"42": 100}, "ignore_eos": True}).json()["choices"][0]["logprobs"]["tokens"]
+    assert tokens == [engine.tokenizer.decode([42])] * 4
+    bad = httpx.post(url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": prompt, "logit_bias": {str(10**8): 1}})
+    assert bad.status_code == 400 and "logit_bias" in bad.json()["error"]["message"]
+    bad = httpx.post(url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 2, "min_tokens": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "min_tokens"
+    bad = httpx.post(url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": prompt, "best_of_n_tricks": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "best_of_n_tricks"
