@@ -172,3 +172,20 @@ def test_min_tokens_and_logit_bias(served, hf):
     bad = httpx.post(url + "/v1/completions", timeout=120, json={
         "model": MODEL, "prompt": prompt, "best_of_n_tricks": 3})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "best_of_n_tricks"
+
+
+def test_engine_metrics_iteration_tokens_and_cache_config(served):
+    client, url, engine = served
+    client.completions.create(model=MODEL, prompt="count my tokens " * 5, max_tokens=3)
+    text = httpx.get(url + "/metrics", timeout=30).text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    label = f'model_name="{MODEL}"'
+    assert samples[f"sp_serve:iteration_tokens_total_count{{{label}}}"] >= 3  # prefill + 2 decodes
+    assert samples[f"sp_serve:iteration_tokens_total_sum{{{label}}}"] >= 3
+    info = [k for k in samples if k.startswith("sp_serve:cache_config_info{")]
+    assert len(info) == 1 and f'block_size="{engine.config.block_size}"' in info[0]
+    assert 'sp_size="2"' in info[0] and samples[info[0]] == 1.0

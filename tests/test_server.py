@@ -701,3 +701,40 @@ def test_metrics_names_and_counters_move(served):
     assert moved(f"sp_serve:generation_tokens_total{{{label}}}") == 7
     assert moved(f'sp_serve:request_success_total{{finished_reason="length",{label}}}') == 1
     assert after[f"sp_serve:num_preemptions_total{{{label}}}"] == 3
+
+
+# What vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json) queries,
+# with its prefix replaced: every panel gets data once a request has finished.
+GRAFANA_SERIES = [
+    "e2e_request_latency_seconds_bucket", "e2e_request_latency_seconds_sum",
+    "e2e_request_latency_seconds_count", "prompt_tokens_total", "generation_tokens_total",
+    "time_per_output_token_seconds_bucket", "time_per_output_token_seconds_sum",
+    "time_per_output_token_seconds_count", "num_requests_running", "num_requests_waiting",
+    "time_to_first_token_seconds_bucket", "time_to_first_token_seconds_sum",
+    "time_to_first_token_seconds_count", "gpu_cache_usage_perc",
+    "request_prompt_tokens_bucket", "request_generation_tokens_bucket", "request_success_total",
+    "request_queue_time_seconds_sum", "request_prefill_time_seconds_sum",
+    "request_decode_time_seconds_sum", "request_max_num_generation_tokens_sum",
+]
+
+
+def test_vllm_request_histograms_and_grafana_series(served):
+    served.client.completions.create(model=MODEL, prompt="abcd", max_tokens=7, n=2)
+    text = served.http.get("/metrics").text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+             if line and not line.startswith("#")}
+    missing = [n for n in GRAFANA_SERIES if f"sp_serve:{n}" not in names]
+    assert not missing, missing
+    samples = _samples(text)
+    label = f'model_name="{MODEL}"'
+    for name in ["request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "request_prompt_tokens",
+                 "request_generation_tokens", "request_params_n", "request_params_max_tokens",
+                 "time_per_output_token_seconds", "request_max_num_generation_tokens"]:
+        assert samples[f"sp_serve:{name}_count{{{label}}}"] >= 1, name
+    assert f"sp_serve:iteration_tokens_total_count{{{label}}}" in samples
+    # vLLM's buckets: 1-2-5 up to max_model_len (512) for token counts, [1, 2, 5, 10, 20] for n
+    les = [k for k in samples if k.startswith("sp_serve:request_prompt_tokens_bucket")]
+    assert sorted(float(k.split('le="')[1].split('"')[0]) for k in les) == [
+        1, 2, 5, 10, 20, 50, 100, 200, 500, float("inf")]
+    assert samples[f'sp_serve:request_params_n_bucket{{le="2.0",{label}}}'] >= 1

@@ -20,6 +20,7 @@ from typing import AsyncIterator
 
 from sp_serve.engine.engine import LLMEngine, StepEvent
 from sp_serve.engine.protocol import (
+    ITERATION_TOKENS_BUCKETS,
     EngineStats,
     EngineUnavailable,
     RequestFailed,
@@ -46,6 +47,15 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stats = EngineStats()
+        self._iteration_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
+        self._iteration_sum = 0
+        # vLLM's cache_config_info labels (/metrics)
+        cfg = engine.config
+        self.cache_config = {
+            "block_size": str(cfg.block_size), "num_gpu_blocks": str(engine.runtime.num_blocks),
+            "num_cpu_blocks": "0", "cache_dtype": "auto", "enable_prefix_caching": "False",
+            "gpu_memory_utilization": str(cfg.gpu_memory_utilization),
+            "sp_size": str(engine.world_size), "device": engine.device_name}
         self._stop = threading.Event()
         self._draining = False
         self._error: BaseException | None = None
@@ -113,7 +123,10 @@ class AsyncEngine:
                 busy = self.engine.has_unfinished()
                 self._drain_inbox(block=not busy)
                 if self.engine.has_unfinished():
+                    before = self.engine.last_step
                     self._dispatch(self.engine.step())
+                    if self.engine.last_step is not before:  # a step ran (not a no-op plan)
+                        self._count_iteration(self.engine.last_step)
                     last_plan = time.monotonic()
                 elif time.monotonic() - last_plan >= HEARTBEAT_S:
                     self.engine.heartbeat()
@@ -185,7 +198,15 @@ class AsyncEngine:
         for rid in ids:
             self._send(rid, exc)
 
+    def _count_iteration(self, step) -> None:
+        tokens = step.prefill_tokens + step.decode_batch
+        bucket = next((i for i, b in enumerate(ITERATION_TOKENS_BUCKETS) if tokens <= b),
+                      len(ITERATION_TOKENS_BUCKETS))
+        self._iteration_counts[bucket] += 1
+        self._iteration_sum += tokens
+
     def _update_stats(self) -> None:
         sched = self.engine.scheduler
         self._stats = EngineStats(len(sched.running), len(sched.waiting), self.engine.blocks.usage(),
-                                  sched.num_preemptions)
+                                  sched.num_preemptions, tuple(self._iteration_counts),
+                                  self._iteration_sum)

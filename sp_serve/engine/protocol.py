@@ -41,12 +41,20 @@ class TokenDelta:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
+# vLLM's buckets of vllm:iteration_tokens_total (tokens one engine step processed)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
 @dataclass
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, over all ranks, 0..1
     num_preemptions: int = 0
+    # Tokens per engine step (prompt tokens + decode tokens), as a histogram since start:
+    # observations per ITERATION_TOKENS_BUCKETS bucket (not cumulative; the last is +Inf), sum.
+    iteration_tokens_counts: tuple[int, ...] = (0,) * (len(ITERATION_TOKENS_BUCKETS) + 1)
+    iteration_tokens_sum: int = 0
 
 
 class EngineClient(Protocol):
