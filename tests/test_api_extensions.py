@@ -189,3 +189,111 @@ def test_engine_metrics_iteration_tokens_and_cache_config(served):
     info = [k for k in samples if k.startswith("sp_serve:cache_config_info{")]
     assert len(info) == 1 and f'block_size="{engine.config.block_size}"' in info[0]
     assert 'sp_size="2"' in info[0] and samples[info[0]] == 1.0
+
+
+# ---- structured outputs ------------------------------------------------------------------------
+
+def _random_schema(rng, depth: int = 0) -> dict:
+    """A small random JSON schema: objects of bounded integers, numbers, booleans, enums,
+    short strings, arrays and (once) a nested object; additionalProperties false."""
+    kinds = ["integer", "number", "boolean", "enum", "string", "array", "null"]
+    if depth == 0:
+        kinds.append("object")
+    props = {}
+    for i in range(rng.randint(1, 4)):
+        kind = rng.choice(kinds)
+        if kind == "integer":
+            lo = rng.randint(-50, 50)
+            prop = {"type": "integer", "minimum": lo, "maximum": lo + rng.randint(0, 500)}
+        elif kind == "number":
+            prop = {"type": "number", "minimum": -10, "maximum": 10}
+        elif kind == "enum":
+            prop = {"enum": rng.sample(["red", "green", "blue", "a b", "ü", "\"q\""], 3)}
+        elif kind == "string":
+            prop = {"type": "string", "minLength": 1, "maxLength": rng.randint(1, 6)}
+        elif kind == "array":
+            prop = {"type": "array", "items": {"type": "boolean"}, "maxItems": rng.randint(0, 3)}
+        elif kind == "object":
+            prop = _random_schema(rng, depth + 1)
+        else:
+            prop = {"type": kind}
+        props[f"k{i}_{kind}"] = prop
+    required = [k for k in props if rng.random() < 0.7]
+    return {"type": "object", "properties": props, "required": required,
+            "additionalProperties": False}
+
+
+def test_structured_json_schema_always_parses_and_matches(served):
+    import json
+    import random
+
+    import jsonschema
+
+    client, _, _ = served
+    rng = random.Random(0)
+    for case in range(8):
+        schema = _random_schema(rng)
+        for seed in range(2):
+            out = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                max_tokens=300, temperature=1.0, seed=100 * case + seed,
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": f"s{case}", "schema": schema}})
+            choice = out.choices[0]
+            assert choice.finish_reason == "stop", (schema, choice.message.content)
+            jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_structured_other_forms(served, tiny_model_dir):
+    import json
+    import re
+
+    client, url, engine = served
+    # any object: a random model may wander in a free string until max_tokens; what it ends
+    # (finish_reason stop) parses, and it always starts as an object
+    for seed in range(3):
+        out = client.completions.create(model=MODEL, prompt="An object:", max_tokens=60,
+                                        seed=seed,
+                                        extra_body={"response_format": {"type": "json_object"}})
+        assert out.choices[0].text.startswith("{")
+        if out.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(out.choices[0].text), dict)
+    choices = ["Paris", "London", "New York"]
+    for seed in range(4):
+        out = client.completions.create(model=MODEL, prompt="Capital:", max_tokens=20, seed=seed,
+                                        extra_body={"guided_choice": choices})
+        assert out.choices[0].text in choices
+        out = client.completions.create(
+            model=MODEL, prompt="Date:", max_tokens=20, seed=seed,
+            extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-(0[1-9]|1[0-2])"}})
+        assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])", out.choices[0].text)
+        out = client.completions.create(
+            model=MODEL, prompt="Yes or no:", max_tokens=20, seed=seed,
+            extra_body={"structured_outputs": {"grammar": 'start: ("yes" | "no") "!"'}})
+        assert out.choices[0].text in ("yes!", "no!")
+    out = client.completions.create(model=MODEL, prompt="n:", max_tokens=50, seed=1,
+                                    extra_body={"guided_json": {"type": "integer",
+                                                                "minimum": 3, "maximum": 9}})
+    assert 3 <= json.loads(out.choices[0].text) <= 9
+    # stream: the pieces add up to a document that parses
+    stream = client.completions.create(
+        model=MODEL, prompt="An object:", max_tokens=200, seed=4, stream=True,
+        extra_body={"guided_json": {"type": "object", "properties": {"x": {"type": "boolean"}},
+                                    "required": ["x"], "additionalProperties": False}})
+    assert json.loads("".join(c.choices[0].text for c in stream if c.choices))["x"] in (True, False)
+    # bad requests: 400 naming the field, and nothing left in the engine
+    for body, param in [
+        ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "structured_outputs"),
+        ({"guided_regex": "("}, "guided_regex"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}},
+         "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"structured_outputs": {"json": {"type": "object"}, "regex": "a"}}, "structured_outputs"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
+        ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+    ]:
+        response = httpx.post(url + "/v1/completions", timeout=60,
+                              json={"model": MODEL, "prompt": "x", "max_tokens": 4, **body})
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param, (body, response.json())
+    assert not engine.has_unfinished()

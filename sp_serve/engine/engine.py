@@ -23,6 +23,7 @@ from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
 from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
+from sp_serve.engine.structured import GrammarMasks
 from sp_serve.kv.block_manager import BlockManager
 from sp_serve.model.loader import load_tokenizer
 from sp_serve.model.overrides import stretch_hint
@@ -105,6 +106,8 @@ class LLMEngine:
         self._by_request: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._token_counts: dict[int, TokenCounts] = {}  # sequences with penalties only
+        self._grammars = GrammarMasks(self.tokenizer, self.spec.vocab_size,
+                                      list(self.spec.eos_token_ids))  # structured outputs
         self._pending_frees: list[int] = []
         self.last_step: StepTiming | None = None
         self.dead = False
@@ -155,6 +158,16 @@ class LLMEngine:
                 self._token_counts[seq.seq_id] = TokenCounts(prompt_token_ids, self.spec.vocab_size,
                                                              self.runtime.pc.device)
             seqs.append(seq)
+        for seq in seqs:
+            if seq.params.structured_outputs is not None:
+                try:
+                    self._grammars.add(seq.seq_id, seq.params.structured_outputs)
+                except Exception:
+                    for s in seqs:
+                        self._grammars.remove(s.seq_id)
+                        self._generators.pop(s.seq_id, None)
+                        self._token_counts.pop(s.seq_id, None)
+                    raise
         for seq in seqs:  # only once all were built: a failure above leaves nothing scheduled
             self.scheduler.add(seq)
         self._by_request[request_id] = seqs
@@ -178,6 +191,7 @@ class LLMEngine:
         self._pending_frees.append(seq.seq_id)
         self._generators.pop(seq.seq_id, None)
         self._token_counts.pop(seq.seq_id, None)
+        self._grammars.remove(seq.seq_id)
         siblings = self._by_request.get(seq.request_id, [])
         if all(s.status is SeqStatus.FINISHED for s in siblings):
             self._by_request.pop(seq.request_id, None)
@@ -188,6 +202,9 @@ class LLMEngine:
         plan = self._plan(sched)
         if plan.is_noop:
             return []
+        # the grammar masks of the tokens this step samples are computed during its forward pass
+        self._grammars.start([s.seq_id for s, _, end in sched.prefill if end == s.prefill_target]
+                             + [s.seq_id for s, _ in sched.decode])
         t0 = time.perf_counter()
         logits = self._run(plan)
         self.last_step = _timing(sched, time.perf_counter() - t0)
@@ -260,12 +277,14 @@ class LLMEngine:
         try:
             counts = self._token_counts.get(seq.seq_id)
             result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts,
-                            self._banned(seq))
+                            self._banned(seq), self._grammars.take(seq.seq_id))
             if counts is not None:
                 counts.add(result.token_id)
+            grammar_done = (seq.seq_id in self._grammars
+                            and self._grammars.advance(seq.seq_id, result.token_id))
             seq.output_token_ids.append(result.token_id)
             seq.last_token_time = now
-            reason = self._finish_reason(seq, result.token_id)
+            reason = self._finish_reason(seq, result.token_id) or ("stop" if grammar_done else None)
         except Exception as exc:
             log.exception("request %s failed in sampling; the engine goes on", seq.request_id)
             self.finish_sequence(seq, "error")
@@ -385,6 +404,8 @@ class LLMEngine:
             self.scheduler.step_observer = None
 
     def shutdown(self) -> None:
+        if getattr(self, "_grammars", None) is not None:
+            self._grammars.close()
         if getattr(self, "_step_log", None) is not None:
             self._step_log.close()
             self._step_log = None

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sp_serve.engine.structured import StructuredOutputsParams, apply_bitmask
+
 # vLLM's _SAMPLING_EPS: a temperature below this is greedy decoding.
 GREEDY_TEMPERATURE = 1e-5
 _F32_MAX = torch.finfo(torch.float32).max
@@ -56,10 +58,14 @@ class SamplingParams:
     min_tokens: int = 0  # eos and stop_token_ids cannot end the output before this many tokens
     logit_bias: dict[int, float] | None = None  # added to those tokens' logits, each in [-100, 100]
     include_stop_str_in_output: bool = False  # the matched stop string ends the text, kept
+    # JSON schema / JSON object / regex / choice / Lark grammar (engine/structured.py)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.structured_outputs, dict):  # as vLLM takes it, a dict of the fields
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.logit_bias is not None and isinstance(self.logit_bias, dict):
             # JSON keys are strings ("1234"), as OpenAI sends them
             try:
@@ -103,6 +109,9 @@ class SamplingParams:
              "logit_bias maps token ids (>= 0) to biases in [-100, 100]"),
             (isinstance(self.include_stop_str_in_output, bool),
              "include_stop_str_in_output must be true or false"),
+            (self.structured_outputs is None
+             or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "structured_outputs must be a StructuredOutputsParams"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
@@ -158,13 +167,14 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           counts: TokenCounts | None = None, banned: list[int] | None = None) -> SampleResult:
-    """One token from logits [vocab]: logit_bias and `banned` (the stop tokens while fewer
-    than min_tokens were generated: the engine says which) at -inf, then penalties, then greedy,
-    or temperature -> min-p -> top-k -> top-p -> draw (vLLM's order). Logprobs are of the raw
-    logits, as vLLM reports them."""
+           counts: TokenCounts | None = None, banned: list[int] | None = None,
+           bitmask: torch.Tensor | None = None) -> SampleResult:
+    """One token from logits [vocab]: the grammar's bitmask (structured outputs), logit_bias,
+    `banned` (the stop tokens while fewer than min_tokens were generated: the engine says which)
+    at -inf, then penalties, then greedy, or temperature -> min-p -> top-k -> top-p -> draw
+    (vLLM's order). Logprobs are of the raw logits, as vLLM reports them."""
     logits_v = _clean(logits_v.float())
-    x_v = _processed_logits(logits_v, params, counts, banned)
+    x_v = _processed_logits(logits_v, params, counts, banned, bitmask)
     if params.greedy:
         token = int(torch.argmax(x_v))
     else:
@@ -183,17 +193,19 @@ def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Gene
 
 
 def distribution(logits_v: torch.Tensor, params: SamplingParams, counts: TokenCounts | None = None,
-                 banned: list[int] | None = None) -> torch.Tensor:
+                 banned: list[int] | None = None, bitmask: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """The probabilities `sample` draws from (greedy: one-hot on the argmax), for tests."""
-    x_v = _processed_logits(_clean(logits_v.float()), params, counts, banned)
+    x_v = _processed_logits(_clean(logits_v.float()), params, counts, banned, bitmask)
     if params.greedy:
         return torch.zeros_like(x_v).scatter_(0, torch.argmax(x_v)[None], 1.0)
     return torch.softmax(_filtered(x_v, params), -1)
 
 
 def _processed_logits(logits_v: torch.Tensor, params: SamplingParams,
-                      counts: TokenCounts | None, banned: list[int] | None) -> torch.Tensor:
-    x_v = logits_v
+                      counts: TokenCounts | None, banned: list[int] | None,
+                      bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    x_v = logits_v if bitmask is None else apply_bitmask(logits_v, bitmask)
     if params.logit_bias or banned:
         x_v = _clean(_processed(x_v, params, banned))
     if counts is not None:

@@ -24,6 +24,7 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 MAX_N = 128  # OpenAI's own cap on n; each choice is a separate engine request.
@@ -173,6 +174,44 @@ class StreamOptions(_Request):
         "so far.")
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              populate_by_name=True)
+    name: Text | None = None
+    description: Text | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="The JSON schema.")
+    strict: bool | None = Field(None, description="The output always follows the schema.")
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or
+    json_schema (the output is JSON matching the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="Required for json_schema.")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise ValueError("json_schema is given exactly when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json",
+                                                 description="A JSON schema.")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: Text | None = Field(None, description="A Lark grammar (llguidance's dialect).")
+    json_object: bool | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              populate_by_name=True)
+
+
 class SamplingRequest(_Request):
     """The sampling fields completions and chat share (vLLM's names and ranges)."""
 
@@ -206,6 +245,16 @@ class SamplingRequest(_Request):
         "output before this many tokens; 400 if above max_tokens.")
     include_stop_str_in_output: bool = Field(
         False, description="vLLM extension: keep the matched stop string at the end of the text.")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM extension: the output follows a JSON schema, regex, choice or "
+        "Lark grammar (llguidance).")
+    guided_json: dict[str, Any] | Text | None = Field(
+        None, description="vLLM's older spelling of structured_outputs.json.")
+    guided_regex: Text | None = Field(None, description="vLLM: structured_outputs.regex.")
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = Field(
+        None, description="vLLM: structured_outputs.choice.")
+    guided_grammar: Text | None = Field(None, description="vLLM: structured_outputs.grammar.")
     user: Text | None = Field(None, description=_IGNORED.format(IGNORED_FIELDS["user"]))
     metadata: dict[str, Text] | None = Field(
         None, description=_IGNORED.format(IGNORED_FIELDS["metadata"]))
@@ -227,6 +276,30 @@ class SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def structured(self) -> tuple[str, dict[str, Any]] | None:
+        """(the field that asked, StructuredOutputsParams' fields), or None; ValueError when
+        more than one field asks."""
+        asked = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            asked.append(("response_format", {"json": rf.json_schema.json_schema}))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            fields = {"json": so.json_, "regex": so.regex, "choice": so.choice,
+                      "grammar": so.grammar, "json_object": so.json_object}
+            asked.append(("structured_outputs", {k: v for k, v in fields.items() if v is not None}))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                asked.append((name, {key: getattr(self, name)}))
+        if len(asked) > 1:
+            raise ValueError("only one of response_format (json_object / json_schema), "
+                             "structured_outputs and guided_* may be given; got "
+                             + ", ".join(name for name, _ in asked))
+        return asked[0] if asked else None
 
     @property
     def continuous_usage(self) -> bool:
@@ -289,18 +362,6 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Annotated[str, _neutral_only({"enum": ["text"]}, "a response format other than text")]
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError("only the 'text' response format is supported by sp-serve")
-        return value
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
         description="400 if the chat template refuses them (e.g. roles out of order) or they do "
@@ -310,7 +371,6 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
         None, description="Above 0: 400 unless logprobs is true.")
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[Any] | None,
                      _neutral_only({"type": ["array", "null"], "maxItems": 0}, "tool calling")
                      ] = None

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from sp_serve.engine.protocol import EngineClient
 from sp_serve.engine.sampling import SamplingParams
+from sp_serve.engine.structured import StructuredOutputsParams
 from sp_serve.server.errors import (
     APIError,
     BadRequest,
@@ -102,6 +103,15 @@ def sampling_params(request: SamplingRequest, max_tokens: int, sample: int,
     """One engine request's parameters: n is fanned out here, so the engine always sees n=1;
     sample i of a seeded request draws with seed + i, so the n samples differ yet reproduce."""
     chosen = {name: getattr(request, name) for name in _SAMPLING_FIELDS}
+    param = None
+    try:
+        structured = request.structured()
+        if structured is not None:
+            param, fields = structured
+            chosen["structured_outputs"] = StructuredOutputsParams(**fields)
+            param = None
+    except ValueError as exc:
+        raise BadRequest(str(exc), param=param or "structured_outputs") from exc
     try:
         return SamplingParams(
             max_tokens=max_tokens,
