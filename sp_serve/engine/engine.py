@@ -425,7 +425,9 @@ class LLMEngine:
 
 
 def _one_of_n(params: SamplingParams, i: int) -> SamplingParams:
-    return replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+    # the prompt's logprobs are the same for every sample: the first one computes them
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + i,
+                   prompt_logprobs=params.prompt_logprobs if i == 0 else None)
 
 
 def _timing(sched: ScheduledStep, seconds: float) -> StepTiming:
