@@ -281,6 +281,15 @@ def test_structured_other_forms(served, tiny_model_dir):
         extra_body={"guided_json": {"type": "object", "properties": {"x": {"type": "boolean"}},
                                     "required": ["x"], "additionalProperties": False}})
     assert json.loads("".join(c.choices[0].text for c in stream if c.choices))["x"] in (True, False)
+    # the grammar wins over min_tokens: a grammar that is complete at once, or whose only
+    # tokens min_tokens bans, still gives its own output (never a token outside it)
+    for body, want in [({"guided_regex": "", "min_tokens": 3}, ""),
+                       ({"guided_choice": ["ab"], "min_tokens": 5}, "ab"),
+                       ({"guided_choice": ["ab"], "ignore_eos": True}, "ab")]:
+        response = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "x", "max_tokens": 8, **body})
+        assert response.status_code == 200, (body, response.text)
+        assert response.json()["choices"][0]["text"] == want, (body, response.json())
     # bad requests: 400 naming the field, and nothing left in the engine
     for body, param in [
         ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "structured_outputs"),

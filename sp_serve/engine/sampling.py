@@ -210,6 +210,10 @@ def _processed_logits(logits_v: torch.Tensor, params: SamplingParams,
         x_v = _clean(_processed(x_v, params, banned))
     if counts is not None:
         x_v = _clean(_penalize(x_v, params, counts))
+    if bitmask is not None and x_v.max() == _NEG_INF:
+        # The grammar comes first: when min_tokens' bans (or -inf logits) leave none of the
+        # tokens it allows, draw among those tokens alike rather than outside the grammar.
+        x_v = apply_bitmask(torch.zeros_like(logits_v), bitmask)
     return x_v
 
 

@@ -174,6 +174,12 @@ class StreamOptions(_Request):
         "so far.")
 
 
+_TOKEN_KEY = r"^[0-9]{1,9}$"  # logit_bias keys: token ids as JSON object keys
+_ONE_STRUCTURED = ("400 if more than one of response_format (json_object / json_schema), "
+                   "structured_outputs and guided_* is given, or if llguidance refuses the "
+                   "schema, regex or grammar.")
+
+
 class JsonSchemaFormat(_Request):
     """OpenAI's response_format.json_schema."""
 
@@ -200,7 +206,8 @@ class ResponseFormat(_Request):
 
 
 class StructuredOutputs(_Request):
-    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object
+    (400 otherwise)."""
 
     json_: dict[str, Any] | Text | None = Field(None, alias="json",
                                                  description="A JSON schema.")
@@ -236,8 +243,13 @@ class SamplingRequest(_Request):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=_DOUBLE_MAX)] | None = None
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
-                     Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+    logit_bias: Annotated[
+        dict[Annotated[str, Field(pattern=_TOKEN_KEY)], Annotated[float, Field(ge=-100.0, le=100.0)]]
+        | None,
+        WithJsonSchema({"anyOf": [{"type": "object", "propertyNames": {"pattern": _TOKEN_KEY},
+                                   "additionalProperties": {"type": "number", "minimum": -100.0,
+                                                            "maximum": 100.0}},
+                                  {"type": "null"}]})] = Field(
         None, description="Token id (as a string) -> bias added to its logit; 400 for an id "
         "out of the vocabulary.")
     min_tokens: integer(ge=0) | None = Field(
@@ -245,16 +257,19 @@ class SamplingRequest(_Request):
         "output before this many tokens; 400 if above max_tokens.")
     include_stop_str_in_output: bool = Field(
         False, description="vLLM extension: keep the matched stop string at the end of the text.")
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description=f"json_object or json_schema: structured outputs. {_ONE_STRUCTURED}")
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM extension: the output follows a JSON schema, regex, choice or "
-        "Lark grammar (llguidance).")
+        f"Lark grammar (llguidance). {_ONE_STRUCTURED}")
     guided_json: dict[str, Any] | Text | None = Field(
-        None, description="vLLM's older spelling of structured_outputs.json.")
-    guided_regex: Text | None = Field(None, description="vLLM: structured_outputs.regex.")
+        None, description=f"vLLM's older spelling of structured_outputs.json. {_ONE_STRUCTURED}")
+    guided_regex: Text | None = Field(
+        None, description=f"vLLM: structured_outputs.regex. {_ONE_STRUCTURED}")
     guided_choice: Annotated[list[Text], Field(min_length=1)] | None = Field(
-        None, description="vLLM: structured_outputs.choice.")
-    guided_grammar: Text | None = Field(None, description="vLLM: structured_outputs.grammar.")
+        None, description=f"vLLM: structured_outputs.choice. {_ONE_STRUCTURED}")
+    guided_grammar: Text | None = Field(
+        None, description=f"vLLM: structured_outputs.grammar. {_ONE_STRUCTURED}")
     user: Text | None = Field(None, description=_IGNORED.format(IGNORED_FIELDS["user"]))
     metadata: dict[str, Text] | None = Field(
         None, description=_IGNORED.format(IGNORED_FIELDS["metadata"]))
