@@ -306,3 +306,5 @@ def test_structured_other_forms(served, tiny_model_dir):
         assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["param"] == param, (body, response.json())
     assert not engine.has_unfinished()
+    assert engine.blocks.usage() == 0  # every request of this module freed its KV blocks
+    assert not engine._grammars._matchers  # and its grammar state
