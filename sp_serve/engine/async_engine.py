@@ -72,12 +72,17 @@ class AsyncEngine:
         self.engine.check_prompt(prompt_token_ids, params)  # ValueError -> HTTP 400
         if params.n != 1:
             raise ValueError("the engine takes n=1 per request; the frontend fans out n > 1")
+        # a structured-output grammar compiles here, in a thread, not on the engine thread
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = await asyncio.to_thread(self.engine.compile_grammar, params)
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (loop, out)
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic(),
+                         grammar))
         finished = False
         try:
             while not finished:
@@ -148,9 +153,9 @@ class AsyncEngine:
             return
         while True:
             if item[0] == "add":
-                _, rid, prompt, params, arrival = item
+                _, rid, prompt, params, arrival, grammar = item
                 if rid in self._streams:  # not aborted while queued
-                    self._add(rid, prompt, params, arrival)
+                    self._add(rid, prompt, params, arrival, grammar)
             elif item[0] == "abort":
                 self.engine.abort_request(item[1])
             try:
@@ -158,9 +163,10 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams, arrival: float) -> None:
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, arrival: float,
+             grammar=None) -> None:
         try:
-            self.engine.add_request(rid, prompt, params, arrival)
+            self.engine.add_request(rid, prompt, params, arrival, grammar)
         except ValueError as exc:
             self._send(rid, exc)
         except Exception as exc:  # this request's own state failed to build: only it fails

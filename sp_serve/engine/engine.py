@@ -143,8 +143,15 @@ class LLMEngine:
             raise ValueError(f"the request needs {per_rank_blocks} KV blocks per rank but each rank has "
                              f"{self.runtime.num_blocks}; raise --kv-cache-memory or --sp-size")
 
+    def compile_grammar(self, params: SamplingParams):
+        """The request's structured-output matcher (None without one), for add_request; safe
+        from any thread, so a server compiles it off the engine thread. ValueError if invalid."""
+        if params.structured_outputs is None:
+            return None
+        return self._grammars.compile(params.structured_outputs)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> list[Sequence]:
+                    arrival_time: float | None = None, grammar=None) -> list[Sequence]:
         self.check_prompt(prompt_token_ids, params)
         if request_id in self._by_request:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -161,7 +168,7 @@ class LLMEngine:
         for seq in seqs:
             if seq.params.structured_outputs is not None:
                 try:
-                    self._grammars.add(seq.seq_id, seq.params.structured_outputs)
+                    self._grammars.add(seq.seq_id, seq.params.structured_outputs, grammar)
                 except Exception:
                     for s in seqs:
                         self._grammars.remove(s.seq_id)

@@ -14,6 +14,7 @@ choice=..., grammar=..., json_object=True), exactly one of them.
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,8 @@ def grammar_text(params: StructuredOutputsParams) -> str:
 class GrammarMasks:
     """Rank 0's grammar state for the sequences that have one: a matcher each, advanced with
     every sampled token, and the next token's mask computed in a worker thread during the
-    step's forward pass (start) and collected before sampling (take)."""
+    step's forward pass (start) and collected before sampling (take). `compile` may run in any
+    thread (the server compiles a request's grammar before it reaches the engine thread)."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
         self._hf_tokenizer = hf_tokenizer
@@ -96,23 +98,31 @@ class GrammarMasks:
         self._matchers: dict[int, Any] = {}
         self._pending: dict[int, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def _lltokenizer(self):
-        if self._tokenizer is None:
-            import llguidance.hf
-            if self._hf_tokenizer is None:
-                raise ValueError("structured outputs need the model's tokenizer")
-            self._tokenizer = llguidance.hf.from_tokenizer(
-                self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._eos or None)
-        return self._tokenizer
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance.hf
+                if self._hf_tokenizer is None:
+                    raise ValueError("structured outputs need the model's tokenizer")
+                self._tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._eos or None)
+            return self._tokenizer
 
-    def add(self, seq_id: int, params: StructuredOutputsParams) -> None:
+    def compile(self, params: StructuredOutputsParams):
+        """A fresh matcher for the grammar; ValueError if llguidance refuses it."""
         from llguidance import LLMatcher
 
         matcher = LLMatcher(self._lltokenizer(), grammar_text(params), log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured outputs: {matcher.get_error()[:300]}")
-        self._matchers[seq_id] = matcher
+        return matcher
+
+    def add(self, seq_id: int, params: StructuredOutputsParams, compiled=None) -> None:
+        """compiled: a matcher from `compile` for these params (each sequence gets a copy)."""
+        self._matchers[seq_id] = (self.compile(params) if compiled is None
+                                  else compiled.deep_copy())
 
     def remove(self, seq_id: int) -> None:
         self._matchers.pop(seq_id, None)
