@@ -86,15 +86,16 @@ class LLM:
                 for event in self.engine.step():
                     s = event.sample
                     if s is not None and s.logprob is not None:
-                        logprobs.setdefault(event.seq.seq_id, []).append(
-                            self._logprobs(TokenLogprob(s.token_id, s.logprob, s.top or [], s.rank)))
+                        entry = TokenLogprob(s.token_id, s.logprob, s.top or [], s.rank)
+                        logprobs.setdefault(event.seq.seq_id, []).append(self._logprobs(entry))
                     if s is not None and event.seq.params.stop and not event.finished:
                         self._check_stop_strings(event.seq)
         finally:  # also on an exception or Ctrl-C: nothing stays in the engine
             for i in range(len(requests)):
                 self.engine.abort_request(str(i))
         return [RequestOutput(str(i), text, ids,
-                              [self._completion(j, s, logprobs.get(s.seq_id)) for j, s in enumerate(seqs)],
+                              [self._completion(j, s, logprobs.get(s.seq_id))
+                               for j, s in enumerate(seqs)],
                               self._prompt_logprobs(seqs[0]))
                 for i, (text, ids, seqs) in enumerate(requests)]
 

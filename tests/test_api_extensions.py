@@ -96,8 +96,9 @@ def test_lm_eval_loglikelihood_requests(served, hf):
         want = sum(float(ref[p - 1, prompt[p]]) for p in range(ctxlen, len(prompt)))
         assert abs(got - want) < TOL * len(cont)
         # lm-eval's is_greedy: the continuation token is the top one at every position
-        greedy = all(max(top, key=top.get) == tok for tok, top in
-                     zip(choice.logprobs.tokens[ctxlen:-1], choice.logprobs.top_logprobs[ctxlen:-1]))
+        lp = choice.logprobs
+        greedy = all(max(top, key=top.get) == tok
+                     for tok, top in zip(lp.tokens[ctxlen:-1], lp.top_logprobs[ctxlen:-1]))
         assert greedy == all(int(ref[p - 1].argmax()) == prompt[p]
                              for p in range(ctxlen, len(prompt)))
     # loglikelihood_rolling: the whole document, its first token unconditioned
@@ -138,7 +139,8 @@ def test_prompt_logprobs_vllm_shape(served, hf):
     chat = httpx.post(url + "/v1/chat/completions", timeout=120, json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
         "prompt_logprobs": 0}).json()
-    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    plp = chat["prompt_logprobs"]
+    assert plp[0] is None and all(len(e) == 1 for e in plp[1:])
     stream = httpx.post(url + "/v1/chat/completions", timeout=120, json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
         "prompt_logprobs": 0})

@@ -296,7 +296,8 @@ def test_ignored_fields_are_accepted_and_listed_in_one_place(served):
         IGNORED_FIELDS)
     schema = served.http.get("/openapi.json").json()["components"]["schemas"]
     assert schema["CompletionRequest"]["additionalProperties"] is False
-    assert "Accepted and ignored" in schema["CompletionRequest"]["properties"]["user"]["description"]
+    user = schema["CompletionRequest"]["properties"]["user"]
+    assert "Accepted and ignored" in user["description"]
 
 
 def test_stop_token_ids(served):

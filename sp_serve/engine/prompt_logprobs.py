@@ -63,7 +63,8 @@ def token_logprobs(hidden_td: torch.Tensor, weight_vd: torch.Tensor, targets_t: 
             above += (x > target_logit[:, None]).sum(-1)
             if k:
                 cv, ci = torch.topk(x, min(k, width), dim=-1)
-                top_v, order = torch.topk(torch.cat([top_v, cv], 1), min(k, top_v.shape[1] + cv.shape[1]), dim=-1)
+                both_v = torch.cat([top_v, cv], 1)
+                top_v, order = torch.topk(both_v, min(k, both_v.shape[1]), dim=-1)
                 top_i = torch.cat([top_i, ci + v0], 1).gather(1, order)
         lse = m + torch.log(s)
         block = out[r0:r0 + rows]

@@ -244,8 +244,8 @@ class SamplingRequest(_Request):
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=_DOUBLE_MAX)] | None = None
     logit_bias: Annotated[
-        dict[Annotated[str, Field(pattern=_TOKEN_KEY)], Annotated[float, Field(ge=-100.0, le=100.0)]]
-        | None,
+        dict[Annotated[str, Field(pattern=_TOKEN_KEY)],
+             Annotated[float, Field(ge=-100.0, le=100.0)]] | None,
         WithJsonSchema({"anyOf": [{"type": "object", "propertyNames": {"pattern": _TOKEN_KEY},
                                    "additionalProperties": {"type": "number", "minimum": -100.0,
                                                             "maximum": 100.0}},
