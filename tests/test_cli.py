@@ -91,6 +91,32 @@ def _corrupt_checkpoints(src: Path, root: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
+def test_perplexity_verb_at_sp2_matches_hf(tiny_model_dir, tmp_path):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Sequence parallelism splits one long prompt over several ranks. " * 8)
+    mark = uuid.uuid4().hex
+    r = _run(["perplexity", "--model", str(tiny_model_dir), "-sp", "2", "--scheduler", "fcfs",
+              "--max-num-batched-tokens", "32", "--text", str(doc), "--json"], mark)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.splitlines()[-1])
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir).encode(doc.read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    mean = float(ref[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean())
+    assert got["tokens"] == len(ids)
+    assert abs(got["perplexity"] - math.exp(-mean)) < 1e-4 * math.exp(-mean)
+    _assert_none_left(mark)
+    r = _run(["perplexity", "--model", str(tiny_model_dir), "--text", str(tmp_path / "none.txt")],
+             uuid.uuid4().hex)
+    assert r.returncode == 2 and "cannot read --text" in r.stderr
+
+
 def test_bad_checkpoints_fail_with_one_clear_line(tiny_model_dir, tmp_path):
     for name, (path, needle) in _corrupt_checkpoints(Path(tiny_model_dir), tmp_path).items():
         mark = uuid.uuid4().hex

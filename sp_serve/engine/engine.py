@@ -20,10 +20,12 @@ from sp_serve.attention.backend import device_name
 from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
+from sp_serve.engine.protocol import TokenLogprob
 from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
 from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
+from sp_serve.engine.structured import GrammarMasks
 from sp_serve.kv.block_manager import BlockManager
 from sp_serve.model.loader import load_tokenizer
 from sp_serve.model.overrides import stretch_hint
@@ -116,6 +118,8 @@ class LLMEngine:
         self._by_request: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._token_counts: dict[int, TokenCounts] = {}  # sequences with penalties only
+        self._grammars = GrammarMasks(self.tokenizer, self.spec.vocab_size,
+                                      list(self.spec.eos_token_ids))  # structured outputs
         self._pending_frees: list[int] = []
         self.last_step: StepTiming | None = None
         self.dead = False
@@ -136,6 +140,10 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not (0 <= t < self.spec.vocab_size)]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of vocabulary (size {self.spec.vocab_size})")
+        bad = [t for t in (params.logit_bias or {}) if t >= self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is out of vocabulary (size "
+                             f"{self.spec.vocab_size})")
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -147,8 +155,15 @@ class LLMEngine:
             raise ValueError(f"the request needs {per_rank_blocks} KV blocks per rank but each rank has "
                              f"{self.runtime.num_blocks}; raise --kv-cache-memory or --sp-size")
 
+    def compile_grammar(self, params: SamplingParams):
+        """The request's structured-output matcher (None without one), for add_request; safe
+        from any thread, so a server compiles it off the engine thread. ValueError if invalid."""
+        if params.structured_outputs is None:
+            return None
+        return self._grammars.compile(params.structured_outputs)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> list[Sequence]:
+                    arrival_time: float | None = None, grammar=None) -> list[Sequence]:
         self.check_prompt(prompt_token_ids, params)
         if request_id in self._by_request:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -162,6 +177,16 @@ class LLMEngine:
                 self._token_counts[seq.seq_id] = TokenCounts(prompt_token_ids, self.spec.vocab_size,
                                                              self.runtime.pc.device)
             seqs.append(seq)
+        for seq in seqs:
+            if seq.params.structured_outputs is not None:
+                try:
+                    self._grammars.add(seq.seq_id, seq.params.structured_outputs, grammar)
+                except Exception:
+                    for s in seqs:
+                        self._grammars.remove(s.seq_id)
+                        self._generators.pop(s.seq_id, None)
+                        self._token_counts.pop(s.seq_id, None)
+                    raise
         for seq in seqs:  # only once all were built: a failure above leaves nothing scheduled
             self.scheduler.add(seq)
         self._by_request[request_id] = seqs
@@ -185,6 +210,7 @@ class LLMEngine:
         self._pending_frees.append(seq.seq_id)
         self._generators.pop(seq.seq_id, None)
         self._token_counts.pop(seq.seq_id, None)
+        self._grammars.remove(seq.seq_id)
         siblings = self._by_request.get(seq.request_id, [])
         if all(s.status is SeqStatus.FINISHED for s in siblings):
             self._by_request.pop(seq.request_id, None)
@@ -195,12 +221,19 @@ class LLMEngine:
         plan = self._plan(sched)
         if plan.is_noop:
             return []
+        # the grammar masks of the tokens this step samples are computed during its forward pass
+        self._grammars.start([s.seq_id for s, _, end in sched.prefill if end == s.prefill_target]
+                             + [s.seq_id for s, _ in sched.decode])
         t0 = time.perf_counter()
         logits = self._run(plan)
         self._sync_device()
         self.last_step = _timing(sched, time.perf_counter() - t0)
         now = time.monotonic()
         events = []
+        for seq, start, _ in sched.prefill:
+            rows = self.runtime.worker.prompt_logprobs.get(seq.seq_id)
+            if rows is not None:
+                self._store_prompt_logprobs(seq, start, rows)
         for seq, _, end in sched.prefill:
             if end == seq.prefill_target:
                 self.scheduler.prefill_done(seq)
@@ -208,6 +241,18 @@ class LLMEngine:
         for seq, _ in sched.decode:
             events.append(self._append(seq, logits[seq.seq_id], now))
         return events
+
+    def _store_prompt_logprobs(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
+        """Rows of one prefilled chunk (row i scores prompt position start + i + 1), kept by
+        position: a chunk prefilled again after a preemption overwrites its entries."""
+        prompt = seq.prompt_token_ids
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None] * len(prompt)
+        k = seq.params.prompt_logprobs
+        for i, row in enumerate(rows[:max(0, len(prompt) - 1 - start)].tolist()):
+            top = list(zip((int(t) for t in row[2 + k:2 + 2 * k]), row[2:2 + k]))
+            seq.prompt_logprobs[start + i + 1] = TokenLogprob(prompt[start + i + 1], row[0], top,
+                                                              int(row[1]))
 
     def heartbeat(self) -> None:
         """Sends pending frees (or an empty plan) so idle ranks see rank 0 alive."""
@@ -217,7 +262,8 @@ class LLMEngine:
         frees = self._pending_frees + [s.seq_id for s in sched.preempted]
         self._pending_frees = []
         return StepPlan(
-            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target, s.prefill_target)
+            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target,
+                                  s.prefill_target, *self._prompt_logprobs_of(s, b))
                      for s, a, b in sched.prefill],
             decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
                     for s, owner in sched.decode],
@@ -252,6 +298,15 @@ class LLMEngine:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
+    def _prompt_logprobs_of(self, seq: Sequence, end: int) -> tuple[int | None, int | None]:
+        """(k, the token after the chunk) for a chunk of a prompt whose logprobs were asked for
+        and not yet computed (a recompute after preemption does not score them again)."""
+        k = seq.params.prompt_logprobs
+        if k is None or seq.output_token_ids:
+            return None, None
+        prompt = seq.prompt_token_ids
+        return min(k, self.spec.vocab_size), prompt[end] if end < len(prompt) else None
+
     def _run(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         try:
             self.runtime.send_plan(plan)
@@ -270,12 +325,15 @@ class LLMEngine:
         step goes on for the others. A failing device shows in the next step's _run instead."""
         try:
             counts = self._token_counts.get(seq.seq_id)
-            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts)
+            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts,
+                            self._banned(seq), self._grammars.take(seq.seq_id))
             if counts is not None:
                 counts.add(result.token_id)
+            grammar_done = (seq.seq_id in self._grammars
+                            and self._grammars.advance(seq.seq_id, result.token_id))
             seq.output_token_ids.append(result.token_id)
             seq.last_token_time = now
-            reason = self._finish_reason(seq, result.token_id)
+            reason = self._finish_reason(seq, result.token_id) or ("stop" if grammar_done else None)
         except Exception as exc:
             log.exception("request %s failed in sampling; the engine goes on", seq.request_id)
             self.finish_sequence(seq, "error")
@@ -285,12 +343,21 @@ class LLMEngine:
             self._release(seq)
         return StepEvent(seq, result, reason is not None)
 
+    def _banned(self, seq: Sequence) -> list[int] | None:
+        """vLLM's min_tokens: the tokens that would stop the sequence, while it is too short."""
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            return None
+        stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.spec.eos_token_ids))
+        return [t for t in stops if t < self.spec.vocab_size] or None
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and token in self.spec.eos_token_ids:
-            return "stop"
-        if token in p.stop_token_ids:
-            return "stop"
+        if len(seq.output_token_ids) >= p.min_tokens:
+            if not p.ignore_eos and token in self.spec.eos_token_ids:
+                return "stop"
+            if token in p.stop_token_ids:
+                return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
@@ -391,6 +458,8 @@ class LLMEngine:
             self.scheduler.step_observer = None
 
     def shutdown(self) -> None:
+        if getattr(self, "_grammars", None) is not None:
+            self._grammars.close()
         if getattr(self, "_step_log", None) is not None:
             self._step_log.close()
             self._step_log = None
@@ -412,7 +481,9 @@ class LLMEngine:
 
 
 def _one_of_n(params: SamplingParams, i: int) -> SamplingParams:
-    return replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+    # the prompt's logprobs are the same for every sample: the first one computes them
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + i,
+                   prompt_logprobs=params.prompt_logprobs if i == 0 else None)
 
 
 def _timing(sched: ScheduledStep, seconds: float) -> StepTiming:

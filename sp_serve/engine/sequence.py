@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from sp_serve.engine.protocol import TokenLogprob
 from sp_serve.engine.sampling import SamplingParams
 
 
@@ -30,6 +31,8 @@ class Sequence:
     last_token_time: float | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # params.prompt_logprobs set: one entry per prompt token once prefilled (the first is None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def __post_init__(self) -> None:
         self.prefill_target = self.prefill_target or len(self.prompt_token_ids)

@@ -1,5 +1,6 @@
 """The worker: the only code that touches a device. One per rank; every rank runs the same
-StepPlan. Rank 0 gets back float32 logits for the sequences that sample this step.
+StepPlan. Rank 0 gets back float32 logits for the sequences that sample this step, and (in
+`prompt_logprobs`) the prompt logprobs of chunks that asked for them.
 
 A step is one forward pass over this rank's tokens: each prompt chunk's zigzag share (at the
 tokens' global positions), then the decode batch (replicated: every rank runs the dense layers
@@ -35,7 +36,8 @@ from sp_serve.attention.sharded_cache import (
     paged_decode_supported,
 )
 from sp_serve.attention.zigzag import ZigzagLayout
-from sp_serve.engine.plan import StepPlan
+from sp_serve.engine.plan import PrefillChunk, StepPlan
+from sp_serve.engine.prompt_logprobs import row_width, token_logprobs
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.parallel.groups import ParallelContext
 
@@ -46,6 +48,7 @@ class _ChunkPart:
 
     seq_id: int
     rows: slice
+    local_idx: torch.Tensor  # the chunk indices of these rows
     layout: ZigzagLayout
     cached_runs: list[tuple[int, int]] | None  # this rank's shard of the earlier chunks
     last_row: int | None  # the local row of the chunk's last token, if this rank holds it and
@@ -84,6 +87,9 @@ class Worker:
         self.pc, self.model, self.spec, self.kv = pc, model, spec, kv
         self.scale = spec.softmax_scale
         self.backend = backend
+        # rank 0, after each execute: {seq_id: [chunk tokens, 2 + 2k]} for chunks that asked
+        # for prompt logprobs (row i scores the token after chunk index i; see prompt_logprobs.py)
+        self.prompt_logprobs: dict[int, torch.Tensor] = {}
         self.paged_decode = paged_decode_supported(backend, pc.device)
 
     @property
@@ -137,6 +143,7 @@ class Worker:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         """Runs one step; returns {seq_id: logits [vocab] fp32} on rank 0 (empty elsewhere)."""
+        self.prompt_logprobs = {}
         for seq_id in plan.free_seq_ids:
             self.kv.free(seq_id)
         if not (plan.prefill or plan.decode):
@@ -159,7 +166,8 @@ class Worker:
             last = None
             if chunk.want_logits and layout.owner_of(n - 1) == pc.rank:
                 last = row + int((local_idx == n - 1).nonzero()[0, 0])
-            parts.append(_ChunkPart(chunk.seq_id, slice(row, row + m), layout, cached, last))
+            parts.append(_ChunkPart(chunk.seq_id, slice(row, row + m), local_idx, layout, cached,
+                                    last))
             row += m
         decode_rows = slice(row, row + len(plan.decode))
         tables: list[torch.Tensor] = []
@@ -209,7 +217,41 @@ class Worker:
         if self.model.rope.rope_type == "dynamic":  # its distinct lengths, from the host copy
             rope_lengths = torch.unique(host[2]).tolist()
         hidden_td = self.model(ids_t, pos_t, attn, rope_len_t, rope_lengths=rope_lengths)
+        if any(chunk.prompt_logprobs is not None for chunk in plan.prefill):
+            self.prompt_logprobs = self._prompt_logprobs(plan.prefill, parts, hidden_td)
         return self._logits(plan, parts, hidden_td, decode_rows)
+
+    def _prompt_logprobs(self, chunks: list[PrefillChunk], parts: list[_ChunkPart],
+                         hidden_td: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each rank scores the positions it holds (prompt_logprobs.py: vocabulary chunks, no
+        [tokens x vocab] matrix); the rows, [chunk tokens, 2 + 2k] per chunk, reach rank 0 in
+        one collective for all chunks (each row filled by its owner, zeros elsewhere)."""
+        wanted = [(chunk, part) for chunk, part in zip(chunks, parts)
+                  if chunk.prompt_logprobs is not None]
+        pieces = []
+        for chunk, part in wanted:
+            k, n = chunk.prompt_logprobs, len(chunk.token_ids)
+            rows = torch.zeros((n, row_width(k)), dtype=torch.float32, device=hidden_td.device)
+            targets = chunk.token_ids[1:] + ([] if chunk.next_token_id is None
+                                             else [chunk.next_token_id])
+            scored = part.local_idx < len(targets)  # the prompt's last token has no target
+            if bool(scored.any()):
+                idx = part.local_idx[scored]
+                targets_t = torch.tensor(targets, dtype=torch.long)[idx]
+                local_rows = torch.arange(part.rows.start, part.rows.stop)[scored]
+                rows[idx.to(rows.device)] = token_logprobs(
+                    hidden_td[local_rows.to(hidden_td.device)], self.model.lm_head_weight,
+                    targets_t.to(hidden_td.device), k)
+            pieces.append(rows.flatten())
+        flat = self.pc.comm.sum_to_first(torch.cat(pieces))
+        if not self.pc.is_driver:
+            return {}
+        out, at = {}, 0
+        for chunk, _ in wanted:
+            n, width = len(chunk.token_ids), row_width(chunk.prompt_logprobs)
+            out[chunk.seq_id] = flat[at:at + n * width].view(n, width).cpu()
+            at += n * width
+        return out
 
     def _chunk_attention(self, layer: int, part: _ChunkPart, q_thd, k_thd, v_thd) -> torch.Tensor:
         pc = self.pc
