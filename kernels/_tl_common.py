@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
 
 from ._env import interpreting
+
+
+def no_specialize(*args: str, alignment: tuple[str, ...] = ()) -> dict[str, object]:
+    """triton.jit options for arguments that change from step to step while serving (lengths,
+    batch-dependent strides, split counts; pointers into a step's metadata). Triton compiles a
+    variant per value class (== 1, divisible by 16, other; pointers 16-byte aligned or not),
+    so such an argument would compile a new kernel in the middle of serving, on one rank while
+    the others wait in a collective. Not specializing costs nothing measurable for these
+    (scalar loads and address arithmetic). `alignment`: pointers whose alignment may vary
+    (Triton >= 3.2 spells the option; older versions simply specialize them)."""
+    options: dict[str, object] = {"do_not_specialize": list(args)}
+    if alignment and "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        options["do_not_specialize_on_alignment"] = list(alignment)
+    return options
 
 
 @triton.jit

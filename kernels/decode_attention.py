@@ -24,13 +24,15 @@ import triton
 import triton.language as tl
 
 from ._env import interpreting, next_pow2
-from ._tl_common import dot_flags, load_tile, mma
+from ._tl_common import dot_flags, load_tile, mma, no_specialize
 from .lse_merge import merge_attention_partials
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(**no_specialize("num_splits", "stride_tables_b", "stride_os", "stride_ob",
+                             "stride_ls", "stride_lb",
+                             alignment=("block_tables_ptr", "context_lens_ptr")))
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
     qk_scale_log2, group_size, num_splits,

@@ -23,9 +23,11 @@ import triton
 import triton.language as tl
 
 from ._env import next_pow2
+from ._tl_common import no_specialize
 
 
-@triton.jit
+@triton.jit(**no_specialize("num_parts", "stride_op", "stride_ot", "stride_lp", "stride_lh",
+                             "stride_lt", "stride_lout_h", "stride_lout_t"))
 def _merge_kernel(
     o_ptr, lse_ptr, out_ptr, lse_out_ptr,
     num_parts, num_heads, head_dim,

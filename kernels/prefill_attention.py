@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._env import interpreting, next_pow2
-from ._tl_common import dot_flags, load_tile, mma
+from ._tl_common import dot_flags, load_tile, mma, no_specialize
 
 _LOG2E = 1.4426950408889634
 
@@ -67,7 +67,8 @@ def _attend_block(
     return m_new_m, l_m, acc_md
 
 
-@triton.jit
+@triton.jit(**no_specialize("num_m_blocks", "stride_lh", "stride_lt",
+                             alignment=("cu_q_ptr", "cu_k_ptr")))
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
     qk_scale_log2, group_size, num_m_blocks,

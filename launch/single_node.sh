@@ -6,6 +6,8 @@
 # scaling); MAX_MODEL_LEN caps it lower. To serve past it, add a RoPE override, e.g.
 #   ... bash launch/single_node.sh --max-model-len 262144 \
 #       --hf-overrides '{"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 131072}}'
+# Stop it with SIGTERM (or Ctrl-C): rank 0 drains (--shutdown-timeout), then stops every rank and
+# logs "stopped: every rank is down; exit code 0"; torchrun itself exits 1 after any signal.
 set -euo pipefail
 : "${MODEL:?set MODEL to a Hugging Face checkpoint directory or a .gguf file}"
 NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}

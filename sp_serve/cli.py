@@ -1,4 +1,4 @@
-"""`sp-serve serve | generate | bench | plan | make-tiny-model`.
+"""`sp-serve serve | generate | perplexity | bench | plan | make-tiny-model`.
 
 Anything a user can get wrong ends in one line `sp-serve: error: ...` and exit code 2, not a
 traceback; a rank that fails ends the command with exit code 1.
@@ -199,6 +199,58 @@ def run_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- perplexity ----------------------------------------------------------------------------------
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser("perplexity", help="a document's perplexity, from its prompt logprobs "
+                       "(each rank scores the positions it holds)")
+    add_engine_args(p, model_required=False)
+    p.add_argument("--text", required=True, metavar="FILE", help="the document (UTF-8 text)")
+    p.add_argument("--max-doc-tokens", type=int, default=None,
+                   help="score only the document's first N tokens (default: all; at most the "
+                   "context length minus one)")
+    p.add_argument("--json", action="store_true",
+                   help="print {tokens, perplexity, mean_logprob, seconds} as one JSON line")
+    p.set_defaults(func=run_perplexity)
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    import math
+    import time
+
+    from sp_serve.engine.sampling import SamplingParams
+    from sp_serve.llm import LLM
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read --text {args.text}: {exc}") from None
+    if args.max_doc_tokens is not None and args.max_doc_tokens < 2:
+        raise ValueError(f"--max-doc-tokens must be >= 2, got {args.max_doc_tokens}")
+    config = engine_config(args)
+    llm = LLM(config.model, **{k: v for k, v in vars(config).items() if k != "model"})
+    try:
+        if llm.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer; give --tokenizer")
+        ids = llm.tokenizer.encode(text)[:args.max_doc_tokens]
+        if len(ids) < 2:
+            raise ValueError("the document has fewer than 2 tokens: nothing to score")
+        start = time.perf_counter()
+        out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+        seconds = time.perf_counter() - start
+    finally:
+        llm.shutdown()
+    logprobs = [entry[token].logprob for entry, token in zip(out[0].prompt_logprobs[1:], ids[1:])]
+    mean = sum(logprobs) / len(logprobs)
+    result = {"tokens": len(ids), "perplexity": math.exp(-mean), "mean_logprob": mean,
+              "seconds": seconds}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {len(ids)} tokens "
+              f"(mean logprob {mean:.4f}, {seconds:.1f} s at SP={config.sp_size})")
+    return 0
+
+
 # ---- plan / bench (their own modules) ----------------------------------------------------------
 def _add_plan(sub) -> None:
     from sp_serve.planner import cli as plan_cli
@@ -220,7 +272,7 @@ def _add_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sp-serve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_serve, _add_generate, _add_bench, _add_plan, _add_make_tiny):
+    for add in (_add_serve, _add_generate, _add_perplexity, _add_bench, _add_plan, _add_make_tiny):
         add(sub)
     return parser
 

@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 from sp_serve.config import EngineConfig
 from sp_serve.engine.engine import LLMEngine
 from sp_serve.engine.sampling import SamplingParams
+from sp_serve.engine.protocol import TokenLogprob
 from sp_serve.engine.sequence import Sequence
+
+
+@dataclass
+class Logprob:
+    """vLLM's: a token's log-probability, its rank (1: the most likely) when known, and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -26,7 +36,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    logprobs: list[dict[int, float]] | None = None
+    # SamplingParams.logprobs set: per generated token {token id: Logprob}, the chosen one and
+    # the top k (vLLM's shape)
+    logprobs: list[dict[int, Logprob]] | None = None
 
 
 @dataclass
@@ -35,6 +47,9 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs set: per prompt token {token id: Logprob} (the prompt token
+    # and the top k at its position); None for the first token, which nothing predicts
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class LLM:
@@ -65,16 +80,41 @@ class LLM:
                 ids = self.tokenizer.encode(text)
             seqs = self.engine.add_request(str(i), ids, params_list[i])
             requests.append((text, ids, seqs))
+        logprobs: dict[int, list[dict[int, Logprob]]] = {}
         try:
             while self.engine.has_unfinished():
                 for event in self.engine.step():
-                    if event.sample is not None and event.seq.params.stop and not event.finished:
+                    s = event.sample
+                    if s is not None and s.logprob is not None:
+                        entry = TokenLogprob(s.token_id, s.logprob, s.top or [], s.rank)
+                        logprobs.setdefault(event.seq.seq_id, []).append(self._logprobs(entry))
+                    if s is not None and event.seq.params.stop and not event.finished:
                         self._check_stop_strings(event.seq)
         finally:  # also on an exception or Ctrl-C: nothing stays in the engine
             for i in range(len(requests)):
                 self.engine.abort_request(str(i))
-        return [RequestOutput(str(i), text, ids, [self._completion(j, s) for j, s in enumerate(seqs)])
+        return [RequestOutput(str(i), text, ids,
+                              [self._completion(j, s, logprobs.get(s.seq_id))
+                               for j, s in enumerate(seqs)],
+                              self._prompt_logprobs(seqs[0]))
                 for i, (text, ids, seqs) in enumerate(requests)]
+
+    def _logprobs(self, entry: TokenLogprob) -> dict[int, Logprob]:
+        out = {entry.token_id: Logprob(entry.logprob, entry.rank, self._token_text(entry.token_id))}
+        for rank, (token_id, logprob) in enumerate(entry.top, 1):
+            out.setdefault(token_id, Logprob(logprob, rank, self._token_text(token_id)))
+        return out
+
+    def _prompt_logprobs(self, seq: Sequence) -> list[dict[int, Logprob] | None] | None:
+        if seq.params.prompt_logprobs is None or seq.prompt_logprobs is None:
+            return None
+        return [None if e is None else self._logprobs(e) for e in seq.prompt_logprobs]
+
+    def _token_text(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -90,16 +130,26 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def _check_stop_strings(self, seq: Sequence) -> None:
+        p = seq.params
+        if len(seq.output_token_ids) < p.min_tokens:
+            return
         text = self._decode(seq.output_token_ids)
-        if any(stop in text for stop in seq.params.stop):
+        start = len(self._decode(seq.output_token_ids[:p.min_tokens])) if p.min_tokens else 0
+        if any(text.find(stop, start) != -1 for stop in p.stop):
             self.engine.finish_sequence(seq, "stop")
 
-    def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
+    def _completion(self, index: int, seq: Sequence,
+                    logprobs: list[dict[int, Logprob]] | None) -> CompletionOutput:
+        p = seq.params
         text = self._decode(seq.output_token_ids)
-        for stop in seq.params.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
-        return CompletionOutput(index, text, list(seq.output_token_ids), seq.finish_reason)
+        # a stop string counts only after min_tokens tokens (vLLM)
+        start = len(self._decode(seq.output_token_ids[:p.min_tokens])) if p.min_tokens else 0
+        hits = [(at, stop) for stop in p.stop if (at := text.find(stop, start)) != -1]
+        if hits:
+            at, stop = min(hits)
+            text = text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
+        return CompletionOutput(index, text, list(seq.output_token_ids), seq.finish_reason,
+                                logprobs)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""

@@ -115,4 +115,8 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
         drain.finish()
         aengine.close()
         engine.shutdown()
-    return 1 if failed.is_set() else 0
+    code = 1 if failed.is_set() else 0
+    # The last word of rank 0 (under torchrun the launcher's own exit code after a signal is 1
+    # whatever the ranks did: this line says how the server itself ended).
+    log.info("stopped: every rank is down; exit code %d", code)
+    return code

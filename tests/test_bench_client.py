@@ -219,11 +219,13 @@ def test_stream_timings_counts_and_concurrency(fake_server):
     assert (result["completed"], result["failed"]) == (6, 0)
     assert result["errors"] == [""] * 6
     assert result["model_id"] == "fake-model"  # the first of GET /v1/models
-    for ttft in result["ttfts"]:
-        assert TTFT_S <= ttft < TTFT_S + 0.4
+    # The fake server sleeps TTFT_S before the first token and ITL_S between tokens: lower
+    # bounds that hold however loaded the machine is (no upper bound on wall-clock time).
+    for ttft, latency in zip(result["ttfts"], result["latencies"]):
+        assert TTFT_S <= ttft < latency
     assert all(len(itl) == 8 - 1 for itl in result["itls"])
-    assert ITL_S <= result["median_itl_ms"] / 1000 < ITL_S + 0.05
-    assert ITL_S <= result["mean_tpot_ms"] / 1000 < ITL_S + 0.05
+    assert ITL_S <= result["median_itl_ms"] / 1000
+    assert ITL_S <= result["mean_tpot_ms"] / 1000
     for ttft, itl, e2el in zip(result["ttfts"], result["itls"], result["latencies"]):
         assert math.isclose(e2el, ttft + sum(itl), rel_tol=1e-6)
     assert result["output_lens"] == [8] * 6 and result["input_lens"] == [32] * 6
@@ -315,7 +317,7 @@ def test_chat_endpoint_with_tokenizer_and_long_doc_marks(fake_server, tokenizer_
     assert all(len(itl) == 4 for itl in result["itls"])  # the role-only delta is not a token
     assert sorted(result["is_long"]) == [False, False, True, True]
     assert result["num_short_requests"] == 2 and result["completed_short"] == 2
-    assert TTFT_S <= result["mean_short_ttft_ms"] / 1000 < TTFT_S + 0.4
+    assert TTFT_S <= result["mean_short_ttft_ms"] / 1000
     assert "p99_short_ttft_ms" in result and "p99_long_ttft_ms" in result
     assert isinstance(state.bodies[-1]["messages"][0]["content"], str)
     assert state.bodies[-1]["max_completion_tokens"] == 5

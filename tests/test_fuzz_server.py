@@ -39,6 +39,12 @@ BUSINESS_RULES = (
     "best_of other than n",
     "Send exactly one of `prompt` or `messages`",
     "The prompt is empty",  # text that tokenizes to no token
+    "must be at most max_tokens",  # min_tokens > max_tokens
+    "logit_bias: token id",  # out of the vocabulary
+    "cannot be streamed",  # prompt_logprobs with stream on chat
+    "json_schema is given exactly when",  # response_format type and json_schema together
+    "only one of response_format",  # two ways of asking for structured outputs
+    "structured outputs",  # a schema, regex or grammar llguidance refuses; or two of its fields
 )
 STATUSES: Counter = Counter()
 CORPUS_TABLE: list[tuple[str, int]] = []  # (case, status) of the hostile-input corpus

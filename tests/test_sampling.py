@@ -13,6 +13,7 @@ from sp_serve.engine.sampling import (
     GREEDY_TEMPERATURE,
     SamplingParams,
     TokenCounts,
+    distribution,
     make_generator,
     sample,
 )
@@ -97,6 +98,100 @@ def test_logprobs():
     ref = torch.log_softmax(LOGITS, -1)
     assert r.logprob == pytest.approx(float(ref[1]))
     assert [t for t, _ in r.top] == [1, 2, 4]
+
+
+def _reference_probs(logits, params, prompt, output, eos):
+    """vLLM's sampler written out plainly in float64, one token at a time: logit_bias, min_tokens
+    (stop tokens at -inf while the output is short), repetition / frequency / presence
+    penalties, then greedy, or temperature -> min-p -> top-k -> top-p."""
+    x = [float(v) for v in logits]
+    for t, b in (params.logit_bias or {}).items():
+        x[t] += b
+    if len(output) < params.min_tokens:
+        for t in set(params.stop_token_ids) | ({eos} if not params.ignore_eos else set()):
+            x[t] = -math.inf
+    for t in range(len(x)):
+        n = output.count(t)
+        if t in prompt or n:
+            rp = params.repetition_penalty
+            x[t] = x[t] / rp if x[t] > 0 else x[t] * rp
+        x[t] -= params.frequency_penalty * n + params.presence_penalty * (n > 0)
+    if params.greedy:
+        best = max(range(len(x)), key=lambda t: (x[t], -t))
+        return [float(t == best) for t in range(len(x))]
+    top = max(x)
+    x = [(v - top) / params.temperature for v in x]
+    if params.min_p > 0:
+        x = [v if v >= math.log(params.min_p) else -math.inf for v in x]
+    if 0 < params.top_k < len(x):
+        kth = sorted(x, reverse=True)[params.top_k - 1]
+        x = [v if v >= kth else -math.inf for v in x]
+    z = sum(math.exp(v) for v in x)
+    p = [math.exp(v) / z for v in x]
+    if params.top_p < 1:
+        order = sorted(range(len(x)), key=lambda t: -p[t])
+        mass, keep = 0.0, set()
+        for t in order:
+            if mass >= params.top_p and keep:
+                break
+            keep.add(t)
+            mass += p[t]
+        z = sum(p[t] for t in keep)
+        p = [p[t] / z if t in keep else 0.0 for t in range(len(x))]
+    return p
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_sampling_control_matches_a_plain_reference(seed):
+    """logit_bias, min_tokens, the three penalties, temperature, min-p, top-k and top-p, each
+    drawn at random (or off), against the plain float64 reference: the same distribution."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, eos = 12, 11
+    logits = torch.randn(vocab, generator=g) * 2
+    r = torch.rand(10, generator=g).tolist()
+    prompt = torch.randint(0, vocab, (4,), generator=g).tolist()
+    output = torch.randint(0, vocab, (int(r[0] * 4),), generator=g).tolist()
+    params = SamplingParams(
+        max_tokens=8, temperature=[0.0, 0.5, 1.0, 1.7][int(r[1] * 4)],
+        top_p=1.0 if r[2] < 0.5 else 0.3 + r[2] * 0.6, top_k=[-1, 3, 6][int(r[3] * 3)],
+        min_p=0.0 if r[4] < 0.5 else r[4] * 0.3, presence_penalty=r[5] * 2 - 1,
+        frequency_penalty=(r[6] * 2 - 1) if r[6] > 0.3 else 0.0,
+        repetition_penalty=1.0 if r[7] < 0.3 else 0.5 + r[7],
+        logit_bias={int(r[8] * vocab): r[8] * 10 - 5, 2: -100.0} if r[8] > 0.2 else None,
+        min_tokens=int(r[9] * 6), stop_token_ids=[3], ignore_eos=r[9] > 0.8)
+    counts = TokenCounts(prompt, vocab, torch.device("cpu")) if params.has_penalties else None
+    for t in output if counts is not None else []:
+        counts.add(t)
+    banned = None
+    if len(output) < params.min_tokens:  # what LLMEngine._banned passes
+        banned = [3] + ([] if params.ignore_eos else [eos])
+    got = distribution(logits, params, counts, banned)
+    want = torch.tensor(_reference_probs(logits.tolist(), params, prompt, output, eos),
+                        dtype=torch.float64)
+    assert torch.allclose(got.double(), want, atol=1e-5), (params, got, want)
+    if banned:
+        assert float(got[banned].sum()) == 0.0
+
+
+def test_min_tokens_and_logit_bias_in_the_sampler():
+    # eos (4) is the most likely token, banned while the output is too short
+    logits = torch.tensor([0.0, 1.0, 2.0, 0.5, 9.0])
+    assert sample(logits, SamplingParams(temperature=0), None, banned=[4]).token_id == 2
+    assert sample(logits, SamplingParams(temperature=0, logit_bias={"0": 100}), None).token_id == 0
+    # logprobs stay those of the raw logits (vLLM's default)
+    r = sample(logits, SamplingParams(temperature=0, logprobs=1, logit_bias={0: 100}), None)
+    assert r.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[0]))
+    assert r.rank == 5
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(logit_bias={1: 101.0}),
+    dict(logit_bias={"x": 1.0}), dict(logit_bias={-1: 1.0}), dict(prompt_logprobs=21),
+    dict(logit_bias={1: math.nan}), dict(include_stop_str_in_output=1),
+])
+def test_bad_new_params_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [

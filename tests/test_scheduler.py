@@ -895,3 +895,21 @@ def test_random_operations_with_prefix_sharing_keep_exact_ref_counts(policy, see
     sim.assert_all_free()
     for kv in sim.ranks.kv:
         assert kv.num_free_blocks == kv.num_blocks and not kv.pool.holders() and not any(kv.pool.refs)
+
+
+def test_a_prompt_that_wants_its_logprobs_computes_all_of_it():
+    """prompt_logprobs are computed while a prompt is prefilled: such a request takes no cached
+    prefix (as vLLM); its KV is still left for others."""
+    sim = CachingSim("fcfs", world_size=2, block_size=4, max_num_batched_tokens=64)
+    doc = _doc(4, 120)
+    sim.add_tokens(doc + [1], max_tokens=2)
+    sim.run()
+    seq = Sequence(next(sim._ids), "r", doc + [2], SamplingParams(max_tokens=2, ignore_eos=True,
+                                                                   prompt_logprobs=1), sim.now)
+    sim.sched.add(seq)
+    sim.run()
+    assert seq.num_cached_tokens == 0 and seq.prefix_hint == 0
+    again = sim.add_tokens(doc + [2], max_tokens=2)
+    sim.run()
+    assert again.num_cached_tokens == 120  # all but its last token, from the entry it left
+    sim.check()

@@ -93,6 +93,29 @@ def test_completion(server):
     assert out.usage.total_tokens == out.usage.prompt_tokens + 8
 
 
+def test_greedy_output_equals_transformers(server, model_dir):
+    """The served tokens against an outside reference: transformers' own greedy decoding of
+    the same checkpoint, for a prompt longer than --max-num-batched-tokens (so it is prefilled
+    in chunks, the later ones attending to the earlier ones' sharded KV)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = make_prompts(1, seed=11, lengths=(700,))[0]
+    max_tokens = 12
+    out = server.client.completions.create(model=server.model, prompt=prompt,
+                                           max_tokens=max_tokens, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, attention_mask=torch.ones_like(ids))[0, len(prompt):]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert out.usage.completion_tokens == max_tokens
+    assert out.choices[0].text == tok.decode(ref.tolist(), skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=False)
+
+
 def test_chat(server):
     out = server.client.chat.completions.create(
         model=server.model, messages=[{"role": "system", "content": "Be brief."},

@@ -118,8 +118,10 @@ def test_step_seconds_is_one_pass_over_the_chunks_and_the_decode_batch():
     step = ScheduledStep(prefill=[(seq(0, 0), 0, 300), (seq(1, 0), 200, 500)],
                          decode=[(seq(2, 40), 0), (seq(3, 60), 1)])
     cost = CalibratedStepCost(CPU_COST)
-    expected = (CPU_COST.step_fixed_s + CPU_COST.chunk_s(300, 0) + CPU_COST.chunk_s(300, 200)
-                + CPU_COST.decode_part_s(2, 100))
+    # What the step holds, read off by hand: chunks of 300 new tokens over 0 and over 200 cached
+    # (the second sequence's chunk is positions 200..500), and a decode batch of 2 sequences
+    # over 40 + 60 cached tokens; priced by the cost model as one step.
+    expected = CPU_COST.step_s([(300, 0), (300, 200)], 2, 100)
     assert step_seconds(cost, step) == pytest.approx(expected)
     # Less than the three run as steps of their own: the weights are read once.
     assert expected < CPU_COST.prefill_s(300, 0) + CPU_COST.prefill_s(300, 200) + CPU_COST.decode_s(2, 100)

@@ -2,7 +2,9 @@
 
 Every distributed algorithm here (ring prefill, sharded decode, cached-chunk attention) is made
 of such local calls plus an lse merge. On CPU, torch's flash kernel for CPU returns lse; on CUDA,
-flash-attn when installed, else the Triton kernels (sp_serve_kernels), else torch's flash SDPA op.
+flash-attn when installed, else the Triton kernels (sp_serve_kernels), else torch's flash SDPA op
+(fp16/bf16) or its memory-efficient op (fp32, which the flash op does not support); flash-attn
+too falls back to these for fp32.
 
 Legend: t tokens, h heads (q heads unless said kv), d head_dim.
 """
@@ -73,13 +75,28 @@ def _flash(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Ten
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
         return o, lse.float()
+    if q.dtype == torch.float32:
+        # The flash SDPA kernel has no fp32 build on CUDA; the memory-efficient one has, and
+        # returns the lse too (padded along the queries on some versions: cut to length).
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale)
+        return out[0], out[1][..., :q.shape[-2]].float()
     out = torch.ops.aten._scaled_dot_product_flash_attention(
         q, k, v, 0.0, causal, return_debug_mask=False, scale=scale)
     return out[0], out[1].float()
 
 
+_UNIT_CU_SEQLENS: dict[torch.device, torch.Tensor] = {}
+
+
 def _cu_seqlens(n: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([0, n], dtype=torch.int32, device=device)
+    """[0, n] int32 on `device`, made on the device (one small kernel): this runs per layer and
+    per ring step, where a torch.tensor(list, device=cuda) would be a host-to-device copy each
+    time. The [0, 1] it scales is copied once per device."""
+    unit = _UNIT_CU_SEQLENS.get(device)
+    if unit is None:
+        unit = _UNIT_CU_SEQLENS[device] = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    return unit * n
 
 
 def _triton(q_thd, k_thd, v_thd, causal: bool, scale: float):

@@ -14,10 +14,11 @@ Two shapes of use:
     returns to each rank the partials of its own queries.
 A rank whose shard is empty for a sequence contributes lse = -inf, which the merge weighs 0.
 
-A decode partial over this rank's shards (`DecodeShards`): on the triton backend one split-KV
-kernel launch per micro-batch reads the paged pool in place; other backends attend one sequence
-at a time to its shard: its longest run of consecutive blocks as a view of the pool, the rest
-copied (`PagedKVCache.read_pieces`), merged by lse.
+A decode partial over this rank's shards (`DecodeShards`): on the triton backend, and on CUDA
+whatever the prefill backend, one split-KV kernel launch per micro-batch reads the paged pool in
+place; the torch backend on CPU attends one sequence at a time to its shard: its longest run of
+consecutive blocks as a view of the pool, the rest copied (`PagedKVCache.read_pieces`), merged
+by lse.
 
 Legend: b batch (one query per sequence), t tokens, h q heads, d head_dim, n ranks,
 m blocks of the longest block table;
@@ -46,23 +47,47 @@ def merge_packed(parts_nthe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return merge_partials(parts_nthe[..., :-1], parts_nthe[..., -1])
 
 
+# Block-table rows are padded to a multiple of this many blocks: the kernel's row stride is then
+# always a multiple of 16 and each row 64-byte aligned, so Triton specializes it one way only.
+TABLE_WIDTH_MULTIPLE = 16
+
+
+def paged_decode_supported(backend: str, device: torch.device) -> bool:
+    """Decode reads the paged pool in place (the Triton split-KV kernel) on the triton backend,
+    and on CUDA whatever the prefill backend (flash-attn, torch) when Triton can run: the
+    per-sequence path launches a few kernels per sequence and layer."""
+    if backend == "triton":
+        return True
+    if device.type != "cuda":
+        return False
+    from sp_serve_kernels import triton_available
+    return triton_available()
+
+
 class DecodeShards:
     """This rank's shards of one decode step's sequences, attended to layer after layer.
 
-    Built once per step, after the step's new slots are appended: the triton backend's block
-    tables and lengths (or the other backends' slot lists) are the same for every layer.
+    Built once per step, after the step's new slots are appended: the paged kernel's block
+    tables and lengths (or the per-sequence path's slot runs) are the same for every layer.
+    paged: read the pool in place with the Triton kernel (`paged_decode_supported`); tables:
+    the step's (block tables, lengths) already on the device (the worker copies a step's
+    metadata in one transfer), else built here.
     """
 
-    def __init__(self, kv: PagedKVCache, seq_ids: list[int], scale: float, backend: str):
+    def __init__(self, kv: PagedKVCache, seq_ids: list[int], scale: float, backend: str,
+                 paged: bool | None = None,
+                 tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.kv, self.scale, self.backend = kv, scale, backend
-        if backend == "triton":
-            self.tables_bm, self.lens_b = kv.block_tables(seq_ids)
+        self.paged = paged_decode_supported(backend, kv.k_lthd.device) if paged is None else paged
+        if self.paged:
+            self.tables_bm, self.lens_b = tables if tables is not None else kv.block_tables(
+                seq_ids, width_multiple=TABLE_WIDTH_MULTIPLE)
         else:
             self.runs = [kv.runs(s) for s in seq_ids]
 
     def partial(self, layer: int, q_bhd: torch.Tensor, rows: slice) -> torch.Tensor:
         """Packed partial [len(rows), h, d+1] fp32 of q_bhd[rows] over this rank's shards."""
-        if self.backend != "triton":
+        if not self.paged:
             parts = []
             for b in range(rows.start, rows.stop):
                 pieces = self.kv.read_pieces(layer, self.runs[b])

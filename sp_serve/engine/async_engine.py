@@ -20,6 +20,7 @@ from typing import AsyncIterator
 
 from sp_serve.engine.engine import LLMEngine, StepEvent
 from sp_serve.engine.protocol import (
+    ITERATION_TOKENS_BUCKETS,
     EngineStats,
     EngineUnavailable,
     RequestFailed,
@@ -46,6 +47,15 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stats = EngineStats()
+        self._iteration_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
+        self._iteration_sum = 0
+        # vLLM's cache_config_info labels (/metrics)
+        cfg = engine.config
+        self.cache_config = {
+            "block_size": str(cfg.block_size), "num_gpu_blocks": str(engine.runtime.num_blocks),
+            "num_cpu_blocks": "0", "cache_dtype": "auto", "enable_prefix_caching": str(engine.enable_prefix_caching),
+            "gpu_memory_utilization": str(cfg.gpu_memory_utilization),
+            "sp_size": str(engine.world_size), "device": engine.device_name}
         self._stop = threading.Event()
         self._draining = False
         self._error: BaseException | None = None
@@ -62,12 +72,17 @@ class AsyncEngine:
         self.engine.check_prompt(prompt_token_ids, params)  # ValueError -> HTTP 400
         if params.n != 1:
             raise ValueError("the engine takes n=1 per request; the frontend fans out n > 1")
+        # a structured-output grammar compiles here, in a thread, not on the engine thread
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = await asyncio.to_thread(self.engine.compile_grammar, params)
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (loop, out)
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic(),
+                         grammar))
         finished = False
         try:
             while not finished:
@@ -113,7 +128,10 @@ class AsyncEngine:
                 busy = self.engine.has_unfinished()
                 self._drain_inbox(block=not busy)
                 if self.engine.has_unfinished():
+                    before = self.engine.last_step
                     self._dispatch(self.engine.step())
+                    if self.engine.last_step is not before:  # a step ran (not a no-op plan)
+                        self._count_iteration(self.engine.last_step)
                     last_plan = time.monotonic()
                 elif time.monotonic() - last_plan >= HEARTBEAT_S:
                     self.engine.heartbeat()
@@ -135,9 +153,9 @@ class AsyncEngine:
             return
         while True:
             if item[0] == "add":
-                _, rid, prompt, params, arrival = item
+                _, rid, prompt, params, arrival, grammar = item
                 if rid in self._streams:  # not aborted while queued
-                    self._add(rid, prompt, params, arrival)
+                    self._add(rid, prompt, params, arrival, grammar)
             elif item[0] == "abort":
                 self.engine.abort_request(item[1])
             try:
@@ -145,9 +163,10 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams, arrival: float) -> None:
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, arrival: float,
+             grammar=None) -> None:
         try:
-            self.engine.add_request(rid, prompt, params, arrival)
+            self.engine.add_request(rid, prompt, params, arrival, grammar)
         except ValueError as exc:
             self._send(rid, exc)
         except Exception as exc:  # this request's own state failed to build: only it fails
@@ -163,14 +182,15 @@ class AsyncEngine:
             logprobs = None
             if s is not None and s.logprob is not None:
                 logprobs = [TokenLogprob(s.token_id, s.logprob, s.top or [])]
-            queue_time = cached = None
+            queue_time, prompt_logprobs, cached = None, None, None
             if len(seq.output_token_ids) == 1:
-                cached = seq.num_cached_tokens
                 if seq.first_scheduled_time is not None:
                     queue_time = seq.first_scheduled_time - seq.arrival_time
+                prompt_logprobs = seq.prompt_logprobs
+                cached = seq.num_cached_tokens
             self._send(seq.request_id, TokenDelta([s.token_id] if s else [], logprobs,
-                                                  seq.finish_reason if ev.finished else None, queue_time,
-                                                  cached))
+                                                  seq.finish_reason if ev.finished else None,
+                                                  queue_time, prompt_logprobs, cached))
 
     def _send(self, request_id: str, item) -> None:
         with self._lock:
@@ -185,8 +205,17 @@ class AsyncEngine:
         for rid in ids:
             self._send(rid, exc)
 
+    def _count_iteration(self, step) -> None:
+        tokens = step.prefill_tokens + step.decode_batch
+        bucket = next((i for i, b in enumerate(ITERATION_TOKENS_BUCKETS) if tokens <= b),
+                      len(ITERATION_TOKENS_BUCKETS))
+        self._iteration_counts[bucket] += 1
+        self._iteration_sum += tokens
+
     def _update_stats(self) -> None:
         sched = self.engine.scheduler
         blocks = self.engine.blocks
         self._stats = EngineStats(len(sched.running), len(sched.waiting), blocks.usage(),
-                                  sched.num_preemptions, blocks.prefix_cache_queries, blocks.prefix_cache_hits)
+                                  sched.num_preemptions, tuple(self._iteration_counts),
+                                  self._iteration_sum, blocks.prefix_cache_queries,
+                                  blocks.prefix_cache_hits)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -19,16 +21,18 @@ from sp_serve.attention.backend import device_name
 from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
+from sp_serve.engine.protocol import TokenLogprob
 from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
 from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
+from sp_serve.engine.structured import GrammarMasks
 from sp_serve.kv.block_manager import BlockManager
 from sp_serve.model.loader import load_tokenizer
 from sp_serve.model.overrides import stretch_hint
 from sp_serve.model.source import checkpoint_dir
 from sp_serve.model.spec import load_spec
-from sp_serve.parallel.groups import shutdown_parallel
+from sp_serve.parallel.groups import abort_parallel, shutdown_parallel
 from sp_serve.parallel.launch import (
     launched_by_torchrun,
     spawn_ranks,
@@ -84,6 +88,12 @@ class LLMEngine:
         if launched_by_torchrun():
             rank, world, local_rank = torchrun_rank()
             if rank != 0:  # every other rank serves plans until rank 0 says stop, then leaves
+                # torchrun sends SIGTERM (and a terminal SIGINT) to every rank at once; rank 0
+                # alone stops the work (drain, then a shutdown plan), as with spawned ranks. A
+                # rank whose rank 0 died still leaves at its next collective; torchrun follows
+                # an unanswered SIGTERM with SIGKILL.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 worker_rank_main(rank, world, None, config, local_rank)
                 raise SystemExit(0)
             self.runtime: RankRuntime = build_runtime(config, 0, world, None, local_rank)
@@ -94,6 +104,10 @@ class LLMEngine:
                 config, 0, config.sp_size, store,
                 before_join=lambda: wait_for_ranks(store, self._procs, config.dist_timeout_s))
         self.world_size = self.runtime.pc.world_size
+        self._stopping = threading.Event()
+        if self._procs and self.runtime.pc.device.type == "cuda":
+            threading.Thread(target=self._watch_ranks, daemon=True,
+                             name="sp-serve-rank-watch").start()
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
         self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size,
@@ -107,6 +121,8 @@ class LLMEngine:
         self._by_request: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._token_counts: dict[int, TokenCounts] = {}  # sequences with penalties only
+        self._grammars = GrammarMasks(self.tokenizer, self.spec.vocab_size,
+                                      list(self.spec.eos_token_ids))  # structured outputs
         self.last_step: StepTiming | None = None
         self.dead = False
         if config.scheduler == "slo" and not config.cost_model_path:
@@ -127,6 +143,10 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not (0 <= t < self.spec.vocab_size)]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of vocabulary (size {self.spec.vocab_size})")
+        bad = [t for t in (params.logit_bias or {}) if t >= self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is out of vocabulary (size "
+                             f"{self.spec.vocab_size})")
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -138,8 +158,15 @@ class LLMEngine:
             raise ValueError(f"the request needs {per_rank_blocks} KV blocks per rank but each rank has "
                              f"{self.runtime.num_blocks}; raise --kv-cache-memory or --sp-size")
 
+    def compile_grammar(self, params: SamplingParams):
+        """The request's structured-output matcher (None without one), for add_request; safe
+        from any thread, so a server compiles it off the engine thread. ValueError if invalid."""
+        if params.structured_outputs is None:
+            return None
+        return self._grammars.compile(params.structured_outputs)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> list[Sequence]:
+                    arrival_time: float | None = None, grammar=None) -> list[Sequence]:
         self.check_prompt(prompt_token_ids, params)
         if request_id in self._by_request:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -153,6 +180,16 @@ class LLMEngine:
                 self._token_counts[seq.seq_id] = TokenCounts(prompt_token_ids, self.spec.vocab_size,
                                                              self.runtime.pc.device)
             seqs.append(seq)
+        for seq in seqs:
+            if seq.params.structured_outputs is not None:
+                try:
+                    self._grammars.add(seq.seq_id, seq.params.structured_outputs, grammar)
+                except Exception:
+                    for s in seqs:
+                        self._grammars.remove(s.seq_id)
+                        self._generators.pop(s.seq_id, None)
+                        self._token_counts.pop(s.seq_id, None)
+                    raise
         for seq in seqs:  # only once all were built: a failure above leaves nothing scheduled
             self.scheduler.add(seq)
         self._by_request[request_id] = seqs
@@ -175,6 +212,7 @@ class LLMEngine:
         self.scheduler.remove(seq)  # its KV is freed, or kept as a cache entry, on the next plan
         self._generators.pop(seq.seq_id, None)
         self._token_counts.pop(seq.seq_id, None)
+        self._grammars.remove(seq.seq_id)
         siblings = self._by_request.get(seq.request_id, [])
         if all(s.status is SeqStatus.FINISHED for s in siblings):
             self._by_request.pop(seq.request_id, None)
@@ -185,11 +223,19 @@ class LLMEngine:
         plan = self._plan(sched)
         if plan.is_noop:
             return []
+        # the grammar masks of the tokens this step samples are computed during its forward pass
+        self._grammars.start([s.seq_id for s, _, end in sched.prefill if end == s.prefill_target]
+                             + [s.seq_id for s, _ in sched.decode])
         t0 = time.perf_counter()
         logits = self._run(plan)
+        self._sync_device()
         self.last_step = _timing(sched, time.perf_counter() - t0)
         now = time.monotonic()
         events = []
+        for seq, start, _ in sched.prefill:
+            rows = self.runtime.worker.prompt_logprobs.get(seq.seq_id)
+            if rows is not None:
+                self._store_prompt_logprobs(seq, start, rows)
         for seq, _, end in sched.prefill:
             if end == seq.prefill_target:
                 self.scheduler.prefill_done(seq)
@@ -198,17 +244,68 @@ class LLMEngine:
             events.append(self._append(seq, logits[seq.seq_id], now))
         return events
 
+    def _store_prompt_logprobs(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
+        """Rows of one prefilled chunk (row i scores prompt position start + i + 1), kept by
+        position: a chunk prefilled again after a preemption overwrites its entries."""
+        prompt = seq.prompt_token_ids
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None] * len(prompt)
+        k = seq.params.prompt_logprobs
+        for i, row in enumerate(rows[:max(0, len(prompt) - 1 - start)].tolist()):
+            top = list(zip((int(t) for t in row[2 + k:2 + 2 * k]), row[2:2 + k]))
+            seq.prompt_logprobs[start + i + 1] = TokenLogprob(prompt[start + i + 1], row[0], top,
+                                                              int(row[1]))
+
     def heartbeat(self) -> None:
         """Sends pending frees (or an empty plan) so idle ranks see rank 0 alive."""
         self._run(self._plan(ScheduledStep()))
 
     def _plan(self, sched: ScheduledStep) -> StepPlan:
         return StepPlan(
-            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target, s.prefill_target)
+            prefill=[PrefillChunk(s.seq_id, s.prefill_tokens(a, b), a, b == s.prefill_target,
+                                  s.prefill_target, *self._prompt_logprobs_of(s, b))
                      for s, a, b in sched.prefill],
             decode=[DecodeToken(s.seq_id, s.all_token_ids[-1], s.num_tokens - 1, owner)
                     for s, owner in sched.decode],
             kv_ops=self.blocks.take_ops())  # frees (finished, preempted, evicted), shares
+
+    def _watch_ranks(self, interval_s: float = 0.5) -> None:
+        while not self._stopping.wait(interval_s):
+            if self._check_ranks():
+                return
+
+    def _check_ranks(self) -> bool:
+        """On CUDA, a spawned rank that exits (crash, out of memory, killed) leaves its peers
+        blocked in an NCCL collective that only the NCCL timeout would end: abort the
+        communicators at once, so rank 0's collective fails, the engine is marked dead (/health
+        503, `sp-serve serve` exits 1) and nothing is left to the watchdog. True once done.
+        (Gloo, on CPU, notices a closed socket by itself.)"""
+        gone = [f"rank {i} exited with code {p.exitcode}" for i, p in enumerate(self._procs, 1)
+                if p.exitcode is not None]
+        if not gone or self._stopping.is_set():
+            return False
+        log.error("%s: aborting the NCCL communicators", "; ".join(gone))
+        self.dead = True
+        abort_parallel()
+        return True
+
+    def _sync_device(self) -> None:
+        """On CUDA, waits for the step's kernels: a step is timed (StepTiming, --step-log, the
+        scheduler's clock, calibration) by when its work is done, not when it was queued. A
+        step whose logits are sampled waits there anyway; a prefill chunk that samples nothing
+        would otherwise look nearly free and its time land on the next step. A no-op on CPU."""
+        dev = self.runtime.pc.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def _prompt_logprobs_of(self, seq: Sequence, end: int) -> tuple[int | None, int | None]:
+        """(k, the token after the chunk) for a chunk of a prompt whose logprobs were asked for
+        and not yet computed (a recompute after preemption does not score them again)."""
+        k = seq.params.prompt_logprobs
+        if k is None or seq.output_token_ids:
+            return None, None
+        prompt = seq.prompt_token_ids
+        return min(k, self.spec.vocab_size), prompt[end] if end < len(prompt) else None
 
     def _run(self, plan: StepPlan) -> dict[int, torch.Tensor]:
         try:
@@ -228,12 +325,15 @@ class LLMEngine:
         step goes on for the others. A failing device shows in the next step's _run instead."""
         try:
             counts = self._token_counts.get(seq.seq_id)
-            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts)
+            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts,
+                            self._banned(seq), self._grammars.take(seq.seq_id))
             if counts is not None:
                 counts.add(result.token_id)
+            grammar_done = (seq.seq_id in self._grammars
+                            and self._grammars.advance(seq.seq_id, result.token_id))
             seq.output_token_ids.append(result.token_id)
             seq.last_token_time = now
-            reason = self._finish_reason(seq, result.token_id)
+            reason = self._finish_reason(seq, result.token_id) or ("stop" if grammar_done else None)
         except Exception as exc:
             log.exception("request %s failed in sampling; the engine goes on", seq.request_id)
             self.finish_sequence(seq, "error")
@@ -243,12 +343,21 @@ class LLMEngine:
             self._release(seq)
         return StepEvent(seq, result, reason is not None)
 
+    def _banned(self, seq: Sequence) -> list[int] | None:
+        """vLLM's min_tokens: the tokens that would stop the sequence, while it is too short."""
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            return None
+        stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.spec.eos_token_ids))
+        return [t for t in stops if t < self.spec.vocab_size] or None
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and token in self.spec.eos_token_ids:
-            return "stop"
-        if token in p.stop_token_ids:
-            return "stop"
+        if len(seq.output_token_ids) >= p.min_tokens:
+            if not p.ignore_eos and token in self.spec.eos_token_ids:
+                return "stop"
+            if token in p.stop_token_ids:
+                return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
@@ -261,7 +370,11 @@ class LLMEngine:
         alone (1, 2, 4 and 8 short sequences: the per-sequence cost; the long ones: the
         per-context-token cost; median of 3 each), and decode batches carrying a chunk (the
         steps the slo policy runs while sequences decode)."""
-        cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, 2048))
+        # The chunk sizes the scheduler will run. On CPU at most 2048 (a profile step of a
+        # bigger chunk takes seconds there); a GPU runs the largest chunk in milliseconds, and
+        # its cost per token changes with size (tiles fill up), so it is profiled as it is.
+        limit = 2048 if self.runtime.pc.device.type == "cpu" else self.config.max_num_batched_tokens
+        cap = max(16, min(self.config.max_num_batched_tokens, self.max_model_len // 4, limit))
         sizes = sorted({max(8, cap // 8), max(8, cap // 2), cap})
         ctx: dict[int, int] = {}  # profile sequence -> tokens cached
         # Warm-up: one-off allocator and pool costs.
@@ -319,6 +432,7 @@ class LLMEngine:
                                  for sid, start, end in chunks], decode=tokens)
         t0 = time.perf_counter()
         self._run(plan)
+        self._sync_device()
         seconds = time.perf_counter() - t0
         for sid, _, end in chunks:
             ctx[sid] = end
@@ -344,11 +458,15 @@ class LLMEngine:
             self.scheduler.step_observer = None
 
     def shutdown(self) -> None:
+        if getattr(self, "_grammars", None) is not None:
+            self._grammars.close()
         if getattr(self, "_step_log", None) is not None:
             self._step_log.close()
             self._step_log = None
         if getattr(self, "runtime", None) is None:
             return
+        if getattr(self, "_stopping", None) is not None:
+            self._stopping.set()
         try:
             if not self.dead:
                 self.runtime.send_plan(StepPlan(shutdown=True))
@@ -358,7 +476,7 @@ class LLMEngine:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        shutdown_parallel(self.runtime.pc)
+        shutdown_parallel(self.runtime.pc, aborted=self.dead)
         self.runtime = None
 
 
@@ -376,7 +494,9 @@ def prefix_caching_enabled(config: EngineConfig, spec) -> bool:
 
 
 def _one_of_n(params: SamplingParams, i: int) -> SamplingParams:
-    return replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+    # the prompt's logprobs are the same for every sample: the first one computes them
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + i,
+                   prompt_logprobs=params.prompt_logprobs if i == 0 else None)
 
 
 def _timing(sched: ScheduledStep, seconds: float) -> StepTiming:

@@ -17,6 +17,10 @@ class PrefillChunk:
     # The whole prompt's length. Dynamic-NTK RoPE scales by sequence length; every chunk uses
     # the full length, so a chunked prompt gets the same rotations as a one-pass prefill.
     total_len: int = 0
+    # Prompt logprobs: None, or k >= 0 (the chosen token's logprob and rank, plus the top k) for
+    # every position of the chunk whose next token is known: each rank scores its own share.
+    prompt_logprobs: int | None = None
+    next_token_id: int | None = None  # the token after the chunk (None: the chunk ends the prompt)
 
 
 @dataclass

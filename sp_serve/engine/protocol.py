@@ -26,6 +26,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the top-k (token_id, logprob) at this position
+    rank: int | None = None  # of token_id at this position (1: the most likely); prompt logprobs
 
 
 @dataclass
@@ -36,7 +37,13 @@ class TokenDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" (eos / stop_token_ids), "length", "abort"
     queue_time_s: float | None = None  # set on the first delta: arrival -> first scheduled
+    # set on the first delta when SamplingParams.prompt_logprobs was: one per prompt token
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int | None = None  # set on the first delta: prompt tokens the prefix cache held
+
+
+# vLLM's buckets of vllm:iteration_tokens_total (tokens one engine step processed)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclass
@@ -45,6 +52,10 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, over all ranks, 0..1
     num_preemptions: int = 0
+    # Tokens per engine step (prompt tokens + decode tokens), as a histogram since start:
+    # observations per ITERATION_TOKENS_BUCKETS bucket (not cumulative; the last is +Inf), sum.
+    iteration_tokens_counts: tuple[int, ...] = (0,) * (len(ITERATION_TOKENS_BUCKETS) + 1)
+    iteration_tokens_sum: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of those, found there
 

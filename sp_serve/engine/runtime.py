@@ -55,14 +55,65 @@ def kv_bytes_per_token(spec, dtype: torch.dtype) -> int:
     return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * torch.finfo(dtype).bits // 8
 
 
-def _num_blocks(config: EngineConfig, spec, dtype: torch.dtype, pc: ParallelContext) -> int:
+@torch.inference_mode()
+def profile_peak_bytes(model, spec, num_tokens: int, num_logits: int, backend: str,
+                       device: torch.device) -> int:
+    """Runs one forward pass of `num_tokens` dummy tokens (causal attention over themselves, as
+    the largest step's local share would) plus logits for `num_logits` rows, and returns the
+    peak memory it took above what was allocated before (CUDA's allocator statistics; 0 on
+    CPU, where nothing is reserved ahead)."""
+    from sp_serve.attention.local import attention_with_lse
+    scale = spec.softmax_scale
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    pos = torch.arange(num_tokens, device=device)
+
+    def attn(layer, q_thd, k_thd, v_thd):
+        return attention_with_lse(q_thd, k_thd, v_thd, True, scale, backend)[0]
+
+    hidden = model(ids, pos, attn)
+    model.compute_logits(hidden[:num_logits])
+    del hidden
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return max(0, peak)
+
+
+def cuda_kv_budget(config: EngineConfig, model, spec, pc: ParallelContext, backend: str) -> int:
+    """Bytes for the KV pool on a GPU, as vLLM sizes it: what --gpu-memory-utilization allows
+    of the device, less the weights, less the peak of a profiling forward at the largest step
+    this rank may run (its share of a --max-num-batched-tokens chunk plus a full decode batch,
+    and rank 0's logits for them), less what lives outside torch's allocator (CUDA context,
+    NCCL buffers). No fixed reserve: a small model on a big GPU gets its memory, and a long
+    chunk of a big model is accounted for."""
+    dev = pc.device
+    tokens = -(-config.max_num_batched_tokens // pc.world_size) + config.max_num_seqs
+    peak = profile_peak_bytes(model, spec, tokens, config.max_num_seqs, backend, dev)
+    free, total = torch.cuda.mem_get_info(dev)
+    weights = torch.cuda.memory_allocated(dev)  # the model (the profile's memory is freed)
+    outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(dev))
+    budget = int(total * config.gpu_memory_utilization) - weights - peak - outside_torch
+    log.info("KV budget: %.2f GiB = %.0f%% of %.2f GiB - weights %.2f - profiled step peak %.2f "
+             "- outside torch %.2f (%d tokens profiled)", budget / 2**30,
+             100 * config.gpu_memory_utilization, total / 2**30, weights / 2**30, peak / 2**30,
+             outside_torch / 2**30, tokens)
+    return budget
+
+
+def _num_blocks(config: EngineConfig, spec, dtype: torch.dtype, pc: ParallelContext,
+                model=None, backend: str = "torch") -> int:
     per_block = kv_bytes_per_token(spec, dtype) * config.block_size
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory
     elif pc.device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(pc.device)
-        used_elsewhere = total - free  # weights are already loaded
-        budget = int(total * config.gpu_memory_utilization) - used_elsewhere - 2 * 2**30  # activations
+        budget = cuda_kv_budget(config, model, spec, pc, backend)
     else:
         budget = DEFAULT_CPU_KV_BYTES
     blocks = torch.tensor([max(0, budget // per_block)], dtype=torch.long)
@@ -70,7 +121,8 @@ def _num_blocks(config: EngineConfig, spec, dtype: torch.dtype, pc: ParallelCont
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=pc.control_group)
     if blocks.item() < 1:
         raise ValueError(f"no room for a single KV block ({per_block} bytes) per rank; "
-                         "raise --kv-cache-memory or --gpu-memory-utilization")
+                         "raise --kv-cache-memory or --gpu-memory-utilization, or lower "
+                         "--max-num-batched-tokens (the profiled step's activations)")
     return int(blocks.item())
 
 
@@ -86,11 +138,17 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
         before_join()
     pc = init_parallel(rank, world_size, store, device, config.dist_timeout_s, config.cpu_comm)
     kv_dtype = next(model.parameters()).dtype
-    num_blocks = _num_blocks(config, spec, kv_dtype, pc)
+    backend = resolve_backend(config.attn_backend, pc.device)
+    num_blocks = _num_blocks(config, spec, kv_dtype, pc, model, backend)
     kv = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
                       spec.head_dim, kv_dtype, pc.device)
-    backend = resolve_backend(config.attn_backend, pc.device)
-    return RankRuntime(pc, Worker(pc, model, spec, kv, backend), num_blocks)
+    worker = Worker(pc, model, spec, kv, backend)
+    if worker.uses_triton:  # compile every kernel variant now, not mid-serving on one rank
+        t0 = time.perf_counter()
+        launches = worker.warm_up(config.max_num_seqs)
+        log.info("Triton kernels warmed up: %d launches in %.1f s", launches,
+                 time.perf_counter() - t0)
+    return RankRuntime(pc, worker, num_blocks)
 
 
 def worker_rank_main(rank: int, world_size: int, store_port: int | None, config: EngineConfig,

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sp_serve.engine.structured import StructuredOutputsParams, apply_bitmask
+
 # vLLM's _SAMPLING_EPS: a temperature below this is greedy decoding.
 GREEDY_TEMPERATURE = 1e-5
 _F32_MAX = torch.finfo(torch.float32).max
@@ -50,10 +52,26 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob plus the top k
+    # None: none; k >= 0: every prompt token's logprob (but the first's) and rank, plus the top
+    # k at each position, computed by the ranks that hold the prompt (engine/prompt_logprobs.py)
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0  # eos and stop_token_ids cannot end the output before this many tokens
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits, each in [-100, 100]
+    include_stop_str_in_output: bool = False  # the matched stop string ends the text, kept
+    # JSON schema / JSON object / regex / choice / Lark grammar (engine/structured.py)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.structured_outputs, dict):  # as vLLM takes it, a dict of the fields
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.logit_bias is not None and isinstance(self.logit_bias, dict):
+            # JSON keys are strings ("1234"), as OpenAI sends them
+            try:
+                self.logit_bias = {int(t): b for t, b in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError("logit_bias keys must be token ids (integers)") from None
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1,
              f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
@@ -77,6 +95,23 @@ class SamplingParams:
             (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                              and 0 <= self.prompt_logprobs <= 20),
+             f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens,
+             f"min_tokens must be an integer >= 0, got {self.min_tokens!r}"),
+            (not isinstance(self.min_tokens, int) or not isinstance(self.max_tokens, int)
+             or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens!r}) must be at most max_tokens ({self.max_tokens!r})"),
+            (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                t >= 0 and _is_number(b) and -100.0 <= b <= 100.0
+                for t, b in self.logit_bias.items())),
+             "logit_bias maps token ids (>= 0) to biases in [-100, 100]"),
+            (isinstance(self.include_stop_str_in_output, bool),
+             "include_stop_str_in_output must be true or false"),
+            (self.structured_outputs is None
+             or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "structured_outputs must be a StructuredOutputsParams"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
@@ -90,6 +125,11 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
+    def has_logits_processors(self) -> bool:
+        """Anything that changes the logits before the penalties (vLLM's order)."""
+        return bool(self.logit_bias) or self.min_tokens > 0
+
+    @property
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
@@ -100,6 +140,7 @@ class SampleResult:
     token_id: int
     logprob: float | None = None  # of the chosen token (when logprobs were asked for)
     top: list[tuple[int, float]] | None = None  # the top-k (token, logprob)
+    rank: int | None = None  # of the chosen token among the raw logits (1: the most likely)
 
 
 class TokenCounts:
@@ -126,11 +167,14 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           counts: TokenCounts | None = None) -> SampleResult:
-    """One token from logits [vocab]: penalties, then greedy, or temperature -> min-p -> top-k
-    -> top-p -> draw (vLLM's order). Logprobs are of the raw logits, as vLLM reports them."""
+           counts: TokenCounts | None = None, banned: list[int] | None = None,
+           bitmask: torch.Tensor | None = None) -> SampleResult:
+    """One token from logits [vocab]: the grammar's bitmask (structured outputs), logit_bias,
+    `banned` (the stop tokens while fewer than min_tokens were generated: the engine says which)
+    at -inf, then penalties, then greedy, or temperature -> min-p -> top-k -> top-p -> draw
+    (vLLM's order). Logprobs are of the raw logits, as vLLM reports them."""
     logits_v = _clean(logits_v.float())
-    x_v = logits_v if counts is None else _clean(_penalize(logits_v, params, counts))
+    x_v = _processed_logits(logits_v, params, counts, banned, bitmask)
     if params.greedy:
         token = int(torch.argmax(x_v))
     else:
@@ -144,13 +188,52 @@ def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Gene
     if params.logprobs > 0:
         values, ids = torch.topk(logprobs_v, min(params.logprobs, logprobs_v.shape[-1]))
         top = list(zip(ids.tolist(), values.tolist()))
-    return SampleResult(token, float(logprobs_v[token]), top)
+    chosen = logprobs_v[token]
+    return SampleResult(token, float(chosen), top, int((logprobs_v > chosen).sum()) + 1)
+
+
+def distribution(logits_v: torch.Tensor, params: SamplingParams, counts: TokenCounts | None = None,
+                 banned: list[int] | None = None, bitmask: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The probabilities `sample` draws from (greedy: one-hot on the argmax), for tests."""
+    x_v = _processed_logits(_clean(logits_v.float()), params, counts, banned, bitmask)
+    if params.greedy:
+        return torch.zeros_like(x_v).scatter_(0, torch.argmax(x_v)[None], 1.0)
+    return torch.softmax(_filtered(x_v, params), -1)
+
+
+def _processed_logits(logits_v: torch.Tensor, params: SamplingParams,
+                      counts: TokenCounts | None, banned: list[int] | None,
+                      bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    x_v = logits_v if bitmask is None else apply_bitmask(logits_v, bitmask)
+    if params.logit_bias or banned:
+        x_v = _clean(_processed(x_v, params, banned))
+    if counts is not None:
+        x_v = _clean(_penalize(x_v, params, counts))
+    if bitmask is not None and x_v.max() == _NEG_INF:
+        # The grammar comes first: when min_tokens' bans (or -inf logits) leave none of the
+        # tokens it allows, draw among those tokens alike rather than outside the grammar.
+        x_v = apply_bitmask(torch.zeros_like(logits_v), bitmask)
+    return x_v
 
 
 def _clean(x_v: torch.Tensor) -> torch.Tensor:
     """NaN is an impossible token (-inf); +inf the largest float, so that subtracting the
     maximum cannot compute inf - inf."""
     return torch.nan_to_num(x_v, nan=_NEG_INF, posinf=_F32_MAX, neginf=_NEG_INF)
+
+
+def _processed(x_v: torch.Tensor, params: SamplingParams, banned: list[int] | None
+               ) -> torch.Tensor:
+    """vLLM's logit_bias (added) and min_tokens (the stop tokens at -inf) processors."""
+    x_v = x_v.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=x_v.device)
+        x_v[ids] += torch.tensor(list(params.logit_bias.values()), dtype=x_v.dtype,
+                                 device=x_v.device)
+    if banned:
+        x_v[torch.tensor(banned, dtype=torch.long, device=x_v.device)] = _NEG_INF
+    return x_v
 
 
 def _penalize(x_v: torch.Tensor, params: SamplingParams, counts: TokenCounts) -> torch.Tensor:

@@ -99,7 +99,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if not self.num_unfinished:  # the engine was idle: the time since the last step is no step's
             self._last_step = None
-        if self.blocks.enable_prefix_caching:  # the part it is expected to find cached
+        if _shares_prefix(self.blocks, seq):  # the part it is expected to find cached
             hit = self.blocks.match(seq.prefill_tokens(0, seq.prefill_target))
             seq.prefix_hint = hit[1] if hit else 0
         self.waiting.append(seq)
@@ -281,7 +281,7 @@ class Scheduler:
         fit; None: it should wait for a prompt being prefilled that will hold its prefix."""
         reserve = self._reserved_blocks()
         blocks = self.blocks
-        if blocks.enable_prefix_caching:
+        if _shares_prefix(blocks, seq):
             tokens = seq.prefill_tokens(0, seq.prefill_target)
             hit = blocks.match(tokens)
             cached = hit[1] if hit else 0
@@ -302,6 +302,7 @@ class Scheduler:
             seq.num_cached_tokens = 0
             blocks.prefix_cache_queries += seq.prefill_target
             return True
+        seq.num_cached_tokens = 0
         return blocks.can_hold(seq.seq_id, blocks.prefill_shares(seq.remaining_prefill), reserve)
 
     def _in_flight_holds_more(self, seq: Sequence, tokens: list[int], cached: int) -> bool:
@@ -399,6 +400,12 @@ class Scheduler:
         seq.reset_for_recompute()
         self.waiting.append(seq)
         self.num_preemptions += 1
+
+
+def _shares_prefix(blocks: BlockManager, seq: Sequence) -> bool:
+    """Whether the sequence may take a cached prefix: not when it asked for its prompt's
+    logprobs, which are computed while its prompt is prefilled (as vLLM, it computes it all)."""
+    return blocks.enable_prefix_caching and seq.params.prompt_logprobs is None
 
 
 def _age(seq: Sequence) -> tuple[float, int]:

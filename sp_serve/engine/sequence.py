@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from sp_serve.engine.protocol import TokenLogprob
 from sp_serve.engine.sampling import SamplingParams
 
 
@@ -30,6 +31,8 @@ class Sequence:
     last_token_time: float | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # params.prompt_logprobs set: one entry per prompt token once prefilled (the first is None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (last) admission
     prefix_hint: int = 0  # ... or expected there when it arrived (the scheduler's cost estimate)
 

@@ -151,10 +151,13 @@ class PagedKVCache:
     def num_tokens(self, seq_id: int) -> int:
         return self.pool.num_tokens(seq_id)
 
-    def append_slots(self, seq_id: int, count: int, decode: bool = False) -> torch.Tensor:
-        """Reserves `count` slots at the end of the sequence's shard; returns their slot ids.
+    def append_slots(self, seq_id: int, count: int, decode: bool = False,
+                     host: bool = False) -> torch.Tensor:
+        """Reserves `count` slots at the end of the sequence's shard; returns their slot ids (on
+        the host with host=True: the worker copies a whole step's metadata to the device once).
         Prompt chunks get the lowest free blocks, decode tokens (decode=True) the highest."""
-        return self._slots(*self.pool.append(seq_id, count, decode))
+        slots = self._slots(*self.pool.append(seq_id, count, decode))
+        return slots if host else slots.to(self.k_lthd.device)
 
     def apply(self, ops: list[tuple], rank: int) -> None:
         """The engine's KV operations of a step, in the engine's order (`BlockManager.ops`):
@@ -177,12 +180,13 @@ class PagedKVCache:
 
     def slots(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self._lens.get(seq_id, 0) if end is None else end
-        return self._slots(self._tables.get(seq_id, []), start, end)
+        return self._slots(self._tables.get(seq_id, []), start, end).to(self.k_lthd.device)
 
     def _slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        """Slot ids of tokens [start, end) of a shard, on the host."""
         idx = torch.arange(start, end)
         blocks = torch.tensor(table, dtype=torch.long)[idx // self.block_size] if end > start else idx
-        return (blocks * self.block_size + idx % self.block_size).to(self.k_lthd.device)
+        return blocks * self.block_size + idx % self.block_size
 
     def write(self, layer: int, slots_t: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor) -> None:
         self.k_lthd[layer].index_copy_(0, slots_t, k_thd.to(self.k_lthd.dtype))
@@ -235,14 +239,20 @@ class PagedKVCache:
         shape = (self.num_blocks, self.block_size, *self.k_lthd.shape[2:])
         return self.k_lthd[layer].view(shape), self.v_lthd[layer].view(shape)
 
-    def block_tables(self, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables int32 [b, m] and shard lengths int32 [b] on the cache's device, for the
-        paged decode kernel. Built once per step (one copy each), not per layer; rows are padded
-        with block 0, which the kernel never reads (it stops at the shard's length)."""
+    def block_tables(self, seq_ids: list[int], host: bool = False,
+                     width_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables int32 [b, m] and shard lengths int32 [b] on the cache's device (on the
+        host with host=True), for the paged decode kernel. Built once per step, not per layer;
+        rows are padded with block 0, which the kernel never reads (it stops at the shard's
+        length), to a multiple of `width_multiple` blocks (a row stride that Triton specializes
+        the same way every step)."""
         tables = [self._tables.get(s, []) for s in seq_ids]
         width = max([1, *map(len, tables)])
+        width = -(-width // width_multiple) * width_multiple
         tables_bm = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         lens_b = torch.tensor([self._lens.get(s, 0) for s in seq_ids], dtype=torch.int32)
+        if host:
+            return tables_bm, lens_b
         return tables_bm.to(self.k_lthd.device), lens_b.to(self.k_lthd.device)
 
     def free(self, seq_id: int) -> None:

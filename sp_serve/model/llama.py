@@ -124,15 +124,17 @@ class CausalLM(nn.Module):
     # KV cache allocated outside inference mode.
     @torch.no_grad()
     def forward(self, input_ids_t: Tensor, positions_t: Tensor, attn: AttentionFn,
-                rope_len_t: Tensor | None = None) -> Tensor:
+                rope_len_t: Tensor | None = None, rope_lengths: list[int] | None = None) -> Tensor:
         """Hidden states after the final norm, [t, d].
 
         input_ids_t, positions_t: [t] int64; positions are global (a token's index in its own
         sequence). rope_len_t: [t] total length of each token's sequence after this step; only
         dynamic-NTK RoPE reads it (None: max(positions_t) + 1 for all, i.e. one sequence).
+        rope_lengths: rope_len_t's distinct values when the caller has them on the host (then
+        dynamic RoPE reads nothing back from the device).
         """
         x_td = F.embedding(input_ids_t, self.embed_weight)
-        cos_t1f, sin_t1f = self.rope.cos_sin(positions_t, x_td.dtype, rope_len_t)
+        cos_t1f, sin_t1f = self.rope.cos_sin(positions_t, x_td.dtype, rope_len_t, rope_lengths)
         for layer in self.layers:
             x_td = layer(x_td, cos_t1f, sin_t1f, attn)
         return self.norm(x_td)

@@ -68,7 +68,8 @@ class RotaryEmbedding:
             self._dynamic_cache[rope_len] = inv_freq_f
         return inv_freq_f
 
-    def _inv_freq(self, positions_t: Tensor, rope_len_t: Tensor | None) -> Tensor:
+    def _inv_freq(self, positions_t: Tensor, rope_len_t: Tensor | None,
+                  lengths: list[int] | None = None) -> Tensor:
         """[f] shared by all tokens, or [t, f] per token for dynamic NTK past the threshold."""
         if self.inv_freq_f.device != positions_t.device:  # the model moved after construction
             self.inv_freq_f = self.inv_freq_f.to(positions_t.device)
@@ -79,7 +80,9 @@ class RotaryEmbedding:
             # One forward call over one sequence, as HF sees it.
             rope_len_t = (positions_t.max() + 1).expand(positions_t.shape)
         threshold = self.spec.max_position_embeddings
-        lengths = torch.unique(rope_len_t).tolist()
+        # The distinct lengths: given by a caller that knows them on the host (the worker's
+        # step metadata), else read from the device (a sync, once per forward pass).
+        lengths = sorted(set(lengths)) if lengths is not None else torch.unique(rope_len_t).tolist()
         if lengths[-1] <= threshold:
             return self.inv_freq_f
         inv_freq_tf = self.inv_freq_f.expand(positions_t.shape[0], -1).clone()
@@ -88,10 +91,11 @@ class RotaryEmbedding:
                 inv_freq_tf[rope_len_t == length] = self._dynamic_inv_freq(int(length))
         return inv_freq_tf
 
-    def cos_sin(self, positions_t: Tensor, dtype: torch.dtype,
-                rope_len_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape [t, 1, f] in `dtype`; compute once per forward, reuse per layer."""
-        inv_freq = self._inv_freq(positions_t, rope_len_t)
+    def cos_sin(self, positions_t: Tensor, dtype: torch.dtype, rope_len_t: Tensor | None = None,
+                rope_lengths: list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape [t, 1, f] in `dtype`; compute once per forward, reuse per layer.
+        rope_lengths: the distinct values of rope_len_t, if known on the host."""
+        inv_freq = self._inv_freq(positions_t, rope_len_t, rope_lengths)
         freqs_tf = positions_t[:, None].float() * inv_freq
         cos_tf = freqs_tf.cos()
         sin_tf = freqs_tf.sin()

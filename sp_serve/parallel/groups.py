@@ -73,6 +73,12 @@ def init_parallel(
     cpu_comm (CPU only): "auto" uses shared memory when every rank is on this host and the
     platform allows it, else gloo; "shm" insists; "gloo" always uses gloo."""
     backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        # NCCL faults (see docs/architecture.md, "Faults"): on a timeout or a communicator
+        # error torch's watchdog aborts the communicators and the error reaches the waiting
+        # call (2, "CleanUpOnly"), which the engine turns into /health 503 and exit 1; the
+        # default tears the whole process down from the watchdog thread, mid-call.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     rendezvous = {"init_method": "env://"} if store is None else {"store": store}
     dist.init_process_group(
         backend=backend,
@@ -106,8 +112,33 @@ def _communicator(rank: int, world_size: int, dev: torch.device, control: dist.P
     return ShmComm(rank, world_size, control, timeout_s)
 
 
-def shutdown_parallel(pc: ParallelContext | None = None) -> None:
+def abort_parallel() -> bool:
+    """Aborts every process group's communicators (NCCL: ncclCommAbort) without talking to
+    the peers, so a collective blocked on a dead or stuck rank returns with an error instead of
+    waiting out the timeout. Non-collective and safe from any thread; False if this torch has
+    no such call or it failed (then the NCCL timeout, --dist-timeout, still ends the wait)."""
+    if not dist.is_initialized():
+        return False
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None:
+        try:
+            abort()  # every group, NCCL communicators inside one NCCL group call
+            return True
+        except Exception:  # e.g. a backend of this torch without abort: the NCCL one alone
+            pass
+    try:
+        dist.group.WORLD._get_backend(torch.device("cuda")).abort()
+        return True
+    except Exception:  # already aborted, or no NCCL backend: nothing to undo
+        return False
+
+
+def shutdown_parallel(pc: ParallelContext | None = None, aborted: bool = False) -> None:
+    """Leaves the process groups. aborted: a peer is gone, so the groups are aborted rather than
+    destroyed (destroying an NCCL communicator waits for its peers)."""
     if pc is not None:
         pc.comm.close()
+    if aborted and pc is not None and pc.device.type == "cuda" and abort_parallel():
+        return
     if dist.is_initialized():
         dist.destroy_process_group()

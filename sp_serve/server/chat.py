@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from sp_serve.engine.protocol import TokenLogprob
+from sp_serve.server.completions import format_prompt_logprobs
 from sp_serve.server.generation import ChoiceResult, ChoiceUpdate, GenerationGroup
 from sp_serve.server.prompts import encode_chat, resolve_max_tokens
 from sp_serve.server.protocol import (
@@ -39,20 +40,25 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     max_tokens = resolve_max_tokens(len(prompt), request.requested_max_tokens, ctx.max_model_len,
                                     "messages", max_tokens_param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    choices = make_choices(ctx, request_id, request, [prompt], [max_tokens], request.logprobs_k)
+    choices = make_choices(ctx, request_id, request, [prompt], [max_tokens], request.logprobs_k,
+                           request.prompt_logprobs)
     group = GenerationGroup(ctx.engine, ctx.metrics, choices, len(prompt), arrival)
-    formatter = ChatFormatter(request_id, ctx.model_name, ctx.token_text, len(choices))
+    formatter = ChatFormatter(request_id, ctx.model_name, ctx.token_text, len(choices),
+                              request.prompt_logprobs)
     return await respond(group, formatter, raw_request, stream=bool(request.stream),
-                         include_usage=request.include_usage)
+                         include_usage=request.include_usage,
+                         continuous_usage=request.continuous_usage)
 
 
 class ChatFormatter:
     def __init__(self, request_id: str, model: str, token_text: Callable[[int], str],
-                 num_choices: int) -> None:
+                 num_choices: int, prompt_logprobs: int | None = None) -> None:
         self._id = request_id
         self._model = model
         self._token_text = token_text
         self._num_choices = num_choices
+        # vLLM's prompt_logprobs (one list for the response: every choice has the same prompt)
+        self._prompt_k = prompt_logprobs
 
     def _top(self, token_id: int, logprob: float) -> TopLogprob:
         token = self._token_text(token_id)
@@ -95,4 +101,7 @@ class ChatFormatter:
                               logprobs=self._logprobs(r.logprobs), finish_reason=r.finish_reason,
                               stop_reason=r.stop_reason)
                    for r in results]
-        return ChatCompletionResponse(id=self._id, model=self._model, choices=choices, usage=usage)
+        prompt_logprobs = next((r.prompt_logprobs for r in results if r.prompt_logprobs), None)
+        return ChatCompletionResponse(id=self._id, model=self._model, choices=choices, usage=usage,
+                                      prompt_logprobs=format_prompt_logprobs(
+                                          prompt_logprobs, self._prompt_k, self._token_text))

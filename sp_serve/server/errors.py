@@ -89,7 +89,10 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
         field = _field(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         value = error.get("input")
-        if field and error["type"] != "missing" and not isinstance(value, (dict, list)):
+        if error["type"] == "extra_forbidden":  # not silently ignored: say so, and what to do
+            message = ("unknown field, or one sp-serve does not implement; remove it (fields "
+                       "accepted without effect are listed in protocol.IGNORED_FIELDS)")
+        elif field and error["type"] != "missing" and not isinstance(value, (dict, list)):
             message = f"{message} (got {echo(repr(value))})"
         parts.append(f"{field}: {message}" if field else message)
     if len(errors) > 3:

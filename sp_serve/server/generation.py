@@ -36,6 +36,7 @@ class ChoiceUpdate:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first update, if asked
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None
     stop_reason: str | int | None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Choice:
     engine_done: bool = False  # the engine finished it, or we aborted it: nothing to free
     first_token_at: float | None = None
     last_token_at: float | None = None
+    submitted_at: float | None = None  # handed to the engine (time.monotonic())
+    scheduled_at: float | None = None  # first scheduled, as the engine reports its queue time
     prompt_index: int = 0  # which of the request's prompts (n choices share one)
     cached_tokens: int = 0  # of its prompt, found in the prefix cache
 
@@ -90,7 +94,7 @@ class Choice:
                 stop_reason = last_token
         self.num_tokens += len(token_ids)
         return ChoiceUpdate(self.index, "".join(pieces), token_ids, logprobs, finish_reason,
-                            stop_reason)
+                            stop_reason, delta.prompt_logprobs)
 
 
 _CLOSED = object()  # queue item: the group was closed before every choice finished
@@ -119,6 +123,7 @@ class GenerationGroup:
         streams = []
         for i, choice in enumerate(self.choices):
             try:
+                choice.submitted_at = time.monotonic()
                 streams.append(self.engine.generate(choice.prompt_ids, choice.params,
                                                     choice.request_id))
             except ValueError as exc:  # refused: this one and the rest never reached the engine
@@ -127,6 +132,9 @@ class GenerationGroup:
                 await self.close()
                 raise BadRequest(str(exc)) from exc
         self._tasks = [asyncio.create_task(self._run(c, s)) for c, s in zip(self.choices, streams)]
+        prompts = len({tuple(c.prompt_ids) for c in self.choices}) or 1
+        for _ in range(prompts):  # one observation per prompt: vLLM's request is one prompt
+            self.metrics.request_params_n.observe(len(self.choices) // prompts)
 
     async def first(self) -> None:
         """Waits for the first output of any choice, so that a ValueError the engine raises
@@ -165,6 +173,8 @@ class GenerationGroup:
             if update.logprobs is not None:
                 result.logprobs = (result.logprobs or []) + update.logprobs
             result.finish_reason, result.stop_reason = update.finish_reason, update.stop_reason
+            if update.prompt_logprobs is not None:
+                result.prompt_logprobs = update.prompt_logprobs
         return [results[c.index] for c in self.choices]
 
     @property
@@ -194,6 +204,7 @@ class GenerationGroup:
                 choice.engine_done = True
                 self.metrics.e2e_request_latency.observe(time.monotonic() - self.arrival)
                 self.metrics.request_finished(update.finish_reason)
+                self._observe_finished(choice)
                 return
             raise RuntimeError(f"engine stream {choice.request_id} ended without a finish_reason")
         except ValueError as exc:
@@ -215,10 +226,29 @@ class GenerationGroup:
             if aclose is not None:
                 await aclose()
 
+    def _observe_finished(self, choice: Choice) -> None:
+        """vLLM's per-request histograms, at its finish (times as vLLM defines them)."""
+        m = self.metrics
+        m.request_prompt_tokens.observe(len(choice.prompt_ids))
+        m.request_generation_tokens.observe(choice.num_tokens)
+        m.request_params_max_tokens.observe(choice.params.max_tokens)
+        if choice.first_token_at is not None:
+            scheduled = choice.scheduled_at if choice.scheduled_at is not None else self.arrival
+            decode = choice.last_token_at - choice.first_token_at
+            m.request_prefill_time.observe(max(0.0, choice.first_token_at - scheduled))
+            m.request_decode_time.observe(decode)
+            m.request_inference_time.observe(max(0.0, choice.last_token_at - scheduled))
+            if choice.num_tokens > 1:
+                m.time_per_output_token.observe(decode / (choice.num_tokens - 1))
+        if all(c.engine_done for c in self.choices):
+            m.request_max_num_generation_tokens.observe(max(c.num_tokens for c in self.choices))
+
     def _observe(self, choice: Choice, delta: TokenDelta) -> None:
         now = time.monotonic()
         if delta.queue_time_s is not None:
             self.metrics.request_queue_time.observe(delta.queue_time_s)
+            if choice.submitted_at is not None:
+                choice.scheduled_at = choice.submitted_at + delta.queue_time_s
         if delta.num_cached_tokens is not None:
             choice.cached_tokens = delta.num_cached_tokens
         if delta.new_token_ids:

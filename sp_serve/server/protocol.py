@@ -24,6 +24,7 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 MAX_N = 128  # OpenAI's own cap on n; each choice is a separate engine request.
@@ -144,14 +145,78 @@ Temperature = Annotated[float, Field(ge=0.0, le=_DOUBLE_MAX)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
+# Fields a request may carry that change nothing sp-serve computes, so they are accepted and
+# ignored: the one place that lists them. Any other field not declared on a request model is a
+# 400 naming it (extra="forbid"): a client is never silently ignored.
+IGNORED_FIELDS: dict[str, str] = {
+    "user": "an end-user id for the provider's abuse monitoring",
+    "metadata": "the client's tags for a stored completion",
+    "store": "whether the provider stores the completion (sp-serve stores nothing)",
+    "service_tier": "the provider's processing tier",
+    "prompt_cache_key": "a hint for the provider's prompt cache",
+    "safety_identifier": "an end-user id for the provider's abuse monitoring",
+    "parallel_tool_calls": "only meaningful with tools, which are refused unless empty",
+}
+_IGNORED = "Accepted and ignored: {}."
+
+
 class _Request(BaseModel):
-    # Unknown fields are ignored (clients send vendor extras); fields with an effect we cannot
-    # provide are declared below and refused unless left at their neutral value.
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    # A field that is not declared is a 400 naming it; fields with an effect we cannot provide
+    # are declared below and refused unless left at their neutral value; IGNORED_FIELDS lists
+    # the ones accepted without effect.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(
+        False, description="vLLM extension: with include_usage, every chunk carries the usage "
+        "so far.")
+
+
+_TOKEN_KEY = r"^[0-9]{1,9}$"  # logit_bias keys: token ids as JSON object keys
+_ONE_STRUCTURED = ("400 if more than one of response_format (json_object / json_schema), "
+                   "structured_outputs and guided_* is given, or if llguidance refuses the "
+                   "schema, regex or grammar.")
+
+
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              populate_by_name=True)
+    name: Text | None = None
+    description: Text | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="The JSON schema.")
+    strict: bool | None = Field(None, description="The output always follows the schema.")
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or
+    json_schema (the output is JSON matching the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="Required for json_schema.")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise ValueError("json_schema is given exactly when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object
+    (400 otherwise)."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json",
+                                                 description="A JSON schema.")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: Text | None = Field(None, description="A Lark grammar (llguidance's dialect).")
+    json_object: bool | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              populate_by_name=True)
 
 
 class SamplingRequest(_Request):
@@ -178,17 +243,43 @@ class SamplingRequest(_Request):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=_DOUBLE_MAX)] | None = None
-    logit_bias: Annotated[dict[str, float] | None,
-                          _neutral_only({"type": ["object", "null"], "maxProperties": 0},
-                                        "logit_bias")] = None
-    user: Text | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported by sp-serve")
-        return value
+    logit_bias: Annotated[
+        dict[Annotated[str, Field(pattern=_TOKEN_KEY)],
+             Annotated[float, Field(ge=-100.0, le=100.0)]] | None,
+        WithJsonSchema({"anyOf": [{"type": "object", "propertyNames": {"pattern": _TOKEN_KEY},
+                                   "additionalProperties": {"type": "number", "minimum": -100.0,
+                                                            "maximum": 100.0}},
+                                  {"type": "null"}]})] = Field(
+        None, description="Token id (as a string) -> bias added to its logit; 400 for an id "
+        "out of the vocabulary.")
+    min_tokens: integer(ge=0) | None = Field(
+        None, description="vLLM extension: eos, stop_token_ids and stop strings cannot end the "
+        "output before this many tokens; 400 if above max_tokens.")
+    include_stop_str_in_output: bool = Field(
+        False, description="vLLM extension: keep the matched stop string at the end of the text.")
+    response_format: ResponseFormat | None = Field(
+        None, description=f"json_object or json_schema: structured outputs. {_ONE_STRUCTURED}")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM extension: the output follows a JSON schema, regex, choice or "
+        f"Lark grammar (llguidance). {_ONE_STRUCTURED}")
+    guided_json: dict[str, Any] | Text | None = Field(
+        None, description=f"vLLM's older spelling of structured_outputs.json. {_ONE_STRUCTURED}")
+    guided_regex: Text | None = Field(
+        None, description=f"vLLM: structured_outputs.regex. {_ONE_STRUCTURED}")
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = Field(
+        None, description=f"vLLM: structured_outputs.choice. {_ONE_STRUCTURED}")
+    guided_grammar: Text | None = Field(
+        None, description=f"vLLM: structured_outputs.grammar. {_ONE_STRUCTURED}")
+    user: Text | None = Field(None, description=_IGNORED.format(IGNORED_FIELDS["user"]))
+    metadata: dict[str, Text] | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["metadata"]))
+    store: bool | None = Field(None, description=_IGNORED.format(IGNORED_FIELDS["store"]))
+    service_tier: Text | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["service_tier"]))
+    prompt_cache_key: Text | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["prompt_cache_key"]))
+    safety_identifier: Text | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["safety_identifier"]))
 
     @field_validator("stream_options")
     @classmethod
@@ -201,6 +292,35 @@ class SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def structured(self) -> tuple[str, dict[str, Any]] | None:
+        """(the field that asked, StructuredOutputsParams' fields), or None; ValueError when
+        more than one field asks."""
+        asked = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            asked.append(("response_format", {"json": rf.json_schema.json_schema}))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            fields = {"json": so.json_, "regex": so.regex, "choice": so.choice,
+                      "grammar": so.grammar, "json_object": so.json_object}
+            asked.append(("structured_outputs", {k: v for k, v in fields.items() if v is not None}))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                asked.append((name, {key: getattr(self, name)}))
+        if len(asked) > 1:
+            raise ValueError("only one of response_format (json_object / json_schema), "
+                             "structured_outputs and guided_* may be given; got "
+                             + ", ".join(name for name, _ in asked))
+        return asked[0] if asked else None
+
+    @property
+    def continuous_usage(self) -> bool:
+        # as vLLM: only together with include_usage
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
 
 class CompletionRequest(SamplingRequest):
     prompt: PromptInput = Field(
@@ -208,18 +328,16 @@ class CompletionRequest(SamplingRequest):
     max_tokens: integer(ge=1) | None = Field(
         None, description="Default: the rest of the context.")
     logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
-    echo: Annotated[bool | None, _neutral_only({"enum": [False, None]}, "echo")] = False
+    echo: bool | None = Field(
+        False, description="The prompt comes first in each choice's text and, with logprobs, "
+        "its tokens first in the logprobs (the first token's logprob null: nothing predicts it).")
+    prompt_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="vLLM extension: each choice's prompt_logprobs lists, per prompt "
+        "token, its logprob and rank and the top k at its position (null for the first).")
     suffix: Annotated[str | None, _neutral_only({"type": ["string", "null"], "maxLength": 0},
                                                 "suffix")] = None
     best_of: Integer | None = Field(None, description="400 unless equal to n.")
     add_special_tokens: bool = True  # vLLM extension: BOS for string prompts
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("echo is not supported by sp-serve")
-        return value
 
     @field_validator("suffix")
     @classmethod
@@ -259,18 +377,6 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Annotated[str, _neutral_only({"enum": ["text"]}, "a response format other than text")]
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError("only the 'text' response format is supported by sp-serve")
-        return value
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
         description="400 if the chat template refuses them (e.g. roles out of order) or they do "
@@ -280,11 +386,23 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
         None, description="Above 0: 400 unless logprobs is true.")
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[Any] | None,
                      _neutral_only({"type": ["array", "null"], "maxItems": 0}, "tool calling")
                      ] = None
     add_generation_prompt: bool = True  # vLLM extension
+    prompt_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="vLLM extension: the response's prompt_logprobs lists, per prompt "
+        "token, its logprob and rank and the top k at its position; 400 with stream.")
+    parallel_tool_calls: bool | None = Field(
+        None, description=_IGNORED.format(IGNORED_FIELDS["parallel_tool_calls"]))
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, value: int | None, info) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs cannot be streamed on chat completions (as in "
+                             "vLLM); use stream false, or /v1/completions")
+        return value
 
     @field_validator("tools")
     @classmethod
@@ -365,9 +483,22 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
-    token_logprobs: list[float] = []
+    # null for an echoed prompt's first token, which nothing predicts (OpenAI's echo shape)
+    token_logprobs: list[float | None] = []
     tokens: list[str] = []
-    top_logprobs: list[dict[str, float]] = []
+    top_logprobs: list[dict[str, float] | None] = []
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: a token's logprob, its rank at its position (1: the most likely)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt token: {token id: its logprob, and the top k's}; null for the first token.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -376,6 +507,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or stop token that ended it
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension, when asked for
 
 
 class CompletionResponse(BaseModel):
@@ -421,6 +553,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension, when asked for
 
 
 class DeltaMessage(BaseModel):

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from sp_serve.engine.protocol import EngineClient
 from sp_serve.engine.sampling import SamplingParams
+from sp_serve.engine.structured import StructuredOutputsParams
 from sp_serve.server.errors import (
     APIError,
     BadRequest,
@@ -93,14 +94,24 @@ class ResponseFormatter(Protocol):
 
 # Request fields passed to SamplingParams as they are, unless unset (then its default holds).
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty")
+                    "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias",
+                    "include_stop_str_in_output")
 
 
 def sampling_params(request: SamplingRequest, max_tokens: int, sample: int,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """One engine request's parameters: n is fanned out here, so the engine always sees n=1;
     sample i of a seeded request draws with seed + i, so the n samples differ yet reproduce."""
     chosen = {name: getattr(request, name) for name in _SAMPLING_FIELDS}
+    param = None
+    try:
+        structured = request.structured()
+        if structured is not None:
+            param, fields = structured
+            chosen["structured_outputs"] = StructuredOutputsParams(**fields)
+            param = None
+    except ValueError as exc:
+        raise BadRequest(str(exc), param=param or "structured_outputs") from exc
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -110,15 +121,18 @@ def sampling_params(request: SamplingRequest, max_tokens: int, sample: int,
             ignore_eos=request.ignore_eos,
             n=1,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             **{k: v for k, v in chosen.items() if v is not None},
         )
     except ValueError as exc:
-        raise BadRequest(str(exc)) from exc
+        message = str(exc)
+        param = next((name for name in _SAMPLING_FIELDS if message.startswith(name)), None)
+        raise BadRequest(message, param=param) from exc
 
 
 def make_choices(ctx: ServerContext, request_id: str, request: SamplingRequest,
                  prompts: list[list[int]], max_tokens: list[int],
-                 logprobs: int | None) -> list[Choice]:
+                 logprobs: int | None, prompt_logprobs: int | None = None) -> list[Choice]:
     """Choice index = prompt index * n + sample, as OpenAI numbers a batch; engine request id
     `{id}-{index}`."""
     n = request.n or 1
@@ -128,10 +142,13 @@ def make_choices(ctx: ServerContext, request_id: str, request: SamplingRequest,
     choices = []
     for p, (prompt_ids, prompt_max_tokens) in enumerate(zip(prompts, max_tokens)):
         for sample in range(n):
-            params = sampling_params(request, prompt_max_tokens, sample, logprobs)
+            params = sampling_params(request, prompt_max_tokens, sample, logprobs,
+                                     prompt_logprobs)
             index = p * n + sample
             choices.append(Choice(index, f"{request_id}-{index}", prompt_ids, params,
-                                  TextStream(ctx.tokenizer, prompt_ids, params.stop), prompt_index=p))
+                                  TextStream(ctx.tokenizer, prompt_ids, params.stop,
+                                             params.include_stop_str_in_output,
+                                             params.min_tokens), prompt_index=p))
     return choices
 
 
@@ -141,7 +158,7 @@ def _event(payload: BaseModel | dict) -> str:
 
 
 async def respond(group: GenerationGroup, formatter: ResponseFormatter, request: Request, *,
-                  stream: bool, include_usage: bool) -> Response:
+                  stream: bool, include_usage: bool, continuous_usage: bool = False) -> Response:
     await group.start(request.receive)
     if not stream:
         try:
@@ -156,20 +173,26 @@ async def respond(group: GenerationGroup, formatter: ResponseFormatter, request:
     except BaseException:
         await group.close()
         raise
-    return StreamingResponse(_sse(group, formatter, include_usage),
+    return StreamingResponse(_sse(group, formatter, include_usage, continuous_usage),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _sse(group: GenerationGroup, formatter: ResponseFormatter,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, continuous_usage: bool = False) -> AsyncIterator[str]:
+    def with_usage(chunk: Any) -> Any:
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far
+        if continuous_usage:
+            chunk.usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens, group.cached_tokens)
+        return chunk
+
     try:
         for chunk in formatter.prelude():
-            yield _event(chunk)
+            yield _event(with_usage(chunk))
         async for update in group.updates():
             chunk = formatter.chunk(update)
             if chunk is not None:
-                yield _event(chunk)
+                yield _event(with_usage(chunk))
         if include_usage:
             usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens, group.cached_tokens)
             yield _event(formatter.usage_chunk(usage))

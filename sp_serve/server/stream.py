@@ -57,20 +57,25 @@ class StopStringMatcher:
     streams without delay.
     """
 
-    def __init__(self, stop: list[str]) -> None:
+    def __init__(self, stop: list[str], include_stop: bool = False) -> None:
         self._stop = list(stop)
+        self._include = include_stop  # vLLM's include_stop_str_in_output
         self._longest = max((len(s) for s in self._stop), default=0)
         self._pending = ""
 
-    def feed(self, text: str) -> tuple[str, str | None]:
-        """(text safe to emit, the stop string matched or None)."""
+    def feed(self, text: str, check: bool = True) -> tuple[str, str | None]:
+        """(text safe to emit, the stop string matched or None). check=False: text before
+        min_tokens, where stop strings do not count (vLLM), emitted as it is."""
         if not self._stop:
             return text, None
+        if not check:
+            out, self._pending = self._pending + text, ""
+            return out, None
         self._pending += text
         hits = [(at, s) for s in self._stop if (at := self._pending.find(s)) != -1]
         if hits:
             at, matched = min(hits)
-            out, self._pending = self._pending[:at], ""
+            out, self._pending = self._pending[:at + (len(matched) if self._include else 0)], ""
             return out, matched
         held = self._held_suffix_len()
         cut = len(self._pending) - held
@@ -94,12 +99,17 @@ class StopStringMatcher:
 class TextStream:
     """One choice's text: detokenize token by token, then apply stop strings."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: list[str]) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: list[str],
+                 include_stop: bool = False, min_tokens: int = 0) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self._stop = StopStringMatcher(stop)
+        self._stop = StopStringMatcher(stop, include_stop)
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
 
     def add_token(self, token_id: int) -> tuple[str, str | None]:
-        return self._stop.feed(self._detokenizer.add(token_id))
+        self._num_tokens += 1
+        return self._stop.feed(self._detokenizer.add(token_id),
+                               check=self._num_tokens >= self._min_tokens)
 
     def finish(self) -> tuple[str, str | None]:
         """The held-back rest at the end of the sequence (it can still complete a stop string)."""
