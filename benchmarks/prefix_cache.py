@@ -6,8 +6,9 @@ float32): a chat over a ~7K-token document at SP=2 (by default).
 Turn 1: the document (a pass-key haystack, the question around it) as a chat prompt, answered
 greedily (16 tokens). Turn 2: turn 1's prompt and answer, then a new user message (three
 different follow-ups, each sent once: each finds the first turn's prompt and all its answer but
-the last token cached, the later ones also the previous follow-up's chat-template tokens). TTFT = request start to the first token, timed
-at the engine's step (fcfs, a step budget that holds the prompt: turn 1 is one prefill step).
+the last token cached, the later ones also the previous follow-up's chat-template tokens).
+TTFT = request start to the first token, timed at the engine's step (fcfs, a step budget
+that holds the prompt: turn 1 is one prefill step).
 The target (issue 14): turn 2's TTFT at most 5% of turn 1's. It measures and prints; it
 asserts nothing.
 """
@@ -41,7 +42,8 @@ def _args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def timed(llm: LLM, rid: str, ids: list[int], params: SamplingParams) -> tuple[float, list[int], int]:
+def timed(llm: LLM, rid: str, ids: list[int], params: SamplingParams
+          ) -> tuple[float, list[int], int]:
     """(TTFT s, generated tokens, prompt tokens found cached)."""
     start = time.perf_counter()
     (seq,) = llm.engine.add_request(rid, ids, params)

@@ -53,7 +53,8 @@ class AsyncEngine:
         cfg = engine.config
         self.cache_config = {
             "block_size": str(cfg.block_size), "num_gpu_blocks": str(engine.runtime.num_blocks),
-            "num_cpu_blocks": "0", "cache_dtype": "auto", "enable_prefix_caching": str(engine.enable_prefix_caching),
+            "num_cpu_blocks": "0", "cache_dtype": "auto",
+            "enable_prefix_caching": str(engine.enable_prefix_caching),
             "gpu_memory_utilization": str(cfg.gpu_memory_utilization),
             "sp_size": str(engine.world_size), "device": engine.device_name}
         self._stop = threading.Event()

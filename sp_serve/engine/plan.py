@@ -43,4 +43,5 @@ class StepPlan:
 
     @property
     def is_noop(self) -> bool:
-        return not (self.prefill or self.decode or self.free_seq_ids or self.kv_ops or self.shutdown)
+        return not (self.prefill or self.decode or self.free_seq_ids or self.kv_ops
+                    or self.shutdown)

@@ -39,7 +39,8 @@ class TokenDelta:
     queue_time_s: float | None = None  # set on the first delta: arrival -> first scheduled
     # set on the first delta when SamplingParams.prompt_logprobs was: one per prompt token
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    num_cached_tokens: int | None = None  # set on the first delta: prompt tokens the prefix cache held
+    # set on the first delta: the prompt tokens the prefix cache held
+    num_cached_tokens: int | None = None
 
 
 # vLLM's buckets of vllm:iteration_tokens_total (tokens one engine step processed)

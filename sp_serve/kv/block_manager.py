@@ -118,7 +118,8 @@ class BlockManager:
         self.entries[entry] = None
         self.index.publish(entry, list(computed))
         self.ops.append(("rename", seq_id, entry))
-        while len(self.entries) > self.world_size * self.blocks_per_rank:  # entries of shared blocks only
+        # entries holding only shared blocks cost no memory: bound their number all the same
+        while len(self.entries) > self.world_size * self.blocks_per_rank:
             self._evict(next(iter(self.entries)))
 
     def _evict(self, entry: int) -> None:
@@ -156,7 +157,8 @@ class BlockManager:
             return None
         return self.index.longest(prompt, len(prompt) - 1)
 
-    def share_cost(self, holder: int, c: int, rest: list[int], reserve: list[int]) -> list[int] | None:
+    def share_cost(self, holder: int, c: int, rest: list[int], reserve: list[int]
+                   ) -> list[int] | None:
         """Per-rank token counts of the prefix when sharing c tokens of the holder and then
         storing `rest[r]` more tokens still leaves `reserve[r]` free on every rank; else None."""
         lens = self.shards[holder].count_below(c)

@@ -181,7 +181,8 @@ def generate_trace(
         raise ValueError(f"dataset {dataset!r}: the simulator generates random, long-doc or "
                          "prefix-repetition workloads; pass --trace FILE for anything else")
     if dataset == "prefix-repetition":
-        for name, value in (("num-prompts", num_prompts), ("prefix-repetition-prefix-len", prefix_len),
+        for name, value in (("num-prompts", num_prompts),
+                            ("prefix-repetition-prefix-len", prefix_len),
                             ("prefix-repetition-suffix-len", suffix_len),
                             ("prefix-repetition-num-prefixes", num_prefixes),
                             ("output-len", output_len)):
@@ -193,7 +194,8 @@ def generate_trace(
         rng = np.random.default_rng(seed)
         ids = [i // (num_prompts // num_prefixes) for i in range(num_prompts)]
         ids = [ids[i] for i in rng.permutation(num_prompts)]
-        times = arrival_times(num_prompts, request_rate, burstiness, np.random.default_rng([seed, 1]))
+        times = arrival_times(num_prompts, request_rate, burstiness,
+                              np.random.default_rng([seed, 1]))
         return [TraceRequest(t, prefix_len + suffix_len, output_len, None, d, prefix_len)
                 for t, d in zip(times, ids)]
     for name, value in (("num-prompts", num_prompts), ("input-len", input_len),
@@ -782,7 +784,8 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
         seq.last_token_time = clock.now
         if not rec.token_times and caching:  # its TTFT floor: the prefill of what was not cached
             rec.cached_tokens = seq.num_cached_tokens
-            rec.prefill_alone_s = cost.prefill_s(rec.prompt_len - rec.cached_tokens, rec.cached_tokens)
+            rec.prefill_alone_s = cost.prefill_s(rec.prompt_len - rec.cached_tokens,
+                                                 rec.cached_tokens)
         rec.token_times.append(clock.now)
         if len(seq.output_token_ids) >= seq.params.max_tokens:
             seq.status, seq.finish_reason = SeqStatus.FINISHED, "length"

@@ -188,7 +188,8 @@ class GenerationGroup:
         the others then share it, which is not a cache hit for the request)."""
         per_prompt: dict[int, int] = {}
         for c in self.choices:
-            per_prompt[c.prompt_index] = min(per_prompt.get(c.prompt_index, c.cached_tokens), c.cached_tokens)
+            seen = per_prompt.get(c.prompt_index, c.cached_tokens)
+            per_prompt[c.prompt_index] = min(seen, c.cached_tokens)
         return sum(per_prompt.values())
 
     async def _run(self, choice: Choice, stream: AsyncIterator[TokenDelta]) -> None:

@@ -183,7 +183,8 @@ async def _sse(group: GenerationGroup, formatter: ResponseFormatter,
     def with_usage(chunk: Any) -> Any:
         # vLLM's continuous_usage_stats: every chunk carries the usage so far
         if continuous_usage:
-            chunk.usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens, group.cached_tokens)
+            chunk.usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens,
+                                       group.cached_tokens)
         return chunk
 
     try:
