@@ -92,7 +92,8 @@ def run_sp(model: str, sp: int, prompt: list[int], reps: int, cpu_comm: str,
            short_len: int, short_at_s: float) -> dict:
     from sp_serve import LLM
     res: dict = {"sp": sp}
-    common = dict(sp_size=sp, cpu_threads=1, cpu_comm=cpu_comm)
+    # no prefix caching: the same prompt runs again on the slo engine and must be prefilled again
+    common = dict(sp_size=sp, cpu_threads=1, cpu_comm=cpu_comm, enable_prefix_caching=False)
     llm = LLM(model, scheduler="fcfs", max_num_batched_tokens=max(8192, len(prompt)), **common)
     try:
         res["one_pass_ttft_s"] = ttft(llm, prompt)
