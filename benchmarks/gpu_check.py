@@ -18,7 +18,7 @@ engine     the engine at SP=1 (one rank: NCCL on the GPU) against Hugging Face t
 kernel-tests  tests/test_kernels.py, compiled on the GPU (TRITON_INTERPRET=0), results in
            DIR/kernel_tests.json.
 kernels-dry   (dry run only) parses the kernel benchmark's command line; on the GPU the script
-           runs benchmarks/kernels.py itself, which writes DIR/kernels.json.
+           runs benchmarks/kernel_bench.py itself, which writes DIR/kernels.json.
 report     merges DIR/*.json into DIR/gpu_check.json and a markdown table DIR/gpu_check.md.
 
 --dry-run: the same code on the CPU (a tiny random Llama, short prompts, gloo, Triton's
@@ -287,10 +287,10 @@ def kernel_tests(out_dir: Path, dry_run: bool, pytest_args: list[str]) -> dict:
 
 
 def kernels_dry(out_dir: Path, bench_args: list[str]) -> dict:
-    """What of benchmarks/kernels.py runs without a GPU: its import and the exact command line
+    """What of benchmarks/kernel_bench.py runs without a GPU: its import and the exact command line
     gpu_check.sh gives it (a typo there would otherwise surface only on the GPU)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import kernels as bench
+    import kernel_bench as bench
     args = bench.parse_args(bench_args)
     result = {"dry_run_args": " ".join(bench_args), "args": vars(args)}
     (out_dir / "kernels.json").write_text(json.dumps(result, indent=2))
@@ -333,7 +333,7 @@ def report(out_dir: Path, dry_run: bool) -> dict:
         lines.append("")
     kb = parts["kernels"]
     if kb:
-        lines += ["## kernels (benchmarks/kernels.py)", ""]
+        lines += ["## kernels (benchmarks/kernel_bench.py)", ""]
         ceil = kb.get("ceilings", {})
         if ceil:
             lines += [f"ceilings: bf16 matmul {ceil.get('matmul_bf16_tflops', 0):.0f} TFLOP/s, "

@@ -12,7 +12,7 @@
 # 3. engine vs HF   the engine at SP=1 (one rank, NCCL) against transformers on a random ~1B
 #                   Llama at prompt lengths 1..4000: triton fp32, torch fp32, auto bf16; and no
 #                   Triton compile while serving (benchmarks/gpu_check.py engine)
-# 4. kernel bench   benchmarks/kernels.py --check: ceilings, prefill TFLOP/s vs SDPA flash,
+# 4. kernel bench   benchmarks/kernel_bench.py --check: ceilings, prefill TFLOP/s vs SDPA flash,
 #                   paged decode GB/s vs copy bandwidth
 # 5. report         OUT_DIR/gpu_check.json (everything) and OUT_DIR/gpu_check.md (the tables)
 #
@@ -61,7 +61,7 @@ if [[ ${#DRY[@]} -eq 0 ]]; then
   step "engine vs transformers" 150 env TRITON_INTERPRET=0 \
     "$PY" benchmarks/gpu_check.py engine --out "$OUT"
   step "kernel benchmark" 90 env TRITON_INTERPRET=0 \
-    "$PY" benchmarks/kernels.py "${KERNEL_BENCH_ARGS[@]}" --json "$OUT/kernels.json"
+    "$PY" benchmarks/kernel_bench.py "${KERNEL_BENCH_ARGS[@]}" --json "$OUT/kernels.json"
 else
   step preflight 60 env TRITON_INTERPRET=1 "$PY" benchmarks/gpu_check.py preflight --out "$OUT" "${DRY[@]}"
   # A few interpreted kernel cases (the whole file is CI's): the runner and its report.

@@ -314,3 +314,25 @@ def test_triton_available_and_import_without_triton() -> None:
         "else:\n    raise AssertionError('expected RuntimeError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_checkout_does_not_shadow_pypi_kernels():
+    """From the checkout's root (on sys.path under `python -m`, `-c` and pytest) `import kernels`
+    is PyPI's package, which transformers imports when it is installed (transformers >= 5.25
+    depends on it); sp-serve's own kernels are `sp_serve_kernels` either way."""
+    import importlib.metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import kernels, sp_serve_kernels, transformers.activations; "
+            "print(kernels.__file__); print(sp_serve_kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pypi_file, ours = out.stdout.split()
+    assert ours.endswith(os.path.join("kernels", "__init__.py"))
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:  # nothing to shadow: the folder is found
+        assert pypi_file == ours
+    else:
+        assert pypi_file != ours and not pypi_file.startswith(os.path.join(root, "")), pypi_file

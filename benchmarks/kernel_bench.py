@@ -1,6 +1,6 @@
 """Benchmark of the Triton kernels (sp_serve_kernels) on a CUDA GPU, against measured ceilings.
 
-    python benchmarks/kernels.py --check --json kernels.json
+    python benchmarks/kernel_bench.py --check --json kernels.json
 
 Prints one table per kernel family:
   * ceilings measured in the same run: bf16 matmul TFLOP/s (torch.matmul 8192^3) and
@@ -288,7 +288,7 @@ def bench_decode(args: argparse.Namespace, ceilings: dict[str, float]) -> list[d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (tests/test_kernels.py covers the CPU "
+        print("benchmarks/kernel_bench.py needs a CUDA GPU (tests/test_kernels.py covers the CPU "
               "interpreter)", file=sys.stderr)
         return 2
     import triton
