@@ -14,7 +14,9 @@ from sp_serve.engine.sampling import (
     SamplingParams,
     TokenCounts,
     distribution,
+    greedy_tokens,
     make_generator,
+    plain_greedy,
     sample,
 )
 
@@ -276,3 +278,25 @@ def test_top_p_always_keeps_the_top_token(top_p, seed):
     top_mass = float(torch.softmax(logits, -1).max())
     if top_p <= top_mass:  # the top token alone reaches top_p: only it can be drawn
         assert draws == {int(logits.argmax())}
+
+
+def test_batched_greedy_tokens_equal_sample_row_by_row():
+    """The engine samples plain greedy requests in one batch (one device sync): each token must
+    be sample()'s, on rows with NaN, +-inf, ties and no finite logit at all."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(50, generator=g) for _ in range(4)]
+    rows[1][7] = float("nan")
+    rows[1][9] = float("inf")
+    rows[2][:] = float("-inf")
+    rows[3][[4, 11]] = 10.0  # a tie: the first one
+    rows.append(torch.full((50,), float("nan")))
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    assert plain_greedy(params)
+    expected = [sample(r, params, None).token_id for r in rows]
+    assert greedy_tokens(rows) == expected
+    assert expected[1] == 9 and expected[3] == 4
+    for kwargs in ({"temperature": 1.0}, {"temperature": 0.0, "logprobs": 1},
+                   {"temperature": 0.0, "logit_bias": {1: 5.0}},
+                   {"temperature": 0.0, "repetition_penalty": 1.2},
+                   {"temperature": 0.0, "min_tokens": 1}):
+        assert not plain_greedy(SamplingParams(max_tokens=2, **kwargs)), kwargs

@@ -23,7 +23,8 @@ from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.engine.protocol import TokenLogprob
 from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
-from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
+from sp_serve.engine.sampling import (SampleResult, SamplingParams, TokenCounts, greedy_tokens,
+                                     make_generator, plain_greedy, sample)
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.engine.structured import GrammarMasks
@@ -236,12 +237,15 @@ class LLMEngine:
             rows = self.runtime.worker.prompt_logprobs.get(seq.seq_id)
             if rows is not None:
                 self._store_prompt_logprobs(seq, start, rows)
-        for seq, _, end in sched.prefill:
-            if end == seq.prefill_target:
-                self.scheduler.prefill_done(seq)
-                events.append(self._append(seq, logits[seq.seq_id], now))
-        for seq, _ in sched.decode:
-            events.append(self._append(seq, logits[seq.seq_id], now))
+        sampled = [seq for seq, _, end in sched.prefill if end == seq.prefill_target]
+        for seq in sampled:
+            self.scheduler.prefill_done(seq)
+        sampled += [seq for seq, _ in sched.decode]
+        greedy = [seq for seq in sampled if plain_greedy(seq.params)]
+        tokens = dict(zip([s.seq_id for s in greedy],
+                          greedy_tokens([logits[s.seq_id] for s in greedy]) if greedy else []))
+        for seq in sampled:
+            events.append(self._append(seq, logits[seq.seq_id], now, tokens.get(seq.seq_id)))
         return events
 
     def _store_prompt_logprobs(self, seq: Sequence, start: int, rows: torch.Tensor) -> None:
@@ -319,14 +323,17 @@ class LLMEngine:
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RuntimeError(f"a rank stopped ({'; '.join(gone) or 'peer lost'}): {first_line}") from exc
 
-    def _append(self, seq: Sequence, logits_v: torch.Tensor, now: float) -> StepEvent:
-        """Samples one sequence's token and applies its stop rules. A failure here is this
-        sequence's alone: it finishes with reason "error" (its KV freed by the next plan) and the
-        step goes on for the others. A failing device shows in the next step's _run instead."""
+    def _append(self, seq: Sequence, logits_v: torch.Tensor, now: float,
+                token: int | None = None) -> StepEvent:
+        """Samples one sequence's token (`token`: already sampled, greedy_tokens) and applies its
+        stop rules. A failure here is this sequence's alone: it finishes with reason "error" (its
+        KV freed by the next plan) and the step goes on for the others. A failing device shows
+        in the next step's _run instead."""
         try:
             counts = self._token_counts.get(seq.seq_id)
-            result = sample(logits_v, seq.params, self._generators.get(seq.seq_id), counts,
-                            self._banned(seq), self._grammars.take(seq.seq_id))
+            result = SampleResult(token) if token is not None else sample(
+                logits_v, seq.params, self._generators.get(seq.seq_id), counts,
+                self._banned(seq), self._grammars.take(seq.seq_id))
             if counts is not None:
                 counts.add(result.token_id)
             grammar_done = (seq.seq_id in self._grammars

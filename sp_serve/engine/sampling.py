@@ -166,6 +166,19 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
+def plain_greedy(params: SamplingParams) -> bool:
+    """Whether the token is the argmax of the raw logits and nothing else is asked for: greedy,
+    no processor, penalty or grammar changes the logits, no logprobs."""
+    return (params.greedy and not params.has_logits_processors and not params.has_penalties
+            and params.structured_outputs is None and params.logprobs is None)
+
+
+def greedy_tokens(rows_v: list[torch.Tensor]) -> list[int]:
+    """sample()'s token for rows of plain_greedy requests, all at once: one device-to-host
+    copy for the batch, where a token per call costs a device sync per sequence on a GPU."""
+    return _clean(torch.stack(rows_v).float()).argmax(-1).tolist()
+
+
 def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
            counts: TokenCounts | None = None, banned: list[int] | None = None,
            bitmask: torch.Tensor | None = None) -> SampleResult:
