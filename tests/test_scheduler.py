@@ -299,9 +299,10 @@ def test_step_time_scale_is_the_slowest_of_the_recent_steps_of_its_kind():
     assert st.scale("prefill") == StepTimeCorrection.LIMITS[1]
 
 
-def test_prompts_progress_when_the_decode_batch_alone_overruns_the_tbt_target():
+def test_prompts_get_half_the_time_when_the_decode_batch_alone_overruns_the_tbt_target():
     """64 sequences decoding take 0.34 s a step, more than the 0.2 s TBT target alone: every
-    step misses, whatever the chunk, and prompts still progress by min_chunk_tokens a step."""
+    step misses whatever it carries, and a waiting prompt still gets as much predicted time as
+    the decode part (rule 4): half the engine's time, not a token floor."""
     sim = Sim("slo", cost=dataclasses.replace(COST, decode_per_seq_s=5e-3), max_num_seqs=128)
     for _ in range(64):
         sim.add(100, max_tokens=100_000)
@@ -309,9 +310,57 @@ def test_prompts_progress_when_the_decode_batch_alone_overruns_the_tbt_target():
         sim.step()
     assert len(sim.sched.running) == 64
     long = sim.add(1_000_000, max_tokens=1)
-    for _ in range(50):
+    cost = sim.sched.cost
+    for _ in range(20):
         step = sim.step()
-        assert [(b - a) for s, a, b in step.prefill if s is long] == [sim.sched.config.min_chunk_tokens]
+        (seq, a, b), = step.prefill
+        assert seq is long
+        decode_s = cost.step_fixed_s + cost.decode_part_s(
+            len(step.decode), sum(s.num_cached for s, _ in step.decode))
+        chunk_s = cost.chunk_s(b - a, a)
+        assert decode_s > sim.sched.config.tbt_slo_s
+        # the biggest chunk that fits the decode part's time
+        assert chunk_s <= decode_s < cost.chunk_s(b - a + 1, a)
+
+
+def test_prompts_get_the_tbt_budget_left_when_it_exceeds_the_decode_part():
+    """A decode batch that leaves most of the TBT budget: the chunk takes the rest, not half."""
+    sim = Sim("slo")
+    for _ in range(2):
+        sim.add(100, max_tokens=100_000)
+    while len(sim.sched.running) < 2:
+        sim.step()
+    long = sim.add(1_000_000, max_tokens=1)
+    step = sim.step()
+    (seq, a, b), = step.prefill
+    assert seq is long
+    predicted = sim.sched.predicted_s(step)
+    assert predicted <= sim.sched.config.tbt_slo_s
+    assert predicted > 0.9 * sim.sched.config.tbt_slo_s
+
+
+def test_a_noisy_machine_cannot_starve_prompts_beside_decodes():
+    """Steps that measure up to 3x their prediction (a shared machine) make rule 3 plan with
+    a scale near 3, which would leave a long prompt a few tokens a step; rule 4 still gives it
+    the TBT budget's leftover at the model's own prediction, capped at the decode part."""
+    sim = Sim("slo", cost=CPU_30_LAYERS, jitter=0.5, tbt_slo_s=0.25)
+    for _ in range(4):
+        sim.add(600, max_tokens=100_000)
+    while sim.sched.waiting:
+        sim.step()
+    for _ in range(200):  # the scale learns the noise
+        sim.step()
+    assert sim.sched.step_time.scale("decode") > 2
+    long = sim.add(100_000, max_tokens=1)
+    cost = sim.sched.cost
+    for _ in range(30):
+        step = sim.step()
+        (seq, a, b), = step.prefill
+        assert seq is long
+        decode_s = cost.step_fixed_s + cost.decode_part_s(
+            len(step.decode), sum(s.num_cached for s, _ in step.decode))
+        floor_s = min(decode_s, 0.25 - decode_s)
+        assert cost.chunk_s(b - a + 1, a) > floor_s  # no smaller than the floor allows
 
 
 def test_idle_time_is_not_taken_for_step_time():

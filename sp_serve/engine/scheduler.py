@@ -19,8 +19,10 @@ Policy "slo" (default), in four rules:
      measured/predicted ratio of the last 128 steps of the same kind (decode, mixed, prefill
      alone), measured on the scheduler's clock, so a busy machine's slowness or noise does not
      break the TBT target.
-  4. When the decode batch alone fills the TBT budget, prompts still progress by
-     min_chunk_tokens per step.
+  4. Rule 3 never starves prompts: a step that decodes gives them at least the time the TBT
+     target leaves at the cost model's own prediction, up to as much as its decode part. A
+     slow or noisy machine can thus take at most half of the engine's time from prefill, and
+     when the decode batch alone overruns the target, prompts get as much time as it does.
 Policy "fcfs" (baseline): first come, first served; each step carries the whole decode batch and
 as much of the oldest prompts as --max-num-batched-tokens allows.
 
@@ -56,7 +58,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     ttft_slo_s: float = 2.0
     tbt_slo_s: float = 0.2
-    min_chunk_tokens: int = 32  # progress guarantee when decode alone eats the TBT budget
+    # A prompt's first chunk in a step when not even one token fits the step's prefill time
+    # (a chunk deep in a very long context): progress whatever the prediction.
+    min_chunk_tokens: int = 32
     # Longest predicted step of prefill alone (None: half the TTFT target). A prompt arriving
     # mid-step waits for the step; longer steps amortise the per-step cost better.
     max_prefill_step_s: float | None = None
@@ -169,6 +173,9 @@ class Scheduler:
         fixed_s = self.cost.step_fixed_s + self.cost.decode_part_s(
             len(step.decode), sum(s.num_cached for s, _ in step.decode))
         time_left_s = limit_s / self.step_time.scale(kind) - fixed_s
+        if step.decode:  # rule 4
+            floor_s = fixed_s if fixed_s >= limit_s else min(fixed_s, limit_s - fixed_s)
+            time_left_s = max(time_left_s, floor_s)
         self._schedule_prefill(step, budget, order, time_left_s, aged)
         return step
 
@@ -256,7 +263,7 @@ class Scheduler:
                     if seq.seq_id in aged:  # its half is spent; the other half is not
                         continue
                     break
-                # Progress guarantee: the first chunk runs even when decode alone eats the TBT.
+                # Progress guarantee: the first chunk runs even when no token fits its time.
                 n = fit or min(n, self.config.min_chunk_tokens)
             shares = self.blocks.prefill_shares(n)
             if not self.blocks.can_hold(seq.seq_id, shares) and not self._preempt_for(seq, shares, step):
