@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sp_serve.kv.quant import KV_CACHE_DTYPES
+
 
 @dataclass
 class EngineConfig:
@@ -32,6 +34,9 @@ class EngineConfig:
     # Keep finished sequences' KV and share common prompt prefixes. None: on, unless the model
     # cannot share prefixes (dynamic-NTK RoPE); True: on (an error where it cannot be).
     enable_prefix_caching: bool | None = None
+    # KV storage: auto (the model's dtype) | fp8 (= fp8_e4m3) | fp8_e5m2 | int8, with one scale
+    # per token and KV head (kv/quant.py)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +65,9 @@ class EngineConfig:
             (self.enable_prefix_caching in (None, True, False),
              f"enable_prefix_caching must be True, False or None (the default: on where the model "
              f"allows it), got {self.enable_prefix_caching!r}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+             f"got {self.kv_cache_dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -22,7 +22,7 @@ from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.engine.protocol import TokenLogprob
-from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
+from sp_serve.engine.runtime import RankRuntime, build_runtime, kv_bytes_per_token, worker_rank_main
 from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
@@ -133,6 +133,28 @@ class LLMEngine:
                  "per rank, scheduler %s, prefix caching %s", self.world_size, self.device_name,
                  self.attn_backend, self.runtime.num_blocks, config.block_size, config.scheduler,
                  "on" if self.enable_prefix_caching else "off")
+        log.info("KV cache: %s, %d bytes per token per rank, capacity %d tokens per rank (%d over "
+                 "%d rank(s))", self.kv_cache_dtype_name, self.kv_bytes_per_token,
+                 self.kv_capacity_tokens // self.world_size, self.kv_capacity_tokens,
+                 self.world_size)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pools of all ranks hold together."""
+        return self.runtime.num_blocks * self.config.block_size * self.world_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's K and V take in the rank that stores it (scales included)."""
+        kv = self.runtime.worker.kv
+        return kv_bytes_per_token(self.spec, kv.dtype, self.config.kv_cache_dtype)
+
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        kv = self.runtime.worker.kv
+        if kv.fmt is None:
+            return f"auto ({str(kv.dtype).removeprefix('torch.')})"
+        return f"{kv.fmt.name} + a bfloat16 scale per token and KV head"
 
     # ---- requests ------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -59,6 +59,7 @@ class EngineStats:
     iteration_tokens_sum: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of those, found there
+    kv_capacity_tokens: int = 0  # tokens the KV pools of all ranks hold together
 
 
 class EngineClient(Protocol):

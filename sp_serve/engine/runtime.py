@@ -18,6 +18,7 @@ from sp_serve.attention.backend import resolve_backend
 from sp_serve.config import EngineConfig
 from sp_serve.engine.plan import StepPlan
 from sp_serve.engine.worker import Worker
+from sp_serve.kv import quant
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.model.loader import load_model
 from sp_serve.parallel.groups import ParallelContext, init_parallel, pick_device, shutdown_parallel
@@ -51,8 +52,10 @@ def set_cpu_threads(config: EngineConfig, world_size: int) -> None:
     torch.set_num_threads(threads)
 
 
-def kv_bytes_per_token(spec, dtype: torch.dtype) -> int:
-    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * torch.finfo(dtype).bits // 8
+def kv_bytes_per_token(spec, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes a token's K and V take in a rank's pool (a quantized cache's scales included)."""
+    return quant.kv_bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype,
+                                    kv_cache_dtype)
 
 
 @torch.inference_mode()
@@ -109,7 +112,7 @@ def cuda_kv_budget(config: EngineConfig, model, spec, pc: ParallelContext, backe
 
 def _num_blocks(config: EngineConfig, spec, dtype: torch.dtype, pc: ParallelContext,
                 model=None, backend: str = "torch") -> int:
-    per_block = kv_bytes_per_token(spec, dtype) * config.block_size
+    per_block = kv_bytes_per_token(spec, dtype, config.kv_cache_dtype) * config.block_size
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory
     elif pc.device.type == "cuda":
@@ -141,7 +144,7 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
     backend = resolve_backend(config.attn_backend, pc.device)
     num_blocks = _num_blocks(config, spec, kv_dtype, pc, model, backend)
     kv = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
-                      spec.head_dim, kv_dtype, pc.device)
+                      spec.head_dim, kv_dtype, pc.device, config.kv_cache_dtype)
     worker = Worker(pc, model, spec, kv, backend)
     if worker.uses_triton:  # compile every kernel variant now, not mid-serving on one rank
         t0 = time.perf_counter()

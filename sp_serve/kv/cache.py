@@ -20,6 +20,8 @@ import heapq
 
 import torch
 
+from sp_serve.kv.quant import SCALE_DTYPE, dequantize, kv_format, quantize
+
 
 class BlockPool:
     """One rank's blocks without tensors: a min-heap free list, a reference count per block, and
@@ -131,18 +133,48 @@ class BlockPool:
 
 
 class PagedKVCache:
+    """K and V of one rank's shards, [l, n*s, h, d] each, in the model's dtype (`dtype`) or,
+    with a quantized --kv-cache-dtype, one byte per element plus a scale per (token, KV head)
+    in `k_scale_lth`/`v_scale_lth` [l, n*s, h] (kv/quant.py). Writes quantize; every read
+    (`read_runs`, `read_pieces`, `read`) returns dequantized K/V in `dtype`; the paged decode
+    kernel reads `pages` and `scale_pages` in place."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 kv_cache_dtype: str = "auto"):
+        self.fmt = kv_format(kv_cache_dtype)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.dtype = dtype  # what attention computes in: the model's dtype
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        storage = dtype if self.fmt is None else self.fmt.storage
         # Flat slot layout [l, n*s, h, d]: slot = block * s + offset. torch.empty on CPU commits
         # pages only when written, so an idle pool costs no resident memory.
-        self.k_lthd = torch.empty(shape, dtype=dtype, device=device)
-        self.v_lthd = torch.empty(shape, dtype=dtype, device=device)
+        self.k_lthd = torch.empty(shape, dtype=storage, device=device)
+        self.v_lthd = torch.empty(shape, dtype=storage, device=device)
+        self.k_scale_lth = self.v_scale_lth = None
+        if self.fmt is not None:
+            self.k_scale_lth = torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device)
+            self.v_scale_lth = torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks, block_size)
         self._tables = self.pool._tables  # read-only views of the pool's tables and lengths
         self._lens = self.pool._lens
+
+    @property
+    def quantized(self) -> bool:
+        return self.fmt is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_lthd.device
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every per-slot tensor of the pool ([l, n*s, ...]): K, V, and their scales."""
+        out = [self.k_lthd, self.v_lthd]
+        if self.fmt is not None:
+            out += [self.k_scale_lth, self.v_scale_lth]
+        return out
 
     @property
     def num_free_blocks(self) -> int:
@@ -157,7 +189,7 @@ class PagedKVCache:
         the host with host=True: the worker copies a whole step's metadata to the device once).
         Prompt chunks get the lowest free blocks, decode tokens (decode=True) the highest."""
         slots = self._slots(*self.pool.append(seq_id, count, decode))
-        return slots if host else slots.to(self.k_lthd.device)
+        return slots if host else slots.to(self.device)
 
     def apply(self, ops: list[tuple], rank: int) -> None:
         """The engine's KV operations of a step, in the engine's order (`BlockManager.ops`):
@@ -175,12 +207,12 @@ class PagedKVCache:
                 if copy is not None:
                     src_block, dst_block, n = copy
                     a, b = src_block * self.block_size, dst_block * self.block_size
-                    self.k_lthd[:, b:b + n] = self.k_lthd[:, a:a + n]
-                    self.v_lthd[:, b:b + n] = self.v_lthd[:, a:a + n]
+                    for t in self._tensors():
+                        t[:, b:b + n] = t[:, a:a + n]
 
     def slots(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self._lens.get(seq_id, 0) if end is None else end
-        return self._slots(self._tables.get(seq_id, []), start, end).to(self.k_lthd.device)
+        return self._slots(self._tables.get(seq_id, []), start, end).to(self.device)
 
     def _slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
         """Slot ids of tokens [start, end) of a shard, on the host."""
@@ -188,12 +220,46 @@ class PagedKVCache:
         blocks = torch.tensor(table, dtype=torch.long)[idx // self.block_size] if end > start else idx
         return blocks * self.block_size + idx % self.block_size
 
-    def write(self, layer: int, slots_t: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor) -> None:
-        self.k_lthd[layer].index_copy_(0, slots_t, k_thd.to(self.k_lthd.dtype))
-        self.v_lthd[layer].index_copy_(0, slots_t, v_thd.to(self.v_lthd.dtype))
+    def write(self, layer: int, slots_t: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor,
+              rows_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k/v[rows] (all rows if rows_t is None) at the slots. Returns k and v (all rows)
+        as attention must see them: as given, or, quantized, dequantized from what is stored,
+        so that fresh tokens (the ring) read exactly what later readers of the cache read."""
+        if self.fmt is None:
+            pick = (lambda x: x) if rows_t is None else (lambda x: x[rows_t])
+            self.k_lthd[layer].index_copy_(0, slots_t, pick(k_thd).to(self.k_lthd.dtype))
+            self.v_lthd[layer].index_copy_(0, slots_t, pick(v_thd).to(self.v_lthd.dtype))
+            return k_thd, v_thd
+        out = []
+        for x_thd, pool_lthd, scale_lth in ((k_thd, self.k_lthd, self.k_scale_lth),
+                                            (v_thd, self.v_lthd, self.v_scale_lth)):
+            q_thd, scale_th = quantize(x_thd, self.fmt)
+            q_w, s_w = (q_thd, scale_th) if rows_t is None else (q_thd[rows_t], scale_th[rows_t])
+            # index_copy_ has no float8 kernel on CPU: copy the bytes (same element size)
+            pool_lthd[layer].view(torch.uint8).index_copy_(0, slots_t, q_w.view(torch.uint8))
+            scale_lth[layer].index_copy_(0, slots_t, s_w)
+            out.append(dequantize(q_thd, scale_th, x_thd.dtype))
+        return out[0], out[1]
+
+    def _dequant(self, layer: int, k_thd: torch.Tensor, v_thd: torch.Tensor, index
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v read from the pool at `index` (a slice or slot ids) in the model's dtype."""
+        if self.fmt is None:
+            return k_thd, v_thd
+        if isinstance(index, torch.Tensor):
+            ks, vs = (s[layer].index_select(0, index) for s in (self.k_scale_lth, self.v_scale_lth))
+        else:
+            ks, vs = self.k_scale_lth[layer][index], self.v_scale_lth[layer][index]
+        return dequantize(k_thd, ks, self.dtype), dequantize(v_thd, vs, self.dtype)
 
     def read(self, layer: int, slots_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k_lthd[layer].index_select(0, slots_t), self.v_lthd[layer].index_select(0, slots_t)
+        k, v = self.k_lthd[layer], self.v_lthd[layer]
+        if self.fmt is not None:
+            k, v = k.view(torch.uint8), v.view(torch.uint8)
+        k, v = k.index_select(0, slots_t), v.index_select(0, slots_t)
+        if self.fmt is not None:
+            k, v = k.view(self.fmt.storage), v.view(self.fmt.storage)
+        return self._dequant(layer, k, v, slots_t)
 
     def runs(self, seq_id: int, end: int | None = None) -> list[tuple[int, int]]:
         """The first `end` tokens of the shard (default all) as [start, stop) slot ranges, one per
@@ -212,14 +278,19 @@ class PagedKVCache:
         return out
 
     def read_runs(self, layer: int, runs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the given slot runs, [t, h, d]: views when there is one run."""
+        """K and V of the given slot runs, [t, h, d] in the model's dtype: views when there is
+        one run and the pool is not quantized."""
         k_thd, v_thd = self.k_lthd[layer], self.v_lthd[layer]
         if len(runs) == 1:
             (a, b), = runs
-            return k_thd[a:b], v_thd[a:b]
+            return self._dequant(layer, k_thd[a:b], v_thd[a:b], slice(a, b))
         if not runs:
-            return k_thd[:0], v_thd[:0]
-        return (torch.cat([k_thd[a:b] for a, b in runs]), torch.cat([v_thd[a:b] for a, b in runs]))
+            return self._dequant(layer, k_thd[:0], v_thd[:0], slice(0, 0))
+        if self.fmt is None:
+            return (torch.cat([k_thd[a:b] for a, b in runs]),
+                    torch.cat([v_thd[a:b] for a, b in runs]))
+        idx = torch.cat([torch.arange(a, b) for a, b in runs]).to(self.device)
+        return self.read(layer, idx)
 
     def read_pieces(self, layer: int, runs: list[tuple[int, int]]
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -235,9 +306,17 @@ class PagedKVCache:
         return [self.read_runs(layer, [runs[longest]]), self.read_runs(layer, rest)]
 
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy."""
+        """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy.
+        Quantized: the stored elements; their scales are `scale_pages`."""
         shape = (self.num_blocks, self.block_size, *self.k_lthd.shape[2:])
         return self.k_lthd[layer].view(shape), self.v_lthd[layer].view(shape)
+
+    def scale_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One layer's K and V scales as [n, s, h] views, or None when not quantized."""
+        if self.fmt is None:
+            return None
+        shape = (self.num_blocks, self.block_size, self.k_lthd.shape[2])
+        return self.k_scale_lth[layer].view(shape), self.v_scale_lth[layer].view(shape)
 
     def block_tables(self, seq_ids: list[int], host: bool = False,
                      width_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +332,7 @@ class PagedKVCache:
         lens_b = torch.tensor([self._lens.get(s, 0) for s in seq_ids], dtype=torch.int32)
         if host:
             return tables_bm, lens_b
-        return tables_bm.to(self.k_lthd.device), lens_b.to(self.k_lthd.device)
+        return tables_bm.to(self.device), lens_b.to(self.device)
 
     def free(self, seq_id: int) -> None:
         self.pool.free(seq_id)

@@ -67,6 +67,8 @@ class EngineStatsCollector(Collector):
             # vLLM's older name, which its Grafana dashboard still queries
             ("gpu_cache_usage_perc", "Deprecated alias of kv_cache_usage_perc.",
              stats.kv_cache_usage),
+            ("kv_cache_capacity_tokens", "Tokens the KV pools of all ranks hold together "
+             "(blocks x block size x ranks; follows --kv-cache-dtype).", stats.kv_capacity_tokens),
         ]:
             gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             gauge.add_metric(label, value)
