@@ -22,7 +22,13 @@ from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.engine.protocol import TokenLogprob
-from sp_serve.engine.runtime import RankRuntime, build_runtime, kv_bytes_per_token, worker_rank_main
+from sp_serve.engine.runtime import (
+    RankRuntime,
+    build_runtime,
+    copy_bandwidth,
+    kv_bytes_per_token,
+    worker_rank_main,
+)
 from sp_serve.engine.sampling import SampleResult, SamplingParams, TokenCounts, make_generator, sample
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
@@ -111,11 +117,21 @@ class LLMEngine:
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
         self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size,
-                                   self.enable_prefix_caching)
+                                   self.enable_prefix_caching, self.runtime.host_blocks)
         cost = CostModel.load(config.cost_model_path) if config.cost_model_path else CostModel()
+        # A swap is priced by this machine's device -> host copy rate (out and back in), a
+        # recompute by the cost model: only a calibrated one (slo, or a saved one) can tell.
+        self.swap_bandwidth = None
+        swap_s_per_token = None
+        if self.runtime.host_blocks:
+            self.swap_bandwidth = copy_bandwidth(self.runtime.pc.device)
+            if config.scheduler == "slo" or config.cost_model_path:
+                swap_s_per_token = self.kv_bytes_per_token / self.swap_bandwidth
         self.scheduler = Scheduler(
             SchedulerConfig(config.scheduler, config.max_num_seqs, config.max_num_batched_tokens,
-                            config.ttft_slo_ms / 1e3, config.tbt_slo_ms / 1e3),
+                            config.ttft_slo_ms / 1e3, config.tbt_slo_ms / 1e3,
+                            preemption_mode=config.preemption_mode,
+                            swap_s_per_token=swap_s_per_token),
             self.blocks, cost)
         self._seq_ids = itertools.count()
         self._by_request: dict[str, list[Sequence]] = {}
@@ -137,6 +153,11 @@ class LLMEngine:
                  "%d rank(s))", self.kv_cache_dtype_name, self.kv_bytes_per_token,
                  self.kv_capacity_tokens // self.world_size, self.kv_capacity_tokens,
                  self.world_size)
+        if self.runtime.host_blocks:
+            log.info("KV host pool (swap): %d blocks = %d tokens per rank, preemption by %s, "
+                     "device -> host copy %.2f GB/s", self.runtime.host_blocks,
+                     self.runtime.host_blocks * config.block_size, config.preemption_mode,
+                     self.swap_bandwidth / 1e9)
 
     @property
     def kv_capacity_tokens(self) -> int:

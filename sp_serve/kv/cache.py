@@ -141,7 +141,7 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", host_blocks: int = 0):
         self.fmt = kv_format(kv_cache_dtype)
         self.kv_cache_dtype = kv_cache_dtype
         self.dtype = dtype  # what attention computes in: the model's dtype
@@ -160,6 +160,14 @@ class PagedKVCache:
         self.pool = BlockPool(num_blocks, block_size)
         self._tables = self.pool._tables  # read-only views of the pool's tables and lengths
         self._lens = self.pool._lens
+        # The host pool for swapped-out shards (--kv-offloading-size): the same per-slot
+        # tensors, [l, host_blocks*s, ...], in host memory (pinned on CUDA, for DMA copies).
+        self.host_pool = BlockPool(host_blocks, block_size)
+        self._host: list[torch.Tensor] = []
+        if host_blocks:
+            pin = self.device.type == "cuda"
+            self._host = [torch.empty((t.shape[0], host_blocks * block_size, *t.shape[2:]),
+                                      dtype=t.dtype, pin_memory=pin) for t in self._tensors()]
 
     @property
     def quantized(self) -> bool:
@@ -198,7 +206,11 @@ class PagedKVCache:
         step writes anything."""
         for op in ops:
             if op[0] == "free":
-                self.pool.free(op[1])
+                self.free(op[1])
+            elif op[0] == "swap_out":
+                self.swap_out(op[1])
+            elif op[0] == "swap_in":
+                self.swap_in(op[1])
             elif op[0] == "rename":
                 self.pool.rename(op[1], op[2])
             else:
@@ -335,7 +347,42 @@ class PagedKVCache:
         return tables_bm.to(self.device), lens_b.to(self.device)
 
     def free(self, seq_id: int) -> None:
+        """Drops the sequence's KV, on the device or (swapped out) on the host."""
         self.pool.free(seq_id)
+        self.host_pool.free(seq_id)
+
+    def swap_out(self, seq_id: int) -> None:
+        """Copies the sequence's shard (every layer: K, V, scales) into host blocks (the lowest
+        free of the host pool, as the engine's mirror takes them) and frees its device blocks.
+        The copy completes before any later write can reuse those blocks: a step's KV
+        operations run before its appends and writes."""
+        n = self.num_tokens(seq_id)
+        table, _, _ = self.host_pool.append(seq_id, n)
+        if n:
+            self._copy(self._tensors(), self.slots(seq_id), self._host,
+                       self._slots(table, 0, n))
+        self.pool.free(seq_id)
+
+    def swap_in(self, seq_id: int) -> None:
+        """Copies a swapped-out shard back into fresh device blocks (the lowest free) in its
+        order, and frees its host blocks: the shard is as it was, at new block ids."""
+        n = self.host_pool.num_tokens(seq_id)
+        host_slots = self._slots(self.host_pool.table(seq_id), 0, n)
+        slots = self.append_slots(seq_id, n)
+        if n:
+            self._copy(self._host, host_slots, self._tensors(), slots)
+        self.host_pool.free(seq_id)
+
+    @staticmethod
+    def _copy(src: list[torch.Tensor], src_slots: torch.Tensor, dst: list[torch.Tensor],
+              dst_slots: torch.Tensor) -> None:
+        """dst[:, dst_slots] = src[:, src_slots] for each pair of per-slot tensors (float8 as
+        bytes: CPU index kernels have no float8 build)."""
+        for s, d in zip(src, dst):
+            if s.element_size() == 1:
+                s, d = s.view(torch.uint8), d.view(torch.uint8)
+            rows = s.index_select(1, src_slots.to(s.device)).to(d.device)
+            d.index_copy_(1, dst_slots.to(d.device), rows)
 
     def block_table(self, seq_id: int) -> list[int]:
         return list(self._tables.get(seq_id, []))
