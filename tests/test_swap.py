@@ -1,10 +1,10 @@
 """Swap to host through the real engine (`LLM`, real rank processes): sequences preempted by a
 swap give exactly the greedy tokens they give when each runs alone with nothing preempted, at
-SP 1 and 2, with prefix caching on and off, with a host pool too small for any victim (recompute
-takes over; a pool that takes some victims and not others is in test_scheduler.py), and with requests aborted while swapped out; afterwards every device and host
-block is free on the engine's mirror of every rank and on rank 0's pool. The block-level
-properties (the ranks' mirror of every swap, exact counts after random operations) are in
-test_scheduler.py.
+SP 1 and 2, with prefix caching on and off, with a host pool too small for any victim
+(recompute takes over; a pool that takes some victims and not others is in test_scheduler.py),
+and with requests aborted while swapped out; afterwards every device and host block is free on
+the engine's mirror of every rank and on rank 0's pool. The block-level properties (the ranks'
+mirror of every swap, exact counts after random operations) are in test_scheduler.py.
 """
 from __future__ import annotations
 
