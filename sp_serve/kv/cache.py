@@ -298,11 +298,14 @@ class PagedKVCache:
             return self._dequant(layer, k_thd[a:b], v_thd[a:b], slice(a, b))
         if not runs:
             return self._dequant(layer, k_thd[:0], v_thd[:0], slice(0, 0))
+        def cat(x: torch.Tensor) -> torch.Tensor:  # float8 as bytes: no CPU cat kernel
+            flat = x.view(torch.uint8) if x.element_size() == 1 else x
+            return torch.cat([flat[a:b] for a, b in runs]).view(x.dtype)
+
         if self.fmt is None:
-            return (torch.cat([k_thd[a:b] for a, b in runs]),
-                    torch.cat([v_thd[a:b] for a, b in runs]))
-        idx = torch.cat([torch.arange(a, b) for a, b in runs]).to(self.device)
-        return self.read(layer, idx)
+            return cat(k_thd), cat(v_thd)
+        ks, vs = cat(self.k_scale_lth[layer]), cat(self.v_scale_lth[layer])
+        return dequantize(cat(k_thd), ks, self.dtype), dequantize(cat(v_thd), vs, self.dtype)
 
     def read_pieces(self, layer: int, runs: list[tuple[int, int]]
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
