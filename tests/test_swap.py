@@ -96,3 +96,17 @@ def test_aborts_while_swapped_out_free_the_host_blocks(ckpt):
             if f"r{i}" not in aborted:
                 assert outputs[f"r{i}"] == alone[i]
         _assert_all_free(llm, 200)
+
+
+def test_swap_flags_and_their_errors():
+    from sp_serve.cli import build_parser, engine_config
+    from sp_serve.config import EngineConfig
+    with pytest.raises(ValueError, match="--preemption-mode swap needs a host pool"):
+        EngineConfig(model="m", preemption_mode="swap")
+    assert EngineConfig(model="m", kv_offloading_size=1).preemption_mode == "swap"
+    assert EngineConfig(model="m").preemption_mode == "recompute"
+    args = build_parser().parse_args(["generate", "--model", "m", "--swap-space", "1.5",
+                                      "--preemption-mode", "recompute", "--prompt", "x"])
+    config = engine_config(args)
+    assert config.kv_offloading_size == int(1.5 * 2**30)
+    assert config.preemption_mode == "recompute"
