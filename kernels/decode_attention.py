@@ -7,6 +7,10 @@ read once per group, not once per q head, and the group gives tl.dot its M dimen
 Stage 2: the partials of all splits are merged by log-sum-exp (lse_merge.py). With one split,
 stage 1 writes the final result and stage 2 is skipped.
 
+A quantized cache (int8 or float8 elements with one scale per token and kv head, see
+sp_serve/kv/quant.py) is read in place: each K/V tile is multiplied by its rows' scales as it is
+loaded, so a byte per element crosses memory instead of two or four.
+
 Splits divide each sequence's own context (read on the device), so the host never has to
 know the context lengths: no device sync, and the launch is CUDA-graph friendly.
 
@@ -28,6 +32,7 @@ from ._tl_common import dot_flags, load_tile, mma, no_specialize
 from .lse_merge import merge_attention_partials
 
 _LOG2E = 1.4426950408889634
+_QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @triton.jit(**no_specialize("num_splits", "stride_tables_b", "stride_os", "stride_ob",
@@ -35,16 +40,18 @@ _LOG2E = 1.4426950408889634
                              alignment=("block_tables_ptr", "context_lens_ptr")))
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
+    k_scale_ptr, v_scale_ptr,
     qk_scale_log2, group_size, num_splits,
     stride_qb, stride_qh,
     stride_kblk, stride_kslot, stride_kh,
     stride_vblk, stride_vslot, stride_vh,
+    stride_sblk, stride_sslot, stride_sh,
     stride_tables_b,
     stride_os, stride_ob, stride_oh,
     stride_ls, stride_lb, stride_lh,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -66,6 +73,8 @@ def _decode_split_kernel(
     table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_tables_b
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    k_scale_base = k_scale_ptr + kv_head * stride_sh
+    v_scale_base = v_scale_ptr + kv_head * stride_sh
     m_g = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_g = tl.zeros([BLOCK_G], tl.float32)
     acc_gd = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -77,6 +86,10 @@ def _decode_split_kernel(
         rows_n = pages_n.to(tl.int64) * stride_kblk + (tokens_n % PAGE_SIZE) * stride_kslot
         k_nd = load_tile(k_base + rows_n[:, None] + dims_d[None, :], token_ok_n, dims_d,
                          True, HEAD_DIM, BLOCK_D)
+        if QUANT:  # one byte per element, one scale per (token, kv head): dequantize in place
+            rows_s_n = pages_n.to(tl.int64) * stride_sblk + (tokens_n % PAGE_SIZE) * stride_sslot
+            k_s_n = tl.load(k_scale_base + rows_s_n, mask=token_ok_n, other=0.0).to(tl.float32)
+            k_nd = (k_nd.to(tl.float32) * k_s_n[:, None]).to(q_gd.dtype)
         qk_gn = mma(q_gd, tl.trans(k_nd), tl.zeros([BLOCK_G, BLOCK_N], tl.float32),
                     UPCAST, PRECISION) * qk_scale_log2
         qk_gn = tl.where(token_ok_n[None, :], qk_gn, float("-inf"))
@@ -88,6 +101,9 @@ def _decode_split_kernel(
         rows_v_n = pages_n.to(tl.int64) * stride_vblk + (tokens_n % PAGE_SIZE) * stride_vslot
         v_nd = load_tile(v_base + rows_v_n[:, None] + dims_d[None, :], token_ok_n, dims_d,
                          True, HEAD_DIM, BLOCK_D)
+        if QUANT:
+            v_s_n = tl.load(v_scale_base + rows_s_n, mask=token_ok_n, other=0.0).to(tl.float32)
+            v_nd = (v_nd.to(tl.float32) * v_s_n[:, None]).to(q_gd.dtype)
         acc_gd = mma(p_gn.to(v_nd.dtype), v_nd, acc_gd * alpha_g[:, None], UPCAST, PRECISION)
         m_g = m_new_g
 
@@ -131,6 +147,7 @@ def paged_decode_attention(
     *,
     out: torch.Tensor | None = None,
     lse_out: torch.Tensor | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query per sequence over a paged KV cache.
 
@@ -140,6 +157,9 @@ def paged_decode_attention(
     j % block_size; entries past the sequence's blocks are never read. context_lens int32 [B];
     0 gives out 0 and lse -inf. num_splits: KV splits per sequence (None: a heuristic).
     out [B, Hq, D] (default q's dtype) and lse_out [B, Hq] fp32 are optional destinations.
+    kv_scales: a quantized cache (int8 or float8 elements, any dtype for q): (k_scale,
+    v_scale), each [num_blocks, block_size, Hkv] (one scale per token and kv head, any float
+    dtype, same strides for both); K/V are read as element * scale, in place.
     Returns (out [B, Hq, D], lse [B, Hq] fp32, natural log): the layout a cross-rank merge
     gathers as [P, B, Hq, D] and [P, B, Hq] (see merge_attention_partials).
     """
@@ -153,8 +173,20 @@ def paged_decode_attention(
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads "
                          f"({num_kv_heads})")
-    if not (q_bhd.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError("q, k_cache and v_cache must share one dtype")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError("k_cache and v_cache must share one dtype")
+    if kv_scales is None and q_bhd.dtype != k_cache.dtype:
+        raise ValueError("q, k_cache and v_cache must share one dtype (or pass kv_scales)")
+    if kv_scales is not None:
+        k_scale, v_scale = kv_scales
+        if k_cache.dtype not in _QUANT_DTYPES:
+            raise ValueError(f"kv_scales needs an int8 or float8 cache, got {k_cache.dtype}")
+        if k_scale.shape != k_cache.shape[:3] or k_scale.stride() != v_scale.stride() \
+                or v_scale.shape != k_scale.shape:
+            raise ValueError("k_scale and v_scale must be [num_blocks, block_size, Hkv] with "
+                             "the same strides")
+    else:
+        k_scale = v_scale = q_bhd  # never read (QUANT off)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or context_lens.shape != (batch,):
         raise ValueError("block_tables must be [B, max_blocks] and context_lens [B]")
     if any(x.stride(-1) != 1 for x in (q_bhd, k_cache, v_cache)):
@@ -189,16 +221,18 @@ def paged_decode_attention(
     block_n = 32 if interpreting() else 64
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q_bhd, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
+        k_scale, v_scale,
         softmax_scale * _LOG2E, group_size, num_splits,
         q_bhd.stride(0), q_bhd.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *(k_scale.stride() if kv_scales is not None else (0, 0, 0)),
         block_tables.stride(0),
         *part_strides,
         PAGE_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_G=max(16, next_pow2(group_size)), BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(head_dim)),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, QUANT=kv_scales is not None,
         **dot_flags(q_bhd.dtype),
     )
     if num_splits > 1:

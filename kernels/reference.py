@@ -83,11 +83,18 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,
     softmax_scale: float,
     compute_dtype: torch.dtype = torch.float64,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per sequence over a paged cache [blocks, block_size, Hkv, D].
+    """One query per sequence over a paged cache [blocks, block_size, Hkv, D]; a quantized
+    cache's elements are multiplied by kv_scales [blocks, block_size, Hkv] (k's, v's) and
+    rounded to q's dtype, as the kernel does (the float32 product of an 8-bit element and a
+    bfloat16 scale is exact).
 
     Returns (out [B, Hq, D], lse [B, Hq]).
     """
+    if kv_scales is not None:
+        k_cache, v_cache = ((c.float() * s.float()[..., None]).to(q_bhd.dtype)
+                            for c, s in zip((k_cache, v_cache), kv_scales))
     batch, num_q_heads, _ = q_bhd.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads

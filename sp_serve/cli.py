@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sp_serve.config import EngineConfig, parse_bytes
 from sp_serve.jsonl import iter_jsonl_objects
+from sp_serve.kv.quant import KV_CACHE_DTYPES
 
 
 def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
@@ -38,6 +39,18 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="bytes of KV pool per rank, e.g. 2GiB (default: 4GiB on CPU, from "
                    "--gpu-memory-utilization on GPU)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV cache storage: auto (the model's dtype), fp8 (= fp8_e4m3), fp8_e5m2 or "
+                   "int8: one byte per element plus a scale per token and KV head (about 2x the "
+                   "tokens of bf16, 4x of fp32)")
+    p.add_argument("--kv-offloading-size", "--swap-space", dest="kv_offloading_size",
+                   type=_gib, default=0, metavar="GiB",
+                   help="host memory per rank, in GiB, for the KV of preempted sequences (swap "
+                   "to host; default 0: none)")
+    p.add_argument("--preemption-mode", default=None, choices=["swap", "recompute"],
+                   help="a preempted sequence's KV goes to the host pool (swap; recompute when "
+                   "the pool is full or recomputing is cheaper) or is dropped and recomputed "
+                   "(default: swap with --kv-offloading-size, else recompute)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--scheduler", default="slo", choices=["slo", "fcfs"])
     p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
@@ -61,6 +74,17 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
                    "dynamic-NTK RoPE models")
 
 
+def _gib(text: str) -> int:
+    """GiB (vLLM's unit for --kv-offloading-size / --swap-space) -> bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number of GiB, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of GiB >= 0, got {text!r}")
+    return int(value * 2**30)
+
+
 def _hf_overrides(text: str) -> dict:
     from sp_serve.model.overrides import parse_hf_overrides
     try:
@@ -81,7 +105,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     fields = ["sp_size", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
               "block_size", "kv_cache_memory", "gpu_memory_utilization", "scheduler", "ttft_slo_ms",
               "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cpu_comm", "cost_model_path",
-              "step_log", "seed", "tokenizer", "hf_overrides", "enable_prefix_caching"]
+              "step_log", "seed", "tokenizer", "hf_overrides", "enable_prefix_caching",
+              "kv_cache_dtype", "kv_offloading_size", "preemption_mode"]
     return EngineConfig(model=model, **{f: getattr(args, f) for f in fields})
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sp_serve.kv.quant import KV_CACHE_DTYPES
+
 
 @dataclass
 class EngineConfig:
@@ -32,6 +34,14 @@ class EngineConfig:
     # Keep finished sequences' KV and share common prompt prefixes. None: on, unless the model
     # cannot share prefixes (dynamic-NTK RoPE); True: on (an error where it cannot be).
     enable_prefix_caching: bool | None = None
+    # KV storage: auto (the model's dtype) | fp8 (= fp8_e4m3) | fp8_e5m2 | int8, with one scale
+    # per token and KV head (kv/quant.py)
+    kv_cache_dtype: str = "auto"
+    # Swap to host: bytes of host KV pool per rank (--kv-offloading-size, alias --swap-space;
+    # 0: none) and how a preempted sequence gives up its KV: swap (to the host pool, else
+    # recompute) | recompute. None: swap when there is a host pool.
+    kv_offloading_size: int = 0
+    preemption_mode: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,10 +70,22 @@ class EngineConfig:
             (self.enable_prefix_caching in (None, True, False),
              f"enable_prefix_caching must be True, False or None (the default: on where the model "
              f"allows it), got {self.enable_prefix_caching!r}"),
+            (self.kv_offloading_size >= 0,
+             f"--kv-offloading-size must be >= 0 bytes, got {self.kv_offloading_size}"),
+            (self.preemption_mode in (None, "swap", "recompute"),
+             f"--preemption-mode must be swap or recompute, got {self.preemption_mode!r}"),
+            (self.preemption_mode != "swap" or self.kv_offloading_size > 0,
+             "--preemption-mode swap needs a host pool: give --kv-offloading-size (GiB of host "
+             "memory per rank), or use --preemption-mode recompute"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+             f"got {self.kv_cache_dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.preemption_mode is None:
+            self.preemption_mode = "swap" if self.kv_offloading_size else "recompute"
         if self.hf_overrides is not None:
             from sp_serve.model.overrides import check_hf_overrides
             check_hf_overrides(self.hf_overrides)

@@ -16,16 +16,18 @@ from sp_serve.model.loader import load_model
 
 
 def engine_jobs(pc, jobs):
-    """jobs: [(ckpt_dir, prompt_ids, num_decode, chunk_split | None[, attention backend])].
-    Rank 0 drives plans like the engine does; returns [(last prompt-token logits, greedy tokens,
-    tokens per rank)] per job."""
+    """jobs: [(ckpt_dir, prompt_ids, num_decode, chunk_split | None[, attention backend[,
+    kv cache dtype]])]. Rank 0 drives plans like the engine does; returns [(last prompt-token
+    logits, greedy tokens, tokens per rank)] per job."""
     results = []
-    for ckpt, prompt, num_decode, split, *backend in jobs:
+    for ckpt, prompt, num_decode, split, *extra in jobs:
+        backend = extra[0] if extra else "torch"
+        kv_cache_dtype = extra[1] if len(extra) > 1 else "auto"
         model, spec = load_model(ckpt, dtype=torch.float32)
         blocks_per_rank, block = 96, 4  # small blocks: sequences span many blocks
         kv = PagedKVCache(spec.num_layers, blocks_per_rank, block, spec.num_kv_heads, spec.head_dim,
-                          torch.float32, pc.device)
-        worker = Worker(pc, model, spec, kv, *backend)
+                          torch.float32, pc.device, kv_cache_dtype)
+        worker = Worker(pc, model, spec, kv, backend)
         if pc.rank != 0:
             _follow(pc, worker)
             assert kv.num_free_blocks == blocks_per_rank, "a rank kept blocks of a freed sequence"

@@ -191,6 +191,13 @@ def test_engine_metrics_iteration_tokens_and_cache_config(served):
     info = [k for k in samples if k.startswith("sp_serve:cache_config_info{")]
     assert len(info) == 1 and f'block_size="{engine.config.block_size}"' in info[0]
     assert 'sp_size="2"' in info[0] and samples[info[0]] == 1.0
+    # KV capacity in tokens (over the ranks; the pool's block count follows the KV dtype)
+    assert 'cache_dtype="auto"' in info[0] and 'preemption_mode="recompute"' in info[0]
+    capacity = samples[f"sp_serve:kv_cache_capacity_tokens{{{label}}}"]
+    assert capacity == engine.kv_capacity_tokens == 2 * engine.runtime.num_blocks * 16
+    for name in ("num_swapped_out_total", "num_swapped_in_total", "swapped_out_blocks_total",
+                 "swapped_in_blocks_total", "num_requests_swapped"):
+        assert samples[f"sp_serve:{name}{{{label}}}"] == 0
 
 
 # ---- structured outputs ------------------------------------------------------------------------

@@ -189,6 +189,52 @@ def test_paged_decode_attention(case) -> None:
     assert_matches(out_bhd, lse_bh, ref_out, ref_lse, dtype)
 
 
+QUANT_DECODE_CASES = [
+    # (context lengths, Hq, Hkv, D, page size, q dtype, cache dtype, num_splits)
+    ([0, 1, 37, 70], 4, 2, 32, 16, torch.float32, torch.int8, 3),
+    ([23, 48], 4, 1, 16, 8, torch.bfloat16, torch.float8_e4m3fn, 2),
+    ([40, 5], 2, 2, 64, 16, torch.float16, torch.float8_e5m2, None),
+]
+
+
+@pytest.mark.parametrize("case", QUANT_DECODE_CASES,
+                         ids=lambda c: f"ctx{c[0]}-{str(c[5])[6:]}-{str(c[6])[6:]}")
+def test_paged_decode_attention_on_quantized_pages(case) -> None:
+    """One byte per element and a scale per (token, kv head), read in place: the kernel's
+    result equals the reference on element * scale (the dequantized cache) in float64."""
+    ctx_lens, hq, hkv, d, page, dtype, cache_dtype, num_splits = case
+    gen = rng(str(case))
+    batch = len(ctx_lens)
+    max_pages = max(-(-n // page) for n in ctx_lens) + 1
+    num_pages = batch * max_pages + 2
+    raw = torch.randn(2, num_pages, page, hkv, d, generator=gen) * 20
+    k_cache, v_cache = (x.clamp(-127, 127).round().to(cache_dtype).to(DEVICE) for x in raw)
+    scales = (torch.rand(2, num_pages, page, hkv, generator=gen) * 0.1).to(torch.bfloat16)
+    k_scale, v_scale = scales.to(DEVICE)
+    block_tables = torch.randperm(num_pages, generator=gen)[: batch * max_pages]
+    block_tables = block_tables.view(batch, max_pages).to(torch.int32).to(DEVICE)
+    context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    q_bhd = randn(gen, batch, hq, d, dtype=dtype)
+    out_bhd = nan_like(q_bhd.shape, dtype)
+    lse_bh = nan_like((batch, hq), torch.float32)
+    K.paged_decode_attention(q_bhd, k_cache, v_cache, block_tables, context_lens, d**-0.5,
+                             num_splits, out=out_bhd, lse_out=lse_bh, kv_scales=(k_scale, v_scale))
+    ref_out, ref_lse = K.paged_decode_attention_ref(q_bhd, k_cache, v_cache, block_tables,
+                                                    context_lens, d**-0.5,
+                                                    kv_scales=(k_scale, v_scale))
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        # Triton's interpreter rounds float32 -> bfloat16 toward zero (a GPU rounds to nearest,
+        # as the reference does), so the dequantized keys differ in their last bit here.
+        assert not out_bhd.isnan().any() and not lse_bh.isnan().any()
+        torch.testing.assert_close(out_bhd.double(), ref_out, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse_bh.double(), ref_lse, rtol=1e-2, atol=2e-2)
+    else:
+        assert_matches(out_bhd, lse_bh, ref_out, ref_lse, dtype)
+    with pytest.raises(ValueError, match="kv_scales needs an int8 or float8 cache"):
+        K.paged_decode_attention(q_bhd, q_bhd[:, None], q_bhd[:, None], block_tables[:, :1],
+                                 context_lens, 1.0, kv_scales=(k_scale, v_scale))
+
+
 def test_decode_default_outputs_and_all_empty() -> None:
     gen = rng("decode-empty")
     k_cache = randn(gen, 4, 8, 1, 16, dtype=torch.float32)

@@ -8,6 +8,7 @@ decoding 250 tokens 8.5 s vs 9.8 s; about 20 concurrent users at 4K vs 1 at 50K.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -50,6 +51,24 @@ def test_kv_cache_per_token_and_request_match_paper():
     assert kv_bytes_per_token(YI, PAPER) == 60 * 8 * 128 * 2 * 2 == 245_760
     assert close(plan(YI, A100, PAPER, K4).kv_bytes_per_request / GB, 1.0, 0.10)
     assert close(plan(YI, A100, PAPER, K50).kv_bytes_per_request / GB, 12.3, 0.10)
+
+
+def test_kv_dtype_table_adds_the_quantized_caches_scales_and_their_context():
+    """Fu 2024's memory table with a column per KV dtype: a one-byte cache stores a bf16 scale
+    per token and KV head (as sp-serve's --kv-cache-dtype), so fp8/int8 hold 128/65 x the bf16
+    context at head_dim 128, and the longest context grows with SP."""
+    rows = {r["kv_dtype"]: r for r in plan(YI, A100, PAPER, K50).kv_dtypes}
+    assert rows["bf16"]["kv_bytes_per_token"] == 245_760
+    assert rows["fp32"]["kv_bytes_per_token"] == 2 * 245_760
+    assert rows["fp8"]["kv_bytes_per_token"] == rows["int8"]["kv_bytes_per_token"] \
+        == 60 * 8 * 2 * (128 + 2)
+    assert rows["bf16"]["max_context_per_gpu"] == plan(YI, A100, PAPER, K50).max_context_tokens
+    ratio = rows["fp8"]["max_context_per_gpu"] / rows["bf16"]["max_context_per_gpu"]
+    assert close(ratio, 256 / 130, 1e-4)
+    sp4 = {r["kv_dtype"]: r for r in plan(YI, A100, dataclasses.replace(PAPER, sp_size=4),
+                                           K50).kv_dtypes}
+    assert sp4["int8"]["max_context_per_gpu"] == rows["int8"]["max_context_per_gpu"]
+    assert close(sp4["int8"]["max_context_tokens"], 4 * rows["int8"]["max_context_tokens"], 1e-4)
 
 
 def test_prefill_matches_paper_0_89s_and_14_1s():

@@ -232,3 +232,37 @@ def test_prompt_logprobs_and_json_schema_on_the_default_model_at_sp2(smollm2, to
     value = json.loads(answer.text)
     jsonschema.validate(value, schema)
     assert value["river"].lower().startswith("rh")  # the model answers "Rhein"
+
+
+# ---- quantized KV cache on the default model -------------------------------------------------
+QUESTIONS = ["What is the capital of France?", "Name three primary colours.",
+             "How many legs does a spider have?", "What is 12 times 12?",
+             "Write a haiku about the sea.", "Who wrote Romeo and Juliet?",
+             "What gas do plants take in from the air?", "Translate 'good morning' to Spanish."]
+
+
+def test_quantized_kv_greedy_tokens_agree_with_the_unquantized_cache(smollm2, tokenizer, prompts):
+    """Greedy tokens (12) with int8 and fp8 (e4m3) KV equal the unquantized cache's on most of
+    a set of prompts (eight short chat questions, the article and the 1.5K pass-key prompt), and
+    the pass key is still found. Measured: int8 10 of 10, fp8 6 of 10 (its 3 mantissa bits move
+    a later token of some answers); printed with pytest -s, asserted at 8 and 5 of 10."""
+    from sp_serve import LLM, SamplingParams
+
+    def chat(text: str) -> list[int]:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+    batch = [chat(q) for q in QUESTIONS] + [prompts["article"], prompts["passkey"]]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    tokens = {}
+    for kv in ("auto", "int8", "fp8"):
+        with LLM(str(smollm2), sp_size=1, kv_cache_dtype=kv, enable_prefix_caching=False,
+                 **ENGINE_ARGS) as llm:
+            tokens[kv] = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+    for kv in ("int8", "fp8"):
+        same = sum(a == b for a, b in zip(tokens[kv], tokens["auto"]))
+        print(f"KV {kv}: greedy tokens equal to the unquantized cache's on {same} of {len(batch)}")
+        assert same >= {"int8": 8, "fp8": 5}[kv], (kv, same)
+        assert found_key(tokenizer.decode(tokens[kv][-1], skip_special_tokens=True),
+                         random_key(7))

@@ -34,14 +34,15 @@ class Sim:
 
     def __init__(self, policy: str = "slo", world_size: int = 2, blocks_per_rank: int = 100_000,
                  block_size: int = 16, cost: CostModel = COST, slowdown: float = 1.0,
-                 jitter: float = 0.0, **config):
+                 jitter: float = 0.0, host_blocks_per_rank: int = 0, **config):
         self.now = 0.0
         self.cost = cost
         self.slowdown = slowdown
         self.jitter = jitter
         self._noise = random.Random(1234)
         self.took: list[float] = []  # each step's simulated time
-        self.blocks = BlockManager(world_size, blocks_per_rank, block_size)
+        self.blocks = BlockManager(world_size, blocks_per_rank, block_size,
+                                   host_blocks_per_rank=host_blocks_per_rank)
         self.sched = Scheduler(SchedulerConfig(policy=policy, **{"tbt_slo_s": TBT_S, **config}),
                                self.blocks, cost, clock=lambda: self.now)
         self._ids = itertools.count()
@@ -680,13 +681,15 @@ class RankMirror:
     Each slot stores (position, token id), so a sequence's shards can be checked token by token
     after any sharing, copying, eviction and reuse of blocks."""
 
-    def __init__(self, world_size: int, blocks_per_rank: int, block_size: int):
+    def __init__(self, world_size: int, blocks_per_rank: int, block_size: int,
+                 host_blocks: int = 0):
         import torch
         from sp_serve.attention.zigzag import ZigzagLayout
         from sp_serve.kv.cache import PagedKVCache
         self.torch, self.layout = torch, ZigzagLayout
         self.world_size = world_size
-        self.kv = [PagedKVCache(1, blocks_per_rank, block_size, 1, 2, torch.float64, torch.device("cpu"))
+        self.kv = [PagedKVCache(1, blocks_per_rank, block_size, 1, 2, torch.float64,
+                                torch.device("cpu"), host_blocks=host_blocks)
                    for _ in range(world_size)]
 
     def run(self, ops: list[tuple], step: ScheduledStep) -> None:
@@ -727,6 +730,10 @@ class RankMirror:
             assert _sharing(kv.pool) == _sharing(pool)
             for holder in _holding(pool):
                 assert kv.num_tokens(holder) == pool.num_tokens(holder)
+            host = blocks.host_pools[r]  # swapped-out shards: the same host blocks
+            assert kv.host_pool.num_free_blocks == host.num_free_blocks
+            assert _holding(kv.host_pool) == _holding(host)
+            assert kv.host_pool._tables == host._tables and kv.host_pool._lens == host._lens
         for sid, seq in live.items():
             got = []
             for r in range(self.world_size):
@@ -775,15 +782,28 @@ def check_shared_accounting(sim: Sim) -> None:
         assert blocks.free_blocks[r] == free + reclaimable
     for sid, per_rank in blocks.tokens.items():
         assert per_rank == [p.num_tokens(sid) for p in blocks.pools]
-        assert blocks.shards[sid].count_below(10**9) == per_rank
+        if blocks.enable_prefix_caching:
+            assert blocks.shards[sid].count_below(10**9) == per_rank
+    # swapped-out sequences: on the host pools only, with the tokens they had on each rank
+    swapped = {s.seq_id: s for s in sim.sched.swapped}
+    assert set(blocks.swapped) == set(swapped) and not set(swapped) & live_ids
+    for sid, per_rank in blocks.swapped.items():
+        assert sid not in blocks.tokens and sum(per_rank) == swapped[sid].num_cached
+        assert per_rank == [p.num_tokens(sid) for p in blocks.host_pools]
+    for pool in blocks.host_pools:
+        assert set(_holding(pool)) <= set(swapped)
+        assert pool.num_free_blocks == pool.num_blocks - sum(len(pool.table(h)) for h in
+                                                             pool.holders())
 
 
 class CachingSim(Sim):
     def __init__(self, policy: str = "slo", world_size: int = 2, blocks_per_rank: int = 100_000,
-                 block_size: int = 16, **config):
-        super().__init__(policy, world_size, blocks_per_rank, block_size, **config)
-        self.blocks.enable_prefix_caching = True
-        self.ranks = RankMirror(world_size, blocks_per_rank, block_size)
+                 block_size: int = 16, prefix_caching: bool = True, host_blocks_per_rank: int = 0,
+                 **config):
+        super().__init__(policy, world_size, blocks_per_rank, block_size,
+                         host_blocks_per_rank=host_blocks_per_rank, **config)
+        self.blocks.enable_prefix_caching = prefix_caching
+        self.ranks = RankMirror(world_size, blocks_per_rank, block_size, host_blocks_per_rank)
 
     def add_tokens(self, prompt: list[int], max_tokens: int = 4) -> Sequence:
         seq = Sequence(next(self._ids), "r", list(prompt), SamplingParams(max_tokens=max_tokens,
@@ -814,6 +834,113 @@ class CachingSim(Sim):
         check_shared_accounting(self)
         self.ranks.run(self.blocks.take_ops(), ScheduledStep())
         self.ranks.check(self.blocks, {s.seq_id: s for s in self.sched.waiting + self.sched.running})
+
+
+# ---- swap to host ------------------------------------------------------------------------------
+def test_preemption_by_swap_keeps_the_kv_and_resumes_where_it_stopped():
+    """Decoding sequences outgrow a small pool: the newest is swapped out (its KV to the host
+    pools, nothing recomputed), comes back when there is room, and every sequence ends with
+    its tokens; the ranks' mirror holds exactly the tokens of every live sequence throughout."""
+    sim = CachingSim("slo", world_size=2, blocks_per_rank=24, block_size=16, prefix_caching=False,
+                     host_blocks_per_rank=100, max_num_batched_tokens=4096,
+                     preemption_mode="swap")
+    seqs = [sim.add_tokens(_doc(i, 160), max_tokens=200) for i in range(4)]
+    for _ in range(5000):
+        if not sim.sched.num_unfinished:
+            break
+        step = sim.step()
+        sim.check()
+        for victim in step.preempted:
+            assert victim in sim.sched.swapped and victim.num_cached > 0
+        for seq, _, _ in step.prefill:  # no sequence is prefilled again
+            assert seq.prefill_target == len(seq.prompt_token_ids)
+    blocks = sim.blocks
+    assert blocks.num_swapped_out == blocks.num_swapped_in == sim.sched.num_preemptions > 0
+    assert blocks.swapped_out_blocks == blocks.swapped_in_blocks > 0
+    assert sorted(len(s.output_token_ids) for s in sim.finished) == [200] * 4
+    assert all(s.prefill_target == len(s.prompt_token_ids) for s in seqs)  # never recomputed
+    sim.assert_all_free()
+    assert all(p.num_free_blocks == 100 for p in blocks.host_pools)
+
+
+def test_swap_falls_back_to_recompute_when_the_host_pool_is_full():
+    sim = CachingSim("slo", world_size=2, blocks_per_rank=24, block_size=16, prefix_caching=False,
+                     host_blocks_per_rank=7, max_num_batched_tokens=4096,
+                     preemption_mode="swap")
+    for i in range(5):
+        sim.add_tokens(_doc(i, 160), max_tokens=200)
+    sim.run(max_steps=20000)
+    blocks = sim.blocks
+    assert 0 < blocks.num_swapped_out < sim.sched.num_preemptions  # some swapped, some not
+    assert sorted(len(s.output_token_ids) for s in sim.finished) == [200] * 5
+    sim.assert_all_free()
+
+
+def test_swap_or_recompute_is_priced_by_length():
+    """A swap costs two copies, linear in the tokens; a recompute, a prefill, whose attention
+    grows with the square: a short sequence is recomputed, a long one swapped."""
+    cost = dataclasses.replace(COST, prefill_per_pair_s=1e-7)
+    for prompt, swaps in ((40, False), (3000, True)):
+        sim = Sim("fcfs", blocks_per_rank=2 * (-(-(prompt + 60) // 16)) - 1, block_size=16,
+                  world_size=1, host_blocks_per_rank=1000, max_num_batched_tokens=8192,
+                  cost=cost, preemption_mode="swap", swap_s_per_token=1e-4)
+        sim.add(prompt, max_tokens=60)
+        sim.add(prompt, max_tokens=60)
+        sim.run(max_steps=20000)
+        assert sim.sched.num_preemptions > 0
+        assert (sim.blocks.num_swapped_out > 0) is swaps, prompt
+        sim.assert_all_free()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_operations_with_swapping_keep_exact_accounting(seed):
+    """Property: arrivals, finishes, aborts (waiting, mid-prefill, decoding or swapped out) and
+    preemptions by swap (host pools from none to roomy: full ones fall back to recompute), with
+    and without prefix sharing: engine and ranks agree on every device and host block, every
+    live sequence's shards hold exactly its tokens after any number of swaps, nothing stalls,
+    and at the end every block is free on the device and on the host, on every rank."""
+    rng = random.Random(100 + seed)
+    block_size = rng.choice([1, 4, 16])
+    blocks_per_rank = rng.randint(30, 120)
+    world = rng.choice([1, 2, 3])
+    host = rng.choice([0, blocks_per_rank // 3, 2 * blocks_per_rank])
+    capacity = blocks_per_rank * block_size
+    sim = CachingSim(rng.choice(["slo", "fcfs"]), world_size=world,
+                     blocks_per_rank=blocks_per_rank, block_size=block_size,
+                     prefix_caching=rng.random() < 0.5, host_blocks_per_rank=host,
+                     preemption_mode="swap", max_num_seqs=rng.randint(1, 12),
+                     max_num_batched_tokens=rng.choice([16, 64, 512]))
+    limit = int(capacity * world * 0.8) - 4 * world * block_size
+    docs = [_doc(seed * 10 + i, limit) for i in range(3)]
+    added = aborted = aborted_swapped = 0
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.3:
+            total = rng.randint(2, limit)
+            prompt_len = rng.randint(1, total - 1)
+            cut = rng.randint(prompt_len // 2, prompt_len)
+            prompt = rng.choice(docs)[:cut] + _doc(rng.random(), prompt_len - cut)
+            sim.add_tokens(prompt, max_tokens=total - prompt_len)
+            added += 1
+        elif op < 0.4 and sim.sched.num_unfinished:
+            victim = rng.choice(sim.sched.waiting + sim.sched.running + sim.sched.swapped)
+            aborted_swapped += victim in sim.sched.swapped
+            sim.finish(victim, "abort")
+            aborted += 1
+        if sim.sched.num_unfinished:
+            assert not sim.step().is_empty, "no progress with unfinished sequences"
+        sim.check()
+    sim.run()
+    sim.check()
+    assert len(sim.finished) == added
+    assert sum(s.finish_reason == "abort" for s in sim.finished) == aborted
+    sim.blocks.evict_all()
+    sim.check()
+    sim.assert_all_free()
+    for kv, pool in zip(sim.ranks.kv, sim.blocks.host_pools):
+        assert kv.num_free_blocks == kv.num_blocks and not kv.pool.holders()
+        assert kv.host_pool.num_free_blocks == pool.num_free_blocks == host
+        assert not kv.host_pool.holders() and not pool.holders()
 
 
 def _doc(seed: int, n: int) -> list[int]:

@@ -109,6 +109,29 @@ def test_preemption_and_rejection_under_a_small_kv_pool():
     assert summary["rejected"] == 1 and summary["metrics"]["failed"] == 1
 
 
+def test_preemption_by_swap_under_a_small_kv_pool():
+    """The same small pool with a host pool: victims are swapped (nothing recomputed), each
+    swap's copy time lands on its step, and no block is left on the device or the host."""
+    trace = [TraceRequest(0.01 * i, 150, 120) for i in range(6)]
+    base = dict(sp_size=2, scheduler="slo", num_kv_blocks=24, block_size=16)
+    recompute = simulate(trace, SimConfig(**base), CalibratedStepCost(CPU_COST))
+    swaps = {}
+    for per_block in (0.0, 0.5):
+        config = SimConfig(**base, num_host_blocks=100, preemption_mode="swap",
+                           swap_s_per_block=per_block)
+        result = simulate(trace, config, CalibratedStepCost(CPU_COST))
+        check_invariants(trace, result)
+        swaps[per_block] = result
+    assert swaps[0.0].num_swapped_out == swaps[0.0].num_preemptions > 0
+    assert recompute.num_swapped_out == 0 and recompute.num_preemptions > 0
+    # free copies: no prompt is prefilled again, so the run ends sooner than with recompute
+    assert swaps[0.0].duration_s < recompute.duration_s
+    # half a second per block: the scheduler prices a swap above a recompute and recomputes
+    assert swaps[0.5].num_swapped_out == 0 and swaps[0.5].num_preemptions > 0
+    with pytest.raises(ValueError, match="--preemption-mode swap needs --kv-offloading-size"):
+        SimConfig(preemption_mode="swap")
+
+
 def test_step_seconds_is_one_pass_over_the_chunks_and_the_decode_batch():
     def seq(i, cached):
         s = Sequence(i, str(i), [0] * 10, SamplingParams(), 0.0)
@@ -314,7 +337,8 @@ def _args(*argv: str) -> argparse.Namespace:
 
 RUN_KEYS = {"sp_size", "scheduler", "ttft_slo_ms", "tbt_slo_ms", "step_cost", "kv_blocks_per_rank",
             "num_requests", "rejected", "duration_s", "goodput_slos_ms", "goodput_fraction",
-            "num_preemptions", "peak_kv_usage", "steps", "metrics", "kv_blocks_in_use_at_end"}
+            "num_preemptions", "peak_kv_usage", "steps", "metrics", "kv_blocks_in_use_at_end",
+            "num_swapped_out"}
 METRIC_KEYS = {f"{stat}_{m}_ms" for stat in ("mean", "median", "p50", "p90", "p99")
                for m in ("ttft", "tpot", "itl", "e2el")} | {
     "completed", "failed", "request_throughput", "request_goodput", "output_throughput"}

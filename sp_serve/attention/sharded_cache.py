@@ -78,7 +78,7 @@ class DecodeShards:
                  paged: bool | None = None,
                  tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.kv, self.scale, self.backend = kv, scale, backend
-        self.paged = paged_decode_supported(backend, kv.k_lthd.device) if paged is None else paged
+        self.paged = paged_decode_supported(backend, kv.device) if paged is None else paged
         if self.paged:
             self.tables_bm, self.lens_b = tables if tables is not None else kv.block_tables(
                 seq_ids, width_multiple=TABLE_WIDTH_MULTIPLE)
@@ -102,7 +102,8 @@ class DecodeShards:
                                device=q_bhd.device)
         paged_decode_attention(q_bhd, *self.kv.pages(layer), self.tables_bm[rows],
                                self.lens_b[rows], self.scale,
-                               out=part_bhe[..., :-1], lse_out=part_bhe[..., -1])
+                               out=part_bhe[..., :-1], lse_out=part_bhe[..., -1],
+                               kv_scales=self.kv.scale_pages(layer))
         return part_bhe
 
 

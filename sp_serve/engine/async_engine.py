@@ -53,7 +53,9 @@ class AsyncEngine:
         cfg = engine.config
         self.cache_config = {
             "block_size": str(cfg.block_size), "num_gpu_blocks": str(engine.runtime.num_blocks),
-            "num_cpu_blocks": "0", "cache_dtype": "auto",
+            "num_cpu_blocks": str(engine.runtime.host_blocks), "cache_dtype": cfg.kv_cache_dtype,
+            "preemption_mode": str(cfg.preemption_mode),
+            "kv_capacity_tokens_per_rank": str(engine.runtime.num_blocks * cfg.block_size),
             "enable_prefix_caching": str(engine.enable_prefix_caching),
             "gpu_memory_utilization": str(cfg.gpu_memory_utilization),
             "sp_size": str(engine.world_size), "device": engine.device_name}
@@ -219,4 +221,10 @@ class AsyncEngine:
         self._stats = EngineStats(len(sched.running), len(sched.waiting), blocks.usage(),
                                   sched.num_preemptions, tuple(self._iteration_counts),
                                   self._iteration_sum, blocks.prefix_cache_queries,
-                                  blocks.prefix_cache_hits)
+                                  blocks.prefix_cache_hits,
+                                  kv_capacity_tokens=self.engine.kv_capacity_tokens,
+                                  num_swapped=len(sched.swapped),
+                                  num_swapped_out=blocks.num_swapped_out,
+                                  num_swapped_in=blocks.num_swapped_in,
+                                  swapped_out_blocks=blocks.swapped_out_blocks,
+                                  swapped_in_blocks=blocks.swapped_in_blocks)

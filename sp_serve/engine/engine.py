@@ -22,9 +22,22 @@ from sp_serve.config import EngineConfig
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.engine.protocol import TokenLogprob
-from sp_serve.engine.runtime import RankRuntime, build_runtime, worker_rank_main
-from sp_serve.engine.sampling import (SampleResult, SamplingParams, TokenCounts, greedy_tokens,
-                                     make_generator, plain_greedy, sample)
+from sp_serve.engine.runtime import (
+    RankRuntime,
+    build_runtime,
+    copy_bandwidth,
+    kv_bytes_per_token,
+    worker_rank_main,
+)
+from sp_serve.engine.sampling import (
+    SampleResult,
+    SamplingParams,
+    TokenCounts,
+    greedy_tokens,
+    make_generator,
+    plain_greedy,
+    sample,
+)
 from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.engine.structured import GrammarMasks
@@ -112,11 +125,21 @@ class LLMEngine:
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
         self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size,
-                                   self.enable_prefix_caching)
+                                   self.enable_prefix_caching, self.runtime.host_blocks)
         cost = CostModel.load(config.cost_model_path) if config.cost_model_path else CostModel()
+        # A swap is priced by this machine's device -> host copy rate (out and back in), a
+        # recompute by the cost model: only a calibrated one (slo, or a saved one) can tell.
+        self.swap_bandwidth = None
+        swap_s_per_token = None
+        if self.runtime.host_blocks:
+            self.swap_bandwidth = copy_bandwidth(self.runtime.pc.device)
+            if config.scheduler == "slo" or config.cost_model_path:
+                swap_s_per_token = self.kv_bytes_per_token / self.swap_bandwidth
         self.scheduler = Scheduler(
             SchedulerConfig(config.scheduler, config.max_num_seqs, config.max_num_batched_tokens,
-                            config.ttft_slo_ms / 1e3, config.tbt_slo_ms / 1e3),
+                            config.ttft_slo_ms / 1e3, config.tbt_slo_ms / 1e3,
+                            preemption_mode=config.preemption_mode,
+                            swap_s_per_token=swap_s_per_token),
             self.blocks, cost)
         self._seq_ids = itertools.count()
         self._by_request: dict[str, list[Sequence]] = {}
@@ -134,6 +157,33 @@ class LLMEngine:
                  "per rank, scheduler %s, prefix caching %s", self.world_size, self.device_name,
                  self.attn_backend, self.runtime.num_blocks, config.block_size, config.scheduler,
                  "on" if self.enable_prefix_caching else "off")
+        log.info("KV cache: %s, %d bytes per token per rank, capacity %d tokens per rank (%d over "
+                 "%d rank(s))", self.kv_cache_dtype_name, self.kv_bytes_per_token,
+                 self.kv_capacity_tokens // self.world_size, self.kv_capacity_tokens,
+                 self.world_size)
+        if self.runtime.host_blocks:
+            log.info("KV host pool (swap): %d blocks = %d tokens per rank, preemption by %s, "
+                     "device -> host copy %.2f GB/s", self.runtime.host_blocks,
+                     self.runtime.host_blocks * config.block_size, config.preemption_mode,
+                     self.swap_bandwidth / 1e9)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pools of all ranks hold together."""
+        return self.runtime.num_blocks * self.config.block_size * self.world_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's K and V take in the rank that stores it (scales included)."""
+        kv = self.runtime.worker.kv
+        return kv_bytes_per_token(self.spec, kv.dtype, self.config.kv_cache_dtype)
+
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        kv = self.runtime.worker.kv
+        if kv.fmt is None:
+            return f"auto ({str(kv.dtype).removeprefix('torch.')})"
+        return f"{kv.fmt.name} + a bfloat16 scale per token and KV head"
 
     # ---- requests ------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

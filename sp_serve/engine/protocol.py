@@ -59,6 +59,12 @@ class EngineStats:
     iteration_tokens_sum: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of those, found there
+    kv_capacity_tokens: int = 0  # tokens the KV pools of all ranks hold together
+    num_swapped: int = 0  # sequences whose KV is in the host pools now
+    num_swapped_out: int = 0  # sequences copied to the host pools (cumulative)
+    num_swapped_in: int = 0  # ... and back (cumulative)
+    swapped_out_blocks: int = 0  # KV blocks copied to the host, over all ranks (cumulative)
+    swapped_in_blocks: int = 0
 
 
 class EngineClient(Protocol):

@@ -18,6 +18,7 @@ from sp_serve.attention.backend import resolve_backend
 from sp_serve.config import EngineConfig
 from sp_serve.engine.plan import StepPlan
 from sp_serve.engine.worker import Worker
+from sp_serve.kv import quant
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.model.loader import load_model
 from sp_serve.parallel.groups import ParallelContext, init_parallel, pick_device, shutdown_parallel
@@ -34,6 +35,7 @@ class RankRuntime:
     pc: ParallelContext
     worker: Worker
     num_blocks: int
+    host_blocks: int = 0  # host KV pool per rank (swap to host)
 
     def send_plan(self, plan: StepPlan) -> None:
         """Rank 0: hand the plan to every other rank (a no-op at world size 1)."""
@@ -51,8 +53,27 @@ def set_cpu_threads(config: EngineConfig, world_size: int) -> None:
     torch.set_num_threads(threads)
 
 
-def kv_bytes_per_token(spec, dtype: torch.dtype) -> int:
-    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * torch.finfo(dtype).bits // 8
+def kv_bytes_per_token(spec, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes a token's K and V take in a rank's pool (a quantized cache's scales included)."""
+    return quant.kv_bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype,
+                                    kv_cache_dtype)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 64 << 20) -> float:
+    """Bytes per second of a device -> host copy of `nbytes` (a swap-out; pinned on CUDA),
+    best of three: what the scheduler's swap-or-recompute choice prices a swap with."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / max(best, 1e-9)
 
 
 @torch.inference_mode()
@@ -109,7 +130,7 @@ def cuda_kv_budget(config: EngineConfig, model, spec, pc: ParallelContext, backe
 
 def _num_blocks(config: EngineConfig, spec, dtype: torch.dtype, pc: ParallelContext,
                 model=None, backend: str = "torch") -> int:
-    per_block = kv_bytes_per_token(spec, dtype) * config.block_size
+    per_block = kv_bytes_per_token(spec, dtype, config.kv_cache_dtype) * config.block_size
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory
     elif pc.device.type == "cuda":
@@ -140,15 +161,17 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
     kv_dtype = next(model.parameters()).dtype
     backend = resolve_backend(config.attn_backend, pc.device)
     num_blocks = _num_blocks(config, spec, kv_dtype, pc, model, backend)
+    per_block = kv_bytes_per_token(spec, kv_dtype, config.kv_cache_dtype) * config.block_size
+    host_blocks = config.kv_offloading_size // per_block  # the same on every rank
     kv = PagedKVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
-                      spec.head_dim, kv_dtype, pc.device)
+                      spec.head_dim, kv_dtype, pc.device, config.kv_cache_dtype, host_blocks)
     worker = Worker(pc, model, spec, kv, backend)
     if worker.uses_triton:  # compile every kernel variant now, not mid-serving on one rank
         t0 = time.perf_counter()
         launches = worker.warm_up(config.max_num_seqs)
         log.info("Triton kernels warmed up: %d launches in %.1f s", launches,
                  time.perf_counter() - t0)
-    return RankRuntime(pc, worker, num_blocks)
+    return RankRuntime(pc, worker, num_blocks, host_blocks)
 
 
 def worker_rank_main(rank: int, world_size: int, store_port: int | None, config: EngineConfig,

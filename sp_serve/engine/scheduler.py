@@ -30,7 +30,9 @@ Memory: a prompt is admitted only if every rank can hold its whole prompt beside
 prompts already admitted; admission follows the policy's order, and one that does not fit holds
 back the ones behind it. When a decode token or a prompt chunk finds no room, the newest
 sequence holding KV (decoding or mid-prefill) is preempted: its KV is dropped, to be recomputed
-later. The oldest sequence can always go on, so the scheduler never stalls.
+later, or with --preemption-mode swap copied to the host pools when they have room and the copy
+is predicted cheaper than the recompute; swapped sequences come back (oldest first) before any
+new prompt is admitted. The oldest sequence can always go on, so the scheduler never stalls.
 
 Prefix caching (when the BlockManager has it): a prompt admitted shares the longest prefix a
 holder has computed (a finished sequence's cache entry, or a live sequence) and prefills only the
@@ -64,6 +66,12 @@ class SchedulerConfig:
     # Longest predicted step of prefill alone (None: half the TTFT target). A prompt arriving
     # mid-step waits for the step; longer steps amortise the per-step cost better.
     max_prefill_step_s: float | None = None
+    # Preemption (kv/block_manager.py): "recompute" drops the victim's KV; "swap" copies it to
+    # the host pools when they have room and the copy (out and back in) is predicted to take
+    # less than prefilling it again. swap_s_per_token: predicted seconds to copy one token's KV
+    # one way on one rank (None: swap whenever the host has room, e.g. uncalibrated costs).
+    preemption_mode: str = "recompute"
+    swap_s_per_token: float | None = None
 
 
 @dataclass
@@ -90,6 +98,7 @@ class Scheduler:
         self.config, self.blocks, self.cost, self.clock = config, blocks, cost, clock
         self.waiting: list[Sequence] = []  # prefill not done (incl. mid-prefill and preempted)
         self.running: list[Sequence] = []  # decoding, oldest first
+        self.swapped: list[Sequence] = []  # preempted to the host pools, KV kept there
         self.num_preemptions = 0
         # Seconds of prefill a waiting sequence saw go to newer ones: its aging credit.
         self._passed_over_s: dict[int, float] = {}
@@ -114,6 +123,8 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
+        if seq in self.swapped:
+            self.swapped.remove(seq)
         # every token counted in num_cached was computed by a step that ran: a cache entry
         self.blocks.free(seq.seq_id, seq.all_token_ids[:seq.num_cached]
                          if self.blocks.enable_prefix_caching else None)
@@ -128,7 +139,7 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.swapped)
 
     # ---- policy ------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
@@ -158,6 +169,7 @@ class Scheduler:
         if self.blocks.enable_prefix_caching:  # what the last step computed is shareable now
             for seq in self.running + self._mid_prefill():
                 self.blocks.publish(seq.seq_id, seq.num_cached, lambda s=seq: s.all_token_ids)
+        self._swap_in(step)
         self._schedule_decode(step)
         budget = self.config.max_num_batched_tokens - len(step.decode)
         if self.config.policy == "fcfs":
@@ -239,6 +251,8 @@ class Scheduler:
                 continue
             if seq.num_cached == 0:  # not admitted yet (new, or preempted)
                 if not admitting or len(self.running) + self._num_mid_prefill() >= self.config.max_num_seqs:
+                    continue
+                if self.swapped:  # the swapped-out sequences come back first
                     continue
                 # Admit only what every rank can hold to the end of its prompt, beside the rest
                 # of the prompts already admitted and a block per running sequence for its
@@ -354,7 +368,8 @@ class Scheduler:
 
     def _schedule_decode(self, step: ScheduledStep) -> None:
         for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING:  # preempted for an older one this step
+            # preempted for an older one this step (recomputed: waiting; swapped: still RUNNING)
+            if seq.status is not SeqStatus.RUNNING or any(seq is p for p in step.preempted):
                 continue
             owner = self._decode_owner(seq)
             while owner is None:
@@ -397,16 +412,54 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
-        """Drops the sequence's KV; it waits to be prefilled again (prompt + tokens so far)."""
+        """Swaps the sequence's KV out to the host (`_swap_pays`), to come back as it was, or
+        drops it: it then waits to be prefilled again (prompt + tokens so far)."""
+        swap = self._swap_pays(seq, step)
         (self.running if seq.status is SeqStatus.RUNNING else self.waiting).remove(seq)
         step.decode = [(s, r) for s, r in step.decode if s is not seq]
         step.prefill = [(s, a, b) for s, a, b in step.prefill if s is not seq]
         step.preempted.append(seq)
-        self.blocks.free(seq.seq_id)
         self._passed_over_s.pop(seq.seq_id, None)  # its service is lost: all of it counts as waiting
+        self.num_preemptions += 1
+        if swap:
+            self.blocks.swap_out(seq.seq_id)
+            seq.num_preemptions += 1
+            self.swapped.append(seq)
+            return
+        self.blocks.free(seq.seq_id)
         seq.reset_for_recompute()
         self.waiting.append(seq)
-        self.num_preemptions += 1
+
+    def _swap_pays(self, seq: Sequence, step: ScheduledStep) -> bool:
+        """Swap rather than recompute: in swap mode, when every rank's host pool holds the
+        sequence's shard and copying it out and back is predicted to be quicker than
+        prefilling its tokens again (a long context: the prefill grows faster than linearly,
+        the copy linearly). A sequence already given blocks in this step (not yet computed)
+        is recomputed: its shard on the ranks is not what the engine counts yet."""
+        if self.config.preemption_mode != "swap" or not self.blocks.can_swap_out(seq.seq_id):
+            return False
+        if any(s is seq for s, _ in step.decode) or any(s is seq for s, _, _ in step.prefill):
+            return False
+        if self.config.swap_s_per_token is None:
+            return True
+        swap_s = 2 * self.config.swap_s_per_token * max(self.blocks.tokens[seq.seq_id])
+        return swap_s < self.cost.prefill_s(seq.num_cached)
+
+    def _swap_in(self, step: ScheduledStep) -> None:
+        """Brings swapped-out sequences back, oldest first, while every rank has room for the
+        shard beside what running and admitted sequences have spoken for (and a block for its
+        own next token); the first that does not fit holds back the rest (and new prompts)."""
+        for seq in sorted(self.swapped, key=_age):
+            if len(self.running) + self._num_mid_prefill() >= self.config.max_num_seqs:
+                return
+            reserve = self._reserved_blocks()
+            if seq.status is SeqStatus.RUNNING:
+                reserve = [r + 1 for r in reserve]
+            if not self.blocks.can_hold(seq.seq_id, self.blocks.swapped[seq.seq_id], reserve):
+                return
+            self.blocks.swap_in(seq.seq_id)
+            self.swapped.remove(seq)
+            (self.running if seq.status is SeqStatus.RUNNING else self.waiting).append(seq)
 
 
 def _shares_prefix(blocks: BlockManager, seq: Sequence) -> bool:

@@ -108,7 +108,7 @@ class Worker:
         if not self.uses_triton:
             return 0
         spec, kv, dev = self.spec, self.kv, self.pc.device
-        dtype = kv.k_lthd.dtype
+        dtype = kv.dtype
         hq, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         launches = 0
         if self.backend == "triton":
@@ -200,10 +200,10 @@ class Worker:
 
         def attn(layer: int, q_thd, k_thd, v_thd):
             if write_slots_t is not None:
-                if rows_are_prefix:
-                    self.kv.write(layer, write_slots_t, k_thd, v_thd)
-                else:
-                    self.kv.write(layer, write_slots_t, k_thd[write_rows_t], v_thd[write_rows_t])
+                # A quantized cache hands back K/V as stored (dequantized): the ring attends to
+                # what decode and later chunks will read, so a chunked prompt equals one pass.
+                k_thd, v_thd = self.kv.write(layer, write_slots_t, k_thd, v_thd,
+                                             None if rows_are_prefix else write_rows_t)
             o_thd = torch.empty_like(q_thd)
             for part in parts:
                 o_thd[part.rows] = self._chunk_attention(layer, part, q_thd[part.rows],

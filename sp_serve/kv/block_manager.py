@@ -34,12 +34,21 @@ def _blocks(tokens: int, block_size: int) -> int:
 
 class BlockManager:
     def __init__(self, world_size: int, blocks_per_rank: int, block_size: int,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, host_blocks_per_rank: int = 0):
         self.world_size = world_size
         self.blocks_per_rank = blocks_per_rank
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pools = [BlockPool(blocks_per_rank, block_size) for _ in range(world_size)]
+        # Swap to host (--kv-offloading-size): each rank's host pool, mirrored like its device
+        # pool; a swapped-out sequence holds host blocks only, its tokens per rank kept here.
+        self.host_blocks_per_rank = host_blocks_per_rank
+        self.host_pools = [BlockPool(host_blocks_per_rank, block_size) for _ in range(world_size)]
+        self.swapped: dict[int, list[int]] = {}  # seq_id -> tokens per rank, on the host
+        self.num_swapped_out = 0  # sequences copied to the host (cumulative)
+        self.num_swapped_in = 0  # ... and back
+        self.swapped_out_blocks = 0  # device blocks' worth of KV copied out, over all ranks
+        self.swapped_in_blocks = 0
         self._live = [[0] * blocks_per_rank for _ in range(world_size)]  # sequences holding it
         self._reclaimable = [0] * world_size  # blocks held by cache entries only
         self.tokens: dict[int, list[int]] = {}  # seq_id -> tokens stored per rank (sequences)
@@ -91,7 +100,15 @@ class BlockManager:
 
     def free(self, seq_id: int, computed: list[int] | None = None) -> None:
         """The sequence is done with its KV. With prefix caching and its computed tokens given,
-        the KV stays as a cache entry (evicted when memory is needed); else it is freed."""
+        the KV stays as a cache entry (evicted when memory is needed); else it is freed. A
+        swapped-out sequence's host blocks are freed."""
+        if seq_id in self.swapped:
+            del self.swapped[seq_id]
+            for pool in self.host_pools:
+                pool.free(seq_id)
+            self.shards.pop(seq_id, None)
+            self.ops.append(("free", seq_id))
+            return
         have = self.tokens.pop(seq_id, None)
         if have is None:
             return
@@ -121,6 +138,56 @@ class BlockManager:
         # entries holding only shared blocks cost no memory: bound their number all the same
         while len(self.entries) > self.world_size * self.blocks_per_rank:
             self._evict(next(iter(self.entries)))
+
+    # ---- swap to host ----------------------------------------------------------------------
+    def can_swap_out(self, seq_id: int) -> bool:
+        """Whether every rank's host pool has room for the sequence's shard."""
+        have = self.tokens.get(seq_id)
+        return have is not None and all(
+            _blocks(n, self.block_size) <= pool.num_free_blocks
+            for n, pool in zip(have, self.host_pools))
+
+    def swap_out(self, seq_id: int) -> None:
+        """The sequence's shards go to the host pools (each rank copies its own; the ranks see
+        ("swap_out", id)) and its device blocks are released, as `free` releases them."""
+        assert self.can_swap_out(seq_id)
+        have = self.tokens[seq_id]
+        for n, pool in zip(have, self.host_pools):
+            pool.append(seq_id, n)
+        self.index.remove(seq_id)  # no longer shareable until it is back
+        for r, pool in enumerate(self.pools):
+            live = self._live[r]
+            for block in pool.table(seq_id):
+                live[block] -= 1
+                if live[block] == 0 and pool.refs[block] > 1:
+                    self._reclaimable[r] += 1
+            self.swapped_out_blocks += len(pool.table(seq_id))
+            pool.free(seq_id)
+        del self.tokens[seq_id]
+        self.swapped[seq_id] = have
+        self.num_swapped_out += 1
+        self.ops.append(("swap_out", seq_id))
+
+    def swap_in_blocks(self, seq_id: int) -> list[int]:
+        """Device blocks per rank that bringing the swapped sequence back takes."""
+        return [_blocks(n, self.block_size) for n in self.swapped[seq_id]]
+
+    def swap_in(self, seq_id: int) -> None:
+        """Brings a swapped sequence back: fresh device blocks (the lowest free, as a prompt
+        takes them) receive its shards from the host pools ("swap_in" on the ranks)."""
+        need = self.swap_in_blocks(seq_id)
+        assert all(n <= f for n, f in zip(need, self.free_blocks)), "swap_in without room"
+        self._evict_for(need)
+        have = self.swapped.pop(seq_id)
+        for r, (n, pool) in enumerate(zip(have, self.pools)):
+            table, _, _ = pool.append(seq_id, n)
+            for block in table:
+                self._live[r][block] = 1
+            self.swapped_in_blocks += len(table)
+            self.host_pools[r].free(seq_id)
+        self.tokens[seq_id] = list(have)
+        self.num_swapped_in += 1
+        self.ops.append(("swap_in", seq_id))
 
     def _evict(self, entry: int) -> None:
         del self.entries[entry]

@@ -20,6 +20,8 @@ import heapq
 
 import torch
 
+from sp_serve.kv.quant import SCALE_DTYPE, dequantize, kv_format, quantize
+
 
 class BlockPool:
     """One rank's blocks without tensors: a min-heap free list, a reference count per block, and
@@ -131,18 +133,56 @@ class BlockPool:
 
 
 class PagedKVCache:
+    """K and V of one rank's shards, [l, n*s, h, d] each, in the model's dtype (`dtype`) or,
+    with a quantized --kv-cache-dtype, one byte per element plus a scale per (token, KV head)
+    in `k_scale_lth`/`v_scale_lth` [l, n*s, h] (kv/quant.py). Writes quantize; every read
+    (`read_runs`, `read_pieces`, `read`) returns dequantized K/V in `dtype`; the paged decode
+    kernel reads `pages` and `scale_pages` in place."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 kv_cache_dtype: str = "auto", host_blocks: int = 0):
+        self.fmt = kv_format(kv_cache_dtype)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.dtype = dtype  # what attention computes in: the model's dtype
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        storage = dtype if self.fmt is None else self.fmt.storage
         # Flat slot layout [l, n*s, h, d]: slot = block * s + offset. torch.empty on CPU commits
         # pages only when written, so an idle pool costs no resident memory.
-        self.k_lthd = torch.empty(shape, dtype=dtype, device=device)
-        self.v_lthd = torch.empty(shape, dtype=dtype, device=device)
+        self.k_lthd = torch.empty(shape, dtype=storage, device=device)
+        self.v_lthd = torch.empty(shape, dtype=storage, device=device)
+        self.k_scale_lth = self.v_scale_lth = None
+        if self.fmt is not None:
+            self.k_scale_lth = torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device)
+            self.v_scale_lth = torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks, block_size)
         self._tables = self.pool._tables  # read-only views of the pool's tables and lengths
         self._lens = self.pool._lens
+        # The host pool for swapped-out shards (--kv-offloading-size): the same per-slot
+        # tensors, [l, host_blocks*s, ...], in host memory (pinned on CUDA, for DMA copies).
+        self.host_pool = BlockPool(host_blocks, block_size)
+        self._host: list[torch.Tensor] = []
+        if host_blocks:
+            pin = self.device.type == "cuda"
+            self._host = [torch.empty((t.shape[0], host_blocks * block_size, *t.shape[2:]),
+                                      dtype=t.dtype, pin_memory=pin) for t in self._tensors()]
+
+    @property
+    def quantized(self) -> bool:
+        return self.fmt is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_lthd.device
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every per-slot tensor of the pool ([l, n*s, ...]): K, V, and their scales."""
+        out = [self.k_lthd, self.v_lthd]
+        if self.fmt is not None:
+            out += [self.k_scale_lth, self.v_scale_lth]
+        return out
 
     @property
     def num_free_blocks(self) -> int:
@@ -157,7 +197,7 @@ class PagedKVCache:
         the host with host=True: the worker copies a whole step's metadata to the device once).
         Prompt chunks get the lowest free blocks, decode tokens (decode=True) the highest."""
         slots = self._slots(*self.pool.append(seq_id, count, decode))
-        return slots if host else slots.to(self.k_lthd.device)
+        return slots if host else slots.to(self.device)
 
     def apply(self, ops: list[tuple], rank: int) -> None:
         """The engine's KV operations of a step, in the engine's order (`BlockManager.ops`):
@@ -166,7 +206,11 @@ class PagedKVCache:
         step writes anything."""
         for op in ops:
             if op[0] == "free":
-                self.pool.free(op[1])
+                self.free(op[1])
+            elif op[0] == "swap_out":
+                self.swap_out(op[1])
+            elif op[0] == "swap_in":
+                self.swap_in(op[1])
             elif op[0] == "rename":
                 self.pool.rename(op[1], op[2])
             else:
@@ -175,12 +219,12 @@ class PagedKVCache:
                 if copy is not None:
                     src_block, dst_block, n = copy
                     a, b = src_block * self.block_size, dst_block * self.block_size
-                    self.k_lthd[:, b:b + n] = self.k_lthd[:, a:a + n]
-                    self.v_lthd[:, b:b + n] = self.v_lthd[:, a:a + n]
+                    for t in self._tensors():
+                        t[:, b:b + n] = t[:, a:a + n]
 
     def slots(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self._lens.get(seq_id, 0) if end is None else end
-        return self._slots(self._tables.get(seq_id, []), start, end).to(self.k_lthd.device)
+        return self._slots(self._tables.get(seq_id, []), start, end).to(self.device)
 
     def _slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
         """Slot ids of tokens [start, end) of a shard, on the host."""
@@ -188,12 +232,46 @@ class PagedKVCache:
         blocks = torch.tensor(table, dtype=torch.long)[idx // self.block_size] if end > start else idx
         return blocks * self.block_size + idx % self.block_size
 
-    def write(self, layer: int, slots_t: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor) -> None:
-        self.k_lthd[layer].index_copy_(0, slots_t, k_thd.to(self.k_lthd.dtype))
-        self.v_lthd[layer].index_copy_(0, slots_t, v_thd.to(self.v_lthd.dtype))
+    def write(self, layer: int, slots_t: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor,
+              rows_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k/v[rows] (all rows if rows_t is None) at the slots. Returns k and v (all rows)
+        as attention must see them: as given, or, quantized, dequantized from what is stored,
+        so that fresh tokens (the ring) read exactly what later readers of the cache read."""
+        if self.fmt is None:
+            pick = (lambda x: x) if rows_t is None else (lambda x: x[rows_t])
+            self.k_lthd[layer].index_copy_(0, slots_t, pick(k_thd).to(self.k_lthd.dtype))
+            self.v_lthd[layer].index_copy_(0, slots_t, pick(v_thd).to(self.v_lthd.dtype))
+            return k_thd, v_thd
+        out = []
+        for x_thd, pool_lthd, scale_lth in ((k_thd, self.k_lthd, self.k_scale_lth),
+                                            (v_thd, self.v_lthd, self.v_scale_lth)):
+            q_thd, scale_th = quantize(x_thd, self.fmt)
+            q_w, s_w = (q_thd, scale_th) if rows_t is None else (q_thd[rows_t], scale_th[rows_t])
+            # index_copy_ has no float8 kernel on CPU: copy the bytes (same element size)
+            pool_lthd[layer].view(torch.uint8).index_copy_(0, slots_t, q_w.view(torch.uint8))
+            scale_lth[layer].index_copy_(0, slots_t, s_w)
+            out.append(dequantize(q_thd, scale_th, x_thd.dtype))
+        return out[0], out[1]
+
+    def _dequant(self, layer: int, k_thd: torch.Tensor, v_thd: torch.Tensor, index
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v read from the pool at `index` (a slice or slot ids) in the model's dtype."""
+        if self.fmt is None:
+            return k_thd, v_thd
+        if isinstance(index, torch.Tensor):
+            ks, vs = (s[layer].index_select(0, index) for s in (self.k_scale_lth, self.v_scale_lth))
+        else:
+            ks, vs = self.k_scale_lth[layer][index], self.v_scale_lth[layer][index]
+        return dequantize(k_thd, ks, self.dtype), dequantize(v_thd, vs, self.dtype)
 
     def read(self, layer: int, slots_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k_lthd[layer].index_select(0, slots_t), self.v_lthd[layer].index_select(0, slots_t)
+        k, v = self.k_lthd[layer], self.v_lthd[layer]
+        if self.fmt is not None:
+            k, v = k.view(torch.uint8), v.view(torch.uint8)
+        k, v = k.index_select(0, slots_t), v.index_select(0, slots_t)
+        if self.fmt is not None:
+            k, v = k.view(self.fmt.storage), v.view(self.fmt.storage)
+        return self._dequant(layer, k, v, slots_t)
 
     def runs(self, seq_id: int, end: int | None = None) -> list[tuple[int, int]]:
         """The first `end` tokens of the shard (default all) as [start, stop) slot ranges, one per
@@ -212,14 +290,22 @@ class PagedKVCache:
         return out
 
     def read_runs(self, layer: int, runs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the given slot runs, [t, h, d]: views when there is one run."""
+        """K and V of the given slot runs, [t, h, d] in the model's dtype: views when there is
+        one run and the pool is not quantized."""
         k_thd, v_thd = self.k_lthd[layer], self.v_lthd[layer]
         if len(runs) == 1:
             (a, b), = runs
-            return k_thd[a:b], v_thd[a:b]
+            return self._dequant(layer, k_thd[a:b], v_thd[a:b], slice(a, b))
         if not runs:
-            return k_thd[:0], v_thd[:0]
-        return (torch.cat([k_thd[a:b] for a, b in runs]), torch.cat([v_thd[a:b] for a, b in runs]))
+            return self._dequant(layer, k_thd[:0], v_thd[:0], slice(0, 0))
+        def cat(x: torch.Tensor) -> torch.Tensor:  # float8 as bytes: no CPU cat kernel
+            flat = x.view(torch.uint8) if x.element_size() == 1 else x
+            return torch.cat([flat[a:b] for a, b in runs]).view(x.dtype)
+
+        if self.fmt is None:
+            return cat(k_thd), cat(v_thd)
+        ks, vs = cat(self.k_scale_lth[layer]), cat(self.v_scale_lth[layer])
+        return dequantize(cat(k_thd), ks, self.dtype), dequantize(cat(v_thd), vs, self.dtype)
 
     def read_pieces(self, layer: int, runs: list[tuple[int, int]]
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -235,9 +321,17 @@ class PagedKVCache:
         return [self.read_runs(layer, [runs[longest]]), self.read_runs(layer, rest)]
 
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy."""
+        """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy.
+        Quantized: the stored elements; their scales are `scale_pages`."""
         shape = (self.num_blocks, self.block_size, *self.k_lthd.shape[2:])
         return self.k_lthd[layer].view(shape), self.v_lthd[layer].view(shape)
+
+    def scale_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One layer's K and V scales as [n, s, h] views, or None when not quantized."""
+        if self.fmt is None:
+            return None
+        shape = (self.num_blocks, self.block_size, self.k_lthd.shape[2])
+        return self.k_scale_lth[layer].view(shape), self.v_scale_lth[layer].view(shape)
 
     def block_tables(self, seq_ids: list[int], host: bool = False,
                      width_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,10 +347,45 @@ class PagedKVCache:
         lens_b = torch.tensor([self._lens.get(s, 0) for s in seq_ids], dtype=torch.int32)
         if host:
             return tables_bm, lens_b
-        return tables_bm.to(self.k_lthd.device), lens_b.to(self.k_lthd.device)
+        return tables_bm.to(self.device), lens_b.to(self.device)
 
     def free(self, seq_id: int) -> None:
+        """Drops the sequence's KV, on the device or (swapped out) on the host."""
         self.pool.free(seq_id)
+        self.host_pool.free(seq_id)
+
+    def swap_out(self, seq_id: int) -> None:
+        """Copies the sequence's shard (every layer: K, V, scales) into host blocks (the lowest
+        free of the host pool, as the engine's mirror takes them) and frees its device blocks.
+        The copy completes before any later write can reuse those blocks: a step's KV
+        operations run before its appends and writes."""
+        n = self.num_tokens(seq_id)
+        table, _, _ = self.host_pool.append(seq_id, n)
+        if n:
+            self._copy(self._tensors(), self.slots(seq_id), self._host,
+                       self._slots(table, 0, n))
+        self.pool.free(seq_id)
+
+    def swap_in(self, seq_id: int) -> None:
+        """Copies a swapped-out shard back into fresh device blocks (the lowest free) in its
+        order, and frees its host blocks: the shard is as it was, at new block ids."""
+        n = self.host_pool.num_tokens(seq_id)
+        host_slots = self._slots(self.host_pool.table(seq_id), 0, n)
+        slots = self.append_slots(seq_id, n)
+        if n:
+            self._copy(self._host, host_slots, self._tensors(), slots)
+        self.host_pool.free(seq_id)
+
+    @staticmethod
+    def _copy(src: list[torch.Tensor], src_slots: torch.Tensor, dst: list[torch.Tensor],
+              dst_slots: torch.Tensor) -> None:
+        """dst[:, dst_slots] = src[:, src_slots] for each pair of per-slot tensors (float8 as
+        bytes: CPU index kernels have no float8 build)."""
+        for s, d in zip(src, dst):
+            if s.element_size() == 1:
+                s, d = s.view(torch.uint8), d.view(torch.uint8)
+            rows = s.index_select(1, src_slots.to(s.device)).to(d.device)
+            d.index_copy_(1, dst_slots.to(d.device), rows)
 
     def block_table(self, seq_id: int) -> list[int]:
         return list(self._tables.get(seq_id, []))

@@ -25,6 +25,7 @@ How the paper's FLOPs are counted (reproduced in tests/test_planner.py):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,11 @@ from pathlib import Path
 
 from sp_serve.planner.hardware import GB, GIB, Hardware
 
-DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+# A one-byte KV cache (fp8, int8) also stores a bf16 scale per token and KV head, as sp-serve's
+# --kv-cache-dtype does (kv/quant.py): 2 bytes per head_dim elements.
+KV_SCALE_BYTES = 2
+KV_DTYPES = ("fp32", "bf16", "fp8", "int8")  # the rows of the KV dtype table
 ACT_BYTES = 2  # activations that travel (attention outputs, TP all-reduces) are bf16
 LSE_BYTES = 4  # log-sum-exp travels in fp32 so the merge stays exact
 ATTN_FLOPS_CONVENTIONS = ("paper", "exact")
@@ -274,14 +279,20 @@ def kv_heads_per_rank(shape: ModelShape, dep: Deployment) -> int:
     )
 
 
+def kv_bytes_per_head(shape: ModelShape, dep: Deployment) -> float:
+    """One token's K (or V) of one KV head: head_dim elements, plus a scale when quantized."""
+    elem = DTYPE_BYTES[dep.kv_dtype]
+    return shape.head_dim * elem + (KV_SCALE_BYTES if elem == 1 else 0)
+
+
 def kv_bytes_per_token(shape: ModelShape, dep: Deployment) -> float:
     """K and V of one token over all layers, whole model (what one request stores per token)."""
-    return 2 * shape.num_layers * shape.kv_dim * DTYPE_BYTES[dep.kv_dtype]
+    return 2 * shape.num_layers * shape.num_kv_heads * kv_bytes_per_head(shape, dep)
 
 
 def kv_bytes_per_token_per_rank(shape: ModelShape, dep: Deployment) -> float:
     """One rank's share: heads split over TP, tokens split evenly over SP (zigzag shards)."""
-    per_layer = 2 * kv_heads_per_rank(shape, dep) * shape.head_dim * DTYPE_BYTES[dep.kv_dtype]
+    per_layer = 2 * kv_heads_per_rank(shape, dep) * kv_bytes_per_head(shape, dep)
     return shape.num_layers * per_layer / dep.sp_size
 
 
@@ -306,6 +317,20 @@ def max_context_tokens(shape: ModelShape, hw: Hardware, dep: Deployment) -> int:
     """Longest single request whose KV fits in the group: grows linearly with sp_size."""
     free = free_kv_bytes_per_rank(shape, hw, dep)
     return max(0, math.floor(free / kv_bytes_per_token_per_rank(shape, dep)))
+
+
+def kv_dtype_table(shape: ModelShape, hw: Hardware, dep: Deployment) -> list[dict]:
+    """Per KV dtype (Fu 2024's memory table, one column more): bytes per token (whole model,
+    scales included), the longest context one GPU holds (this TP degree, no SP) and the
+    longest this SP x TP group holds."""
+    rows = []
+    for kv in KV_DTYPES:
+        d = dataclasses.replace(dep, kv_dtype=kv)
+        one_gpu = dataclasses.replace(d, sp_size=1)
+        rows.append({"kv_dtype": kv, "kv_bytes_per_token": kv_bytes_per_token(shape, d),
+                     "max_context_per_gpu": max_context_tokens(shape, hw, one_gpu),
+                     "max_context_tokens": max_context_tokens(shape, hw, d)})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +398,7 @@ def prefill_breakdown(
     # Cached tokens never travel: the chunk's queries are all-gathered, every rank attends them
     # to its own shard, and an all-to-all returns the (out, lse) partials (not overlapped).
     kv_token_layer_bytes = (
-        2 * kv_heads_per_rank(shape, dep) * shape.head_dim * DTYPE_BYTES[dep.kv_dtype]
+        2 * kv_heads_per_rank(shape, dep) * kv_bytes_per_head(shape, dep)
     )
     ring_min_tokens: float | None = None
     cached_comm_s = 0.0
@@ -541,6 +566,7 @@ class PlanResult:
     context_switch_round_trip_s: float
     warnings: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    kv_dtypes: list[dict] = field(default_factory=list)  # kv_dtype_table
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -630,6 +656,7 @@ def plan(
         context_switch_round_trip_s=2 * switch,
         warnings=warnings,
         assumptions=assumptions(shape, hw, dep),
+        kv_dtypes=kv_dtype_table(shape, hw, dep),
     )
 
 

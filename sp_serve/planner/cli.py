@@ -214,6 +214,14 @@ def print_table(result: PlanResult) -> None:
     )
     table.add_row("concurrent requests", f"{r.max_concurrency}", "per SP x TP group")
     table.add_row("longest request", f"{r.max_context_tokens:,} tokens", "grows with sp")
+    for row in r.kv_dtypes:
+        table.add_row(
+            f"KV {row['kv_dtype']}: per token / max context",
+            f"{_bytes(row['kv_bytes_per_token'])} / {row['max_context_per_gpu']:,}",
+            f"per GPU; {row['max_context_tokens']:,} per SP x TP group"
+            + (" (+ a bf16 scale per token and KV head)" if row["kv_dtype"] in ("fp8", "int8")
+               else ""),
+        )
     section("prefill (TTFT)")
     table.add_row("dense FLOPs", f"{p.dense_flops:.3e}", "2 x matmul params x tokens")
     table.add_row("attention FLOPs", f"{p.attention_flops:.3e}", "causal pairs, see assumptions")
@@ -354,6 +362,19 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-kv-blocks", type=int, default=None, help="KV blocks per rank (overrides the above)"
     )
     sim.add_argument(
+        "--kv-offloading-size", "--swap-space", dest="kv_offloading_size", type=float, default=0.0,
+        metavar="GiB", help="host KV pool per rank in GiB, for preemption by swap (default 0)"
+    )
+    sim.add_argument(
+        "--preemption-mode", default=None, choices=["swap", "recompute"],
+        help="as the engine's (default: swap with --kv-offloading-size, else recompute)"
+    )
+    sim.add_argument(
+        "--swap-bandwidth-gbs", type=float, default=None,
+        help="device <-> host copy rate per rank for swaps (default: the hardware's PCIe x "
+        "--bandwidth-efficiency; give this machine's for a --cost-model run on CPU)"
+    )
+    sim.add_argument(
         "--step-overhead-ms",
         type=float,
         default=0.0,
@@ -442,6 +463,25 @@ def _kv_blocks(args: argparse.Namespace, dep: Deployment) -> int:
                               args.block_size, budget)
 
 
+def _swap_config(args: argparse.Namespace, dep: Deployment) -> dict:
+    """SimConfig's host pool (blocks per rank) and the seconds a rank copies one block in."""
+    from sp_serve.planner.analytic import kv_bytes_per_token_per_rank
+
+    if args.kv_offloading_size < 0:
+        raise ValueError(f"--kv-offloading-size must be >= 0 GiB, got {args.kv_offloading_size}")
+    mode = args.preemption_mode or ("swap" if args.kv_offloading_size else "recompute")
+    if not args.kv_offloading_size:
+        return {"preemption_mode": mode}
+    shape = resolve_model(args.model or DEFAULT_MODEL)
+    block_bytes = kv_bytes_per_token_per_rank(shape, dep) * dep.sp_size * args.block_size
+    if args.swap_bandwidth_gbs is not None:
+        bandwidth = args.swap_bandwidth_gbs * GB
+    else:
+        bandwidth = build_hardware(args).pcie_bandwidth * dep.bandwidth_efficiency
+    return {"num_host_blocks": int(args.kv_offloading_size * 2**30 // block_bytes),
+            "preemption_mode": mode, "swap_s_per_block": block_bytes / bandwidth}
+
+
 def build_simulations(args: argparse.Namespace):
     """[(SimConfig, StepCost)] for every combination of --sp-size, --scheduler and SLOs."""
     import itertools
@@ -513,6 +553,7 @@ def build_simulations(args: argparse.Namespace):
             step_time_sigma_at_s=(sigma_at_ms or 0.0) / 1e3,
             seed=args.seed,
             enable_prefix_caching=args.enable_prefix_caching,
+            **_swap_config(args, dep),
         )
         runs.append((config, cost))
     return runs
@@ -607,7 +648,8 @@ def print_simulation(out: dict) -> None:
                 f"{_ms(r['steps'][k]['mean_step_ms'])} / {_ms(r['steps'][k]['max_step_ms'])}"
                 if r["steps"][k]["count"] else "-"))
     row("busy fraction", lambda r: f"{100 * r['steps']['busy_fraction']:.0f}%")
-    row("preemptions", lambda r: str(r["num_preemptions"]))
+    row("preemptions (swapped)", lambda r: f"{r['num_preemptions']} "
+        f"({r.get('num_swapped_out', 0)})")
     row("KV blocks per rank / peak use", lambda r: f"{r['kv_blocks_per_rank']:,} / "
         f"{100 * r['peak_kv_usage']:.0f}%")
     console = Console()

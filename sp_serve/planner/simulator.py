@@ -524,6 +524,12 @@ class SimConfig:
     # As the engine's --enable-prefix-caching; it matters only for requests with a prefix_id
     # (others share no tokens), which are then simulated with token ids.
     enable_prefix_caching: bool = True
+    # Swap to host, as the engine's --kv-offloading-size / --preemption-mode: host blocks per
+    # rank, and the seconds one rank takes to copy one block one way (added to the step that
+    # swaps; the scheduler weighs it against a recompute).
+    num_host_blocks: int = 0
+    preemption_mode: str = "recompute"
+    swap_s_per_block: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -547,6 +553,12 @@ class SimConfig:
              f"--step-time-sigma must be in [0, 2], got {self.step_time_sigma}"),
             (self.step_time_sigma_at_s >= 0,
              f"--step-time-sigma-at-ms must be >= 0, got {self.step_time_sigma_at_s * 1e3}"),
+            (self.num_host_blocks >= 0 and self.swap_s_per_block >= 0,
+             "the host pool and its copy time must be >= 0"),
+            (self.preemption_mode in ("swap", "recompute"),
+             f"--preemption-mode must be swap or recompute, got {self.preemption_mode!r}"),
+            (self.preemption_mode != "swap" or self.num_host_blocks > 0,
+             "--preemption-mode swap needs --kv-offloading-size (host memory per rank)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -625,6 +637,7 @@ class SimResult:
     scheduler_cost: CostModel
     scheduler_cost_fit_error: float | None = None
     kv_blocks_in_use_at_end: int = 0  # 0 unless the scheduler leaks blocks
+    num_swapped_out: int = 0  # preemptions by a swap to host (the rest recomputed)
 
     def bench_results(self) -> list[RequestResult]:
         """The simulated requests as the bench client would have measured them."""
@@ -673,6 +686,7 @@ class SimResult:
             "goodput_slos_ms": goodput_slos_ms or None,
             "goodput_fraction": None if good is None else (good / completed if completed else 0.0),
             "num_preemptions": self.num_preemptions,
+            "num_swapped_out": self.num_swapped_out,
             "peak_kv_usage": self.peak_kv_usage,
             "peak_waiting": self.peak_waiting,
             "kv_blocks_in_use_at_end": self.kv_blocks_in_use_at_end,
@@ -743,12 +757,15 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
         raise ValueError("the workload is empty")
     clock = _Clock()
     caching = config.enable_prefix_caching and any(r.prefix_id is not None for r in trace)
-    blocks = BlockManager(config.sp_size, config.num_kv_blocks, config.block_size, caching)
+    blocks = BlockManager(config.sp_size, config.num_kv_blocks, config.block_size, caching,
+                          config.num_host_blocks)
     max_context = max(r.prompt_len + r.output_len for r in trace)
     sched_cost = cost.scheduler_cost(config.max_num_batched_tokens, max_context)
     scheduler = Scheduler(
         SchedulerConfig(config.scheduler, config.max_num_seqs, config.max_num_batched_tokens,
-                        config.ttft_slo_s, config.tbt_slo_s),
+                        config.ttft_slo_s, config.tbt_slo_s,
+                        preemption_mode=config.preemption_mode,
+                        swap_s_per_token=config.swap_s_per_block / config.block_size),
         blocks, sched_cost, clock=clock)
 
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_time)
@@ -800,7 +817,10 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
             clock.now = trace[order[next_arrival]].arrival_time + delay
             continue
         peak_waiting = max(peak_waiting, len(scheduler.waiting))
+        copied = blocks.swapped_out_blocks + blocks.swapped_in_blocks
         step = scheduler.schedule()
+        # blocks this step's swaps copy, over all ranks; each rank copies its own, in parallel
+        copied = blocks.swapped_out_blocks + blocks.swapped_in_blocks - copied
         peak_usage = max(peak_usage, blocks.usage())
         if step.is_empty:
             # Nothing fits until something arrives (the real engine spins until then).
@@ -812,6 +832,7 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
             clock.now = max(clock.now, trace[order[next_arrival]].arrival_time + delay)
             continue
         seconds = step_seconds(cost, step) + config.step_overhead_s
+        seconds += copied / config.sp_size * config.swap_s_per_block
         if config.step_time_sigma:
             sigma = step_sigma(config.step_time_sigma, config.step_time_sigma_at_s, seconds)
             seconds *= math.exp(sigma * noise.standard_normal() - sigma * sigma / 2)
@@ -836,6 +857,7 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
         steps=steps,
         duration_s=clock.now,
         num_preemptions=scheduler.num_preemptions,
+        num_swapped_out=blocks.num_swapped_out,
         peak_kv_usage=peak_usage,
         peak_waiting=peak_waiting,
         scheduler_cost=sched_cost,

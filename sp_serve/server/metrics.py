@@ -67,6 +67,8 @@ class EngineStatsCollector(Collector):
             # vLLM's older name, which its Grafana dashboard still queries
             ("gpu_cache_usage_perc", "Deprecated alias of kv_cache_usage_perc.",
              stats.kv_cache_usage),
+            ("kv_cache_capacity_tokens", "Tokens the KV pools of all ranks hold together "
+             "(blocks x block size x ranks; follows --kv-cache-dtype).", stats.kv_capacity_tokens),
         ]:
             gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             gauge.add_metric(label, value)
@@ -76,6 +78,24 @@ class EngineStatsCollector(Collector):
                                           labels=["model_name"])
         preemptions.add_metric(label, stats.num_preemptions)
         yield preemptions
+        swapped = GaugeMetricFamily(PREFIX + "num_requests_swapped",
+                                    "Requests whose KV is in the host pools (swapped out).",
+                                    labels=["model_name"])
+        swapped.add_metric(label, stats.num_swapped)
+        yield swapped
+        for name, doc, value in [
+            ("num_swapped_out", "Cumulative sequences preempted by a swap to host memory.",
+             stats.num_swapped_out),
+            ("num_swapped_in", "Cumulative swapped sequences copied back to the device.",
+             stats.num_swapped_in),
+            ("swapped_out_blocks", "Cumulative KV blocks copied to host memory (all ranks).",
+             stats.swapped_out_blocks),
+            ("swapped_in_blocks", "Cumulative KV blocks copied back from host memory.",
+             stats.swapped_in_blocks),
+        ]:
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            counter.add_metric(label, value)
+            yield counter
         iteration = HistogramMetricFamily(
             PREFIX + "iteration_tokens_total",
             "Tokens per engine step (prompt chunk tokens + decode tokens).", labels=["model_name"])
