@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.sh, as far as a machine without a GPU can run it: the whole script in
 its dry mode (every step on the CPU: preflight, interpreted kernel tests, the engine against
 transformers on a tiny random Llama, the kernel benchmark's command line, the report), its
-report on a kernel benchmark result shaped as benchmarks/kernels.py writes it, and the GPU
+report on a kernel benchmark result shaped as benchmarks/kernel_bench.py writes it, and the GPU
 steps' time limits."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_report_renders_a_kernel_benchmark_result(tmp_path):
         import gpu_check
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    kernels = {  # the shape benchmarks/kernels.py writes
+    kernels = {  # the shape benchmarks/kernel_bench.py writes
         "ceilings": {"matmul_bf16_tflops": 700.0, "copy_gbps": 3900.0},
         "prefill": [{"tokens": 4096, "ours_ms": 1.5, "ours_tflops": 350.0, "sdpa_flash_ms": 1.2,
                      "sdpa_flash_tflops": 430.0, "sdpa_note": "", "config": {"block_m": 128}}],
