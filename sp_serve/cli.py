@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool) -> None:
                    "\"original_max_position_embeddings\": 8192}}'")
     p.add_argument("--sp-size", "-sp", "--sequence-parallel-size", dest="sp_size", type=int, default=1,
                    help="ranks sharing each sequence (spawned here unless launched by torchrun)")
+    p.add_argument("--tensor-parallel-size", "-tp", dest="tp_size", type=int, default=1,
+                   help="ranks sharing each layer's weights and heads (Megatron-style), inside each "
+                   "SP rank: the world is tp x sp ranks, a TP group being consecutive ranks")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -102,7 +105,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model = default.path
         if "served_model_name" in vars(args) and args.served_model_name is None:  # serve
             args.served_model_name = default.name
-    fields = ["sp_size", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    fields = ["sp_size", "tp_size", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
               "block_size", "kv_cache_memory", "gpu_memory_utilization", "scheduler", "ttft_slo_ms",
               "tbt_slo_ms", "attn_backend", "dist_timeout_s", "cpu_threads", "cpu_comm", "cost_model_path",
               "step_log", "seed", "tokenizer", "hf_overrides", "enable_prefix_caching",

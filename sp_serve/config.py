@@ -11,6 +11,7 @@ from sp_serve.kv.quant import KV_CACHE_DTYPES
 class EngineConfig:
     model: str
     sp_size: int = 1
+    tp_size: int = 1  # tensor parallel ranks per SP rank (consecutive ranks); world = tp x sp
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (the checkpoint's) | float32 | bfloat16 | float16
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -43,9 +44,15 @@ class EngineConfig:
     kv_offloading_size: int = 0
     preemption_mode: str | None = None
 
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: a TP group of tp_size consecutive ranks per SP rank."""
+        return self.tp_size * self.sp_size
+
     def __post_init__(self) -> None:
         checks = [
             (self.sp_size >= 1, f"--sp-size must be >= 1, got {self.sp_size}"),
+            (self.tp_size >= 1, f"--tensor-parallel-size must be >= 1, got {self.tp_size}"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),
              f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"),

