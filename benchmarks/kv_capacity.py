@@ -31,7 +31,7 @@ def main() -> None:
             with LLM(dtype=dtype, kv_cache_dtype=kv, kv_cache_memory=args.kv_cache_memory,
                      scheduler="fcfs", cpu_threads=1, max_model_len=8192) as llm:
                 eng = llm.engine
-                tokens = eng.kv_capacity_tokens // eng.world_size
+                tokens = eng.kv_capacity_tokens // eng.sp_size
                 base = tokens if kv == "auto" else base
                 # the pool admits a request of exactly its capacity, and not one token more
                 params = SamplingParams(max_tokens=1)

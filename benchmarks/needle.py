@@ -102,7 +102,7 @@ def run_cells(ckpt: Path, sp: int, lengths: list[int], depths: list[float], rope
              kv_cache_memory=args.kv_cache_memory) as llm:
         first = _capture_first_logits(llm)
         results.setdefault("kv_capacity_tokens_per_rank", {})[kv] = \
-            llm.engine.kv_capacity_tokens // llm.engine.world_size
+            llm.engine.kv_capacity_tokens // llm.engine.sp_size
         for n, depth in todo:
             key = _key_for(n, depth)
             ids = passkey_prompt(llm.tokenizer, n, depth, key)

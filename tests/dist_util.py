@@ -5,8 +5,9 @@ from __future__ import annotations
 from sp_serve.parallel.launch import run_on_ranks as _run
 
 
-def run_on_ranks(world: int, fn, *args, timeout_s: float = 600, cpu_comm: str = "auto"):
+def run_on_ranks(world: int, fn, *args, timeout_s: float = 600, cpu_comm: str = "auto",
+                 tp_size: int = 1):
     try:
-        return _run(world, fn, *args, timeout_s=timeout_s, cpu_comm=cpu_comm)[0]
+        return _run(world, fn, *args, timeout_s=timeout_s, cpu_comm=cpu_comm, tp_size=tp_size)[0]
     except RuntimeError as exc:
         raise AssertionError(str(exc)) from None

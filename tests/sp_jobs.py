@@ -12,18 +12,22 @@ from sp_serve.engine.plan import DecodeToken, PrefillChunk, StepPlan
 from sp_serve.engine.worker import Worker
 from sp_serve.kv.block_manager import BlockManager
 from sp_serve.kv.cache import PagedKVCache
+from sp_serve.model.llama import TensorParallel
 from sp_serve.model.loader import load_model
 
 
 def engine_jobs(pc, jobs):
     """jobs: [(ckpt_dir, prompt_ids, num_decode, chunk_split | None[, attention backend[,
-    kv cache dtype]])]. Rank 0 drives plans like the engine does; returns [(last prompt-token
+    kv cache dtype]])]. Rank 0 drives plans like the engine does (with TP, each rank loads its
+    share of the model); returns [(last prompt-token
     logits, greedy tokens, tokens per rank)] per job."""
     results = []
     for ckpt, prompt, num_decode, split, *extra in jobs:
         backend = extra[0] if extra else "torch"
         kv_cache_dtype = extra[1] if len(extra) > 1 else "auto"
-        model, spec = load_model(ckpt, dtype=torch.float32)
+        model, _ = load_model(ckpt, dtype=torch.float32,
+                              tp=TensorParallel(pc.tp_rank, pc.tp_size, pc.tp_comm))
+        spec = model.local_spec  # this rank's heads (all of them without TP)
         blocks_per_rank, block = 96, 4  # small blocks: sequences span many blocks
         kv = PagedKVCache(spec.num_layers, blocks_per_rank, block, spec.num_kv_heads, spec.head_dim,
                           torch.float32, pc.device, kv_cache_dtype)
@@ -32,7 +36,7 @@ def engine_jobs(pc, jobs):
             _follow(pc, worker)
             assert kv.num_free_blocks == blocks_per_rank, "a rank kept blocks of a freed sequence"
             continue
-        bm = BlockManager(pc.world_size, blocks_per_rank, block)
+        bm = BlockManager(pc.sp_size, blocks_per_rank, block)
 
         def run(plan):
             if pc.world_size > 1:
@@ -48,7 +52,7 @@ def engine_jobs(pc, jobs):
         tokens = [int(first.argmax())]
         for i in range(num_decode - 1):
             owner = bm.decode_rank(0)
-            bm.allocate(0, [int(r == owner) for r in range(pc.world_size)])
+            bm.allocate(0, [int(r == owner) for r in range(pc.sp_size)])
             logits = run(StepPlan(decode=[DecodeToken(0, tokens[-1], n + i, owner)]))
             tokens.append(int(logits[0].argmax()))
         per_rank = list(bm.tokens[0])

@@ -236,7 +236,8 @@ def test_steps_and_calibration_are_timed_after_a_device_sync(monkeypatch):
     worker = SimpleNamespace(execute=lambda plan: order.append("execute") or {})
     eng.runtime = SimpleNamespace(pc=SimpleNamespace(device=torch.device("cuda", 0)),
                                   send_plan=lambda plan: None, worker=worker)
-    eng.world_size, eng._procs = 1, []
+    eng.world_size = eng.sp_size = eng.tp_size = 1
+    eng._procs = []
     eng.blocks = BlockManager(1, 64, 16)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: order.append("sync"))
     clock = time_module.perf_counter

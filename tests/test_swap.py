@@ -35,7 +35,7 @@ def _assert_all_free(llm, host_blocks: int) -> None:
     blocks = engine.blocks
     blocks.evict_all()
     engine.heartbeat()  # the frees reach the ranks
-    world, num_blocks = engine.world_size, engine.runtime.num_blocks
+    world, num_blocks = engine.sp_size, engine.runtime.num_blocks
     assert blocks.free_blocks == [num_blocks] * world and not blocks.tokens
     assert not blocks.swapped and [p.num_free_blocks for p in blocks.host_pools] == \
         [host_blocks] * world

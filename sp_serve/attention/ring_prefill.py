@@ -35,7 +35,7 @@ def ring_prefill_attention(
 ) -> PartialAccumulator:
     """The causal attention of the local queries over the whole chunk's K/V, as a running
     (o, lse) to which the caller may merge more partials."""
-    rank = pc.rank
+    rank = pc.sp_rank
     early_len, late_len = layout.chunk_lens(rank)
     kv_2thd = torch.stack([k_thd, v_thd])
     kv_shape = lambda src: (2, layout.num_local(src), *kv_2thd.shape[2:])  # noqa: E731

@@ -111,7 +111,7 @@ def decode_over_shards(
     pc: ParallelContext, batch: int, local_partial: LocalPartialFn, num_micro_batches: int = 2
 ) -> torch.Tensor:
     """Merged attention output [b, h, d] fp32 for queries every rank holds."""
-    if pc.world_size == 1:
+    if pc.sp_size == 1:
         return merge_packed(local_partial(slice(0, batch))[None])[0]
     in_flight = []
     for rows in _split(batch, num_micro_batches if pc.comm.overlaps else 1):
@@ -119,7 +119,7 @@ def decode_over_shards(
         in_flight.append((pc.comm.all_gather_start(part_the), part_the.shape))
     outs = []
     for pending, shape in in_flight:
-        outs.append(merge_packed(pending.wait().view(pc.world_size, *shape))[0])
+        outs.append(merge_packed(pending.wait().view(pc.sp_size, *shape))[0])
     return torch.cat(outs)
 
 
@@ -133,7 +133,7 @@ def chunk_over_shards(
 
     local_partial_for(q_thd) attends any queries to this rank's shard -> packed [t, h, d+1].
     """
-    if pc.world_size == 1:
+    if pc.sp_size == 1:
         return merge_packed(local_partial_for(q_thd)[None])
     width = max(num_q_per_rank)
     padded = q_thd
@@ -141,8 +141,8 @@ def chunk_over_shards(
         padded = torch.zeros((width, *q_thd.shape[1:]), dtype=q_thd.dtype, device=q_thd.device)
         padded[: q_thd.shape[0]] = q_thd
     all_q = pc.comm.all_gather(padded)
-    mine_nthe = local_partial_for(all_q).view(pc.world_size * width, *q_thd.shape[1:-1], -1)
-    theirs_nthe = pc.comm.all_to_all(mine_nthe).view(pc.world_size, width, *q_thd.shape[1:-1], -1)
+    mine_nthe = local_partial_for(all_q).view(pc.sp_size * width, *q_thd.shape[1:-1], -1)
+    theirs_nthe = pc.comm.all_to_all(mine_nthe).view(pc.sp_size, width, *q_thd.shape[1:-1], -1)
     return merge_packed(theirs_nthe[:, : q_thd.shape[0]])
 
 

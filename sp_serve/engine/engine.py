@@ -45,6 +45,7 @@ from sp_serve.kv.block_manager import BlockManager
 from sp_serve.model.loader import load_tokenizer
 from sp_serve.model.overrides import stretch_hint
 from sp_serve.model.source import checkpoint_dir
+from sp_serve.model.llama import TensorParallel
 from sp_serve.model.spec import load_spec
 from sp_serve.parallel.groups import abort_parallel, shutdown_parallel
 from sp_serve.parallel.launch import (
@@ -81,6 +82,7 @@ class LLMEngine:
         config = replace(config, model=str(checkpoint_dir(config.model)))
         self.config = config
         self.spec = load_spec(config.model, config.hf_overrides)  # fails fast, before any rank starts
+        TensorParallel(0, config.tp_size).check(self.spec)
         self.enable_prefix_caching = prefix_caching_enabled(config, self.spec)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, required=bool(config.tokenizer))
         limit = self.spec.max_model_len  # max_position_embeddings, extended by RoPE scaling
@@ -101,6 +103,11 @@ class LLMEngine:
         self._procs = []
         if launched_by_torchrun():
             rank, world, local_rank = torchrun_rank()
+            if world != config.world_size:
+                raise ValueError(
+                    f"torchrun started {world} rank(s) but --tensor-parallel-size "
+                    f"{config.tp_size} x --sp-size {config.sp_size} = {config.world_size}; make "
+                    "nnodes x nproc-per-node equal tp x sp (or change --sp-size)")
             if rank != 0:  # every other rank serves plans until rank 0 says stop, then leaves
                 # torchrun sends SIGTERM (and a terminal SIGINT) to every rank at once; rank 0
                 # alone stops the work (drain, then a shutdown plan), as with spawned ranks. A
@@ -112,19 +119,20 @@ class LLMEngine:
                 raise SystemExit(0)
             self.runtime: RankRuntime = build_runtime(config, 0, world, None, local_rank)
         else:
-            store, self._procs = spawn_ranks(config.sp_size, worker_rank_main, (config,),
+            store, self._procs = spawn_ranks(config.world_size, worker_rank_main, (config,),
                                              config.dist_timeout_s)
             self.runtime = build_runtime(
-                config, 0, config.sp_size, store,
+                config, 0, config.world_size, store,
                 before_join=lambda: wait_for_ranks(store, self._procs, config.dist_timeout_s))
-        self.world_size = self.runtime.pc.world_size
+        self.world_size = self.runtime.pc.world_size  # tp_size x sp_size ranks
+        self.sp_size, self.tp_size = self.runtime.pc.sp_size, self.runtime.pc.tp_size
         self._stopping = threading.Event()
         if self._procs and self.runtime.pc.device.type == "cuda":
             threading.Thread(target=self._watch_ranks, daemon=True,
                              name="sp-serve-rank-watch").start()
         self.attn_backend = self.runtime.worker.backend
         self.device_name = device_name(self.runtime.pc.device)
-        self.blocks = BlockManager(self.world_size, self.runtime.num_blocks, config.block_size,
+        self.blocks = BlockManager(self.sp_size, self.runtime.num_blocks, config.block_size,
                                    self.enable_prefix_caching, self.runtime.host_blocks)
         cost = CostModel.load(config.cost_model_path) if config.cost_model_path else CostModel()
         # A swap is priced by this machine's device -> host copy rate (out and back in), a
@@ -153,14 +161,16 @@ class LLMEngine:
             self.scheduler.cost = self.calibrate()
         if self._step_log is not None:
             self.scheduler.step_observer = self._log_step
-        log.info("sp-serve engine: %d rank(s) on %s, attention backend %s, %d KV blocks of %d tokens "
-                 "per rank, scheduler %s, prefix caching %s", self.world_size, self.device_name,
-                 self.attn_backend, self.runtime.num_blocks, config.block_size, config.scheduler,
+        log.info("sp-serve engine: %d rank(s) (tp_size %d x sp_size %d) on %s, attention backend "
+                 "%s, %d KV blocks of %d tokens per rank, scheduler %s, prefix caching %s",
+                 self.world_size, self.tp_size, self.sp_size, self.device_name, self.attn_backend,
+                 self.runtime.num_blocks, config.block_size, config.scheduler,
                  "on" if self.enable_prefix_caching else "off")
-        log.info("KV cache: %s, %d bytes per token per rank, capacity %d tokens per rank (%d over "
-                 "%d rank(s))", self.kv_cache_dtype_name, self.kv_bytes_per_token,
-                 self.kv_capacity_tokens // self.world_size, self.kv_capacity_tokens,
-                 self.world_size)
+        log.info("weights: %.1f MiB per rank (rank 0's share at tp_size %d)",
+                 self.runtime.weight_bytes / 2**20, self.tp_size)
+        log.info("KV cache: %s, %d bytes per token per rank, capacity %d tokens per SP rank (%d "
+                 "over %d SP rank(s))", self.kv_cache_dtype_name, self.kv_bytes_per_token,
+                 self.kv_capacity_tokens // self.sp_size, self.kv_capacity_tokens, self.sp_size)
         if self.runtime.host_blocks:
             log.info("KV host pool (swap): %d blocks = %d tokens per rank, preemption by %s, "
                      "device -> host copy %.2f GB/s", self.runtime.host_blocks,
@@ -170,13 +180,13 @@ class LLMEngine:
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens the KV pools of all ranks hold together."""
-        return self.runtime.num_blocks * self.config.block_size * self.world_size
+        return self.runtime.num_blocks * self.config.block_size * self.sp_size
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes one token's K and V take in the rank that stores it (scales included)."""
-        kv = self.runtime.worker.kv
-        return kv_bytes_per_token(self.spec, kv.dtype, self.config.kv_cache_dtype)
+        kv = self.runtime.worker.kv  # this rank's KV heads (its share with TP)
+        return kv_bytes_per_token(self.runtime.worker.spec, kv.dtype, self.config.kv_cache_dtype)
 
     @property
     def kv_cache_dtype_name(self) -> str:
@@ -480,7 +490,7 @@ class LLMEngine:
             self.blocks.allocate(sid, shares)
         for sid in decode:
             owner = self.blocks.decode_rank(sid)
-            add = [int(r == owner) for r in range(self.world_size)]
+            add = [int(r == owner) for r in range(self.sp_size)]
             if not self.blocks.can_hold(sid, add):
                 return False
             self.blocks.allocate(sid, add)

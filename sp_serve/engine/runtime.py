@@ -20,6 +20,7 @@ from sp_serve.engine.plan import StepPlan
 from sp_serve.engine.worker import Worker
 from sp_serve.kv import quant
 from sp_serve.kv.cache import PagedKVCache
+from sp_serve.model.llama import TensorParallel
 from sp_serve.model.loader import load_model
 from sp_serve.parallel.groups import ParallelContext, init_parallel, pick_device, shutdown_parallel
 from sp_serve.parallel.launch import announce_joined, client_store
@@ -36,6 +37,7 @@ class RankRuntime:
     worker: Worker
     num_blocks: int
     host_blocks: int = 0  # host KV pool per rank (swap to host)
+    weight_bytes: int = 0  # this rank's share of the weights
 
     def send_plan(self, plan: StepPlan) -> None:
         """Rank 0: hand the plan to every other rank (a no-op at world size 1)."""
@@ -115,7 +117,7 @@ def cuda_kv_budget(config: EngineConfig, model, spec, pc: ParallelContext, backe
     NCCL buffers). No fixed reserve: a small model on a big GPU gets its memory, and a long
     chunk of a big model is accounted for."""
     dev = pc.device
-    tokens = -(-config.max_num_batched_tokens // pc.world_size) + config.max_num_seqs
+    tokens = -(-config.max_num_batched_tokens // pc.sp_size) + config.max_num_seqs
     peak = profile_peak_bytes(model, spec, tokens, config.max_num_seqs, backend, dev)
     free, total = torch.cuda.mem_get_info(dev)
     weights = torch.cuda.memory_allocated(dev)  # the model (the profile's memory is freed)
@@ -154,10 +156,18 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
     set_cpu_threads(config, world_size)
     device = pick_device(config.device, rank if local_rank is None else local_rank)
     dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
-    model, spec = load_model(config.model, dtype=dtype, device=device, hf_overrides=config.hf_overrides)
+    tp = TensorParallel(rank % config.tp_size, config.tp_size)  # its comm once the groups exist
+    model, _ = load_model(config.model, dtype=dtype, device=device,
+                          hf_overrides=config.hf_overrides, tp=tp)
     if before_join is not None:
         before_join()
-    pc = init_parallel(rank, world_size, store, device, config.dist_timeout_s, config.cpu_comm)
+    pc = init_parallel(rank, world_size, store, device, config.dist_timeout_s, config.cpu_comm,
+                       config.tp_size)
+    tp.comm = pc.tp_comm
+    spec = model.local_spec  # this rank's heads: its KV pool holds only its KV heads
+    weight_bytes = model.weight_bytes()
+    log.info("rank %d (tp %d/%d, sp %d/%d): weights %.1f MiB", rank, pc.tp_rank, pc.tp_size,
+             pc.sp_rank, pc.sp_size, weight_bytes / 2**20)
     kv_dtype = next(model.parameters()).dtype
     backend = resolve_backend(config.attn_backend, pc.device)
     num_blocks = _num_blocks(config, spec, kv_dtype, pc, model, backend)
@@ -171,7 +181,7 @@ def build_runtime(config: EngineConfig, rank: int, world_size: int, store: dist.
         launches = worker.warm_up(config.max_num_seqs)
         log.info("Triton kernels warmed up: %d launches in %.1f s", launches,
                  time.perf_counter() - t0)
-    return RankRuntime(pc, worker, num_blocks, host_blocks)
+    return RankRuntime(pc, worker, num_blocks, host_blocks, weight_bytes)
 
 
 def worker_rank_main(rank: int, world_size: int, store_port: int | None, config: EngineConfig,

@@ -3,8 +3,9 @@ StepPlan. Rank 0 gets back float32 logits for the sequences that sample this ste
 `prompt_logprobs`) the prompt logprobs of chunks that asked for them.
 
 A step is one forward pass over this rank's tokens: each prompt chunk's zigzag share (at the
-tokens' global positions), then the decode batch (replicated: every rank runs the dense layers
-for every decode token). The dense layers read the weights once for all of them; attention keeps
+tokens' global positions), then the decode batch (replicated along SP: every SP rank runs the
+dense layers for every decode token). With tensor parallelism "rank" below means the SP rank:
+the ranks of a TP group hold the same tokens and each runs its own heads (model/llama.py). The dense layers read the weights once for all of them; attention keeps
 the two batches apart:
   - a prompt chunk: zigzag ring over the chunk's fresh K/V, plus (for a chunk after earlier
     chunks) the queries' attention to every rank's cached shard in place;
@@ -146,7 +147,7 @@ class Worker:
         self.prompt_logprobs = {}
         for seq_id in plan.free_seq_ids:
             self.kv.free(seq_id)
-        self.kv.apply(plan.kv_ops, self.pc.rank)  # before any append: a share copies blocks
+        self.kv.apply(plan.kv_ops, self.pc.sp_rank)  # before any append: a share copies blocks
         if not (plan.prefill or plan.decode):
             return {}
         pc, dev = self.pc, self.pc.device
@@ -155,8 +156,8 @@ class Worker:
         row = 0
         for chunk in plan.prefill:
             n = len(chunk.token_ids)
-            layout = ZigzagLayout(n, pc.world_size)
-            local_idx = layout.local_indices(pc.rank)
+            layout = ZigzagLayout(n, pc.sp_size)
+            local_idx = layout.local_indices(pc.sp_rank)
             m = len(local_idx)
             ids.append(torch.tensor(chunk.token_ids, dtype=torch.long)[local_idx])
             pos.append(local_idx + chunk.start_pos)
@@ -165,7 +166,7 @@ class Worker:
             write_rows.append(torch.arange(row, row + m))
             write_slots.append(self.kv.append_slots(chunk.seq_id, m, host=True))
             last = None
-            if chunk.want_logits and layout.owner_of(n - 1) == pc.rank:
+            if chunk.want_logits and layout.owner_of(n - 1) == pc.sp_rank:
                 last = row + int((local_idx == n - 1).nonzero()[0, 0])
             parts.append(_ChunkPart(chunk.seq_id, slice(row, row + m), local_idx, layout, cached,
                                     last))
@@ -177,7 +178,7 @@ class Worker:
             dpos = torch.tensor([t.position for t in plan.decode], dtype=torch.long)
             pos.append(dpos)
             rope_len.append(dpos + 1)
-            owned = [i for i, t in enumerate(plan.decode) if t.owner_rank == pc.rank]
+            owned = [i for i, t in enumerate(plan.decode) if t.owner_rank == pc.sp_rank]
             if owned:
                 write_rows.append(torch.tensor(owned, dtype=torch.long) + row)
                 write_slots.extend(self.kv.append_slots(plan.decode[i].seq_id, 1, decode=True,
@@ -242,7 +243,8 @@ class Worker:
                 local_rows = torch.arange(part.rows.start, part.rows.stop)[scored]
                 rows[idx.to(rows.device)] = token_logprobs(
                     hidden_td[local_rows.to(hidden_td.device)], self.model.lm_head_weight,
-                    targets_t.to(hidden_td.device), k)
+                    targets_t.to(hidden_td.device), k, vocab_start=self.model.vocab_start,
+                    tp_comm=self.pc.tp_comm)
             pieces.append(rows.flatten())
         flat = self.pc.comm.sum_to_first(torch.cat(pieces))
         if not self.pc.is_driver:
@@ -263,7 +265,7 @@ class Worker:
             def local_partial_for(qq_thd):
                 return pack_partial(*attention_over_pieces(qq_thd, pieces, self.scale, self.backend))
 
-            q_per_rank = [part.layout.num_local(r) for r in range(pc.world_size)]
+            q_per_rank = [part.layout.num_local(r) for r in range(pc.sp_size)]
             o, lse = chunk_over_shards(pc, q_thd, q_per_rank, local_partial_for)
             acc.add(slice(None), o, lse)
         return acc.o_thd.to(q_thd.dtype)
@@ -282,12 +284,14 @@ class Worker:
                 if parts[i].last_row is not None:
                     rows_td[j] = hidden_td[parts[i].last_row]
             rows_td = self.pc.comm.sum_to_first(rows_td)
-        if not self.pc.is_driver:
-            return {}
+        if self.pc.sp_rank != 0 or not (ending or plan.decode):
+            return {}  # the first SP rank's TP group computes the logits, together
         seq_ids = [plan.prefill[i].seq_id for i in ending] + [t.seq_id for t in plan.decode]
         if rows_td is not None and plan.decode:
             rows_td = torch.cat([rows_td, hidden_td[decode_rows]])
         elif rows_td is None:
             rows_td = hidden_td[decode_rows]
         logits = self.model.compute_logits(rows_td)
+        if not self.pc.is_driver:
+            return {}
         return {seq_id: logits[i] for i, seq_id in enumerate(seq_ids)}

@@ -10,10 +10,20 @@ sequence each token belongs to, owns the KV cache and applies `spec.softmax_scal
 
 For CPU speed the q/k/v projections are one matmul over a fused weight, and gate/up another;
 the loader fills the fused weights from HF's separate tensors.
+
+Tensor parallelism (Megatron-style) enters through the linear layers: with `TensorParallel`
+of size T a rank holds its share of the heads (q/k/v rows, "column-parallel"; KV heads split
+when there are at least T of them, else each rank keeps the one its query heads use, as vLLM
+does), of the MLP (gate/up rows), the matching columns of o and down ("row-parallel": their
+partial outputs are summed over the TP group, one all-reduce each per layer) and a slice of the
+vocabulary for the embedding (looked up where owned, summed) and the LM head (logits gathered).
+The attention callable sees only the rank's heads.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +35,57 @@ from .spec import ModelSpec
 # attn(layer_idx, q [t, hq, e] (RoPE applied), k [t, hkv, e] (RoPE applied), v [t, hkv, e])
 #   -> o [t, hq, e]
 AttentionFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class TensorParallel:
+    """This rank's share of a model split over a TP group of `size` ranks; `comm` sums
+    (`all_reduce`) and gathers (`all_gather`) over the group (parallel/comm.py). The model is
+    loaded before the process groups exist: `comm` is set once they do (every layer holds this
+    same object)."""
+
+    rank: int = 0
+    size: int = 1
+    comm: Any = None
+
+    def check(self, spec: ModelSpec) -> None:
+        """ValueError unless spec splits evenly over this group."""
+        t = self.size
+        problems = []
+        if spec.num_heads % t:
+            problems.append(f"its {spec.num_heads} attention heads")
+        if spec.num_kv_heads % t and t % spec.num_kv_heads:
+            problems.append(f"its {spec.num_kv_heads} KV heads (need a multiple or a divisor of "
+                            f"{t}: KV heads are split, or replicated when there are fewer)")
+        if spec.intermediate_size % t:
+            problems.append(f"its MLP size {spec.intermediate_size}")
+        if problems:
+            raise ValueError(f"--tensor-parallel-size {t} does not divide {' and '.join(problems)}"
+                             f"; use a tensor parallel size that does (1 always does) and put the "
+                             "other ranks in --sp-size")
+
+    def heads(self, spec: ModelSpec) -> tuple[int, int, int, int]:
+        """(first query head, query heads, first KV head, KV heads) of this rank."""
+        hq, hkv = spec.num_heads // self.size, max(1, spec.num_kv_heads // self.size)
+        first_kv = (self.rank * hkv if spec.num_kv_heads >= self.size
+                    else self.rank * spec.num_kv_heads // self.size)
+        return self.rank * hq, hq, first_kv, hkv
+
+    def vocab(self, vocab_size: int) -> tuple[int, int]:
+        """(first row, rows) of this rank's vocabulary slice: ceil(v / T) rows each, the last
+        ranks fewer (possibly none)."""
+        per = -(-vocab_size // self.size)
+        first = min(vocab_size, self.rank * per)
+        return first, min(vocab_size, first + per) - first
+
+    def local_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The spec of this rank's share: its heads and MLP slice (vocabulary stays whole)."""
+        _, hq, _, hkv = self.heads(spec)
+        return replace(spec, num_heads=hq, num_kv_heads=hkv,
+                       intermediate_size=spec.intermediate_size // self.size)
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return x if self.size == 1 else self.comm.all_reduce(x)
 
 
 def _empty(*shape: int, device, dtype) -> nn.Parameter:
@@ -47,8 +108,11 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_idx: int, device, dtype) -> None:
+    def __init__(self, spec: ModelSpec, layer_idx: int, device, dtype,
+                 tp: TensorParallel | None = None) -> None:
+        """spec: this rank's share (TensorParallel.local_spec); hidden size and norms whole."""
         super().__init__()
+        self.tp = tp or TensorParallel()
         self.layer_idx = layer_idx
         self.num_heads = spec.num_heads
         self.num_kv_heads = spec.num_kv_heads
@@ -80,7 +144,11 @@ class DecoderLayer(nn.Module):
         o_the = attn(self.layer_idx, q_the, k_the, v_the)
         # In place where the tensor is ours: on CPU every fresh large temporary costs page
         # faults, which shows in a one-thread comparison with HF.
-        x_td = x_td.add_(F.linear(o_the.reshape(t, self.q_size), self.o_weight, self.o_bias))
+        if self.tp.size == 1:
+            x_td = x_td.add_(F.linear(o_the.reshape(t, self.q_size), self.o_weight, self.o_bias))
+        else:  # row-parallel: sum the ranks' partial outputs, then the (whole) bias once
+            out_td = self.tp.all_reduce(F.linear(o_the.reshape(t, self.q_size), self.o_weight))
+            x_td = x_td.add_(out_td if self.o_bias is None else out_td.add_(self.o_bias))
 
         h_td = self.post_attention_norm(x_td)
         if h_td.is_cuda:
@@ -91,26 +159,35 @@ class DecoderLayer(nn.Module):
             gate_ti = F.linear(h_td, self.gate_up_weight[:self.intermediate_size])
             up_ti = F.linear(h_td, self.gate_up_weight[self.intermediate_size:])
         act_ti = F.silu(gate_ti, inplace=True).mul_(up_ti)
-        return x_td.add_(F.linear(act_ti, self.down_weight))
+        return x_td.add_(self.tp.all_reduce(F.linear(act_ti, self.down_weight)))
 
 
 class CausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp: TensorParallel | None = None) -> None:
+        """spec: the whole model's; tp: this rank's share of it (default: all of it)."""
         super().__init__()
         dtype = dtype or spec.dtype
-        self.spec = spec
-        self.embed_weight = _empty(spec.vocab_size, spec.hidden_size, device=device, dtype=dtype)
+        tp = tp or TensorParallel()
+        tp.check(spec)
+        self.spec, self.tp = spec, tp
+        self.local_spec = tp.local_spec(spec)  # this rank's heads and MLP slice
+        self.vocab_start, vocab_rows = tp.vocab(spec.vocab_size)
+        self.embed_weight = _empty(vocab_rows, spec.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, idx, device, dtype) for idx in range(spec.num_layers))
+            DecoderLayer(self.local_spec, idx, device, dtype, tp) for idx in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device, dtype)
         # Tied: the same Parameter object, so loading the embedding fills both.
         if spec.tie_word_embeddings:
             self.lm_head_weight = self.embed_weight
         else:
-            self.lm_head_weight = _empty(spec.vocab_size, spec.hidden_size, device=device,
-                                         dtype=dtype)
+            self.lm_head_weight = _empty(vocab_rows, spec.hidden_size, device=device, dtype=dtype)
         self.rope = RotaryEmbedding(spec, device=device)
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights (a tied LM head counted once)."""
+        seen = {id(p): p for p in self.parameters()}
+        return sum(p.numel() * p.element_size() for p in seen.values())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -133,13 +210,35 @@ class CausalLM(nn.Module):
         rope_lengths: rope_len_t's distinct values when the caller has them on the host (then
         dynamic RoPE reads nothing back from the device).
         """
-        x_td = F.embedding(input_ids_t, self.embed_weight)
+        x_td = self._embed(input_ids_t)
         cos_t1f, sin_t1f = self.rope.cos_sin(positions_t, x_td.dtype, rope_len_t, rope_lengths)
         for layer in self.layers:
             x_td = layer(x_td, cos_t1f, sin_t1f, attn)
         return self.norm(x_td)
 
+    def _embed(self, ids_t: Tensor) -> Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids_t, self.embed_weight)
+        # vocabulary-parallel: each rank looks up the ids it owns (zeros elsewhere), summed
+        rows = self.embed_weight.shape[0]
+        local_t = ids_t - self.vocab_start
+        owned_t = (local_t >= 0) & (local_t < rows)
+        if rows:
+            x_td = F.embedding(local_t.clamp(0, rows - 1), self.embed_weight)
+            x_td = x_td.masked_fill_(~owned_t[:, None], 0)
+        else:
+            x_td = self.embed_weight.new_zeros(ids_t.shape[0], self.spec.hidden_size)
+        return self.tp.all_reduce(x_td)
+
     @torch.no_grad()
     def compute_logits(self, hidden_td: Tensor) -> Tensor:
-        """float32 logits [t, v]; pass only the rows you sample from (e.g. last token)."""
-        return F.linear(hidden_td, self.lm_head_weight).float()
+        """float32 logits [t, v]; pass only the rows you sample from (e.g. last token). With
+        TP every rank of the group must call it (it gathers the vocabulary slices)."""
+        logits_tv = F.linear(hidden_td, self.lm_head_weight).float()
+        if self.tp.size == 1:
+            return logits_tv
+        t, v = hidden_td.shape[0], self.spec.vocab_size
+        per = -(-v // self.tp.size)  # slices padded to one width; only the last ones are short
+        padded_1tv = F.pad(logits_tv, (0, per - logits_tv.shape[1]))[None]
+        gathered_ktv = self.tp.comm.all_gather(padded_1tv)
+        return gathered_ktv.permute(1, 0, 2).reshape(t, self.tp.size * per)[:, :v]

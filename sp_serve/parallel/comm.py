@@ -3,7 +3,8 @@
 Every rank calls the same collectives in the same order (they all run the same StepPlan), so
 no message carries its shape: each caller derives the shapes from the shared plan.
 
-- `DistComm`: torch.distributed's default group: NCCL on GPUs, gloo on CPU. The ring is
+- `DistComm`: torch.distributed over a process group (the default one, or an SP or TP
+  group of a TP x SP grid): NCCL on GPUs, gloo on CPU. The ring is
   double-buffered (`batch_isend_irecv`): the block for step s+1 travels while step s computes.
 - `ShmComm` (parallel/shm.py): CPU ranks on one host exchange through shared memory. A gloo
   collective costs ~1.2 ms on a 2-vCPU VM (a socket wake-up per message), which at one or
@@ -52,8 +53,12 @@ class DistComm:
     name = "dist"
     overlaps = True  # async ops really run in the background: micro-batching pays
 
-    def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, rank: int, world_size: int, group: dist.ProcessGroup | None = None):
+        """rank, world_size: this rank's place in `group` (None: the default group)."""
+        self.rank, self.world_size, self.group = rank, world_size, group
+        # global rank of each group rank: point-to-point ops and reduce name global ranks
+        self._global = ([dist.get_global_rank(group, r) for r in range(world_size)]
+                        if group is not None else list(range(world_size)))
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[n * t0, ...]: every rank's tensor (same shape on every rank), in rank order."""
@@ -61,14 +66,20 @@ class DistComm:
 
     def all_gather_start(self, t: torch.Tensor) -> Pending:
         out = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        return Pending(out, [_all_gather_single(out, t.contiguous(), async_op=True)])
+        return Pending(out, [_all_gather_single(out, t.contiguous(), group=self.group,
+                                                async_op=True)])
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
         """t [n * w, ...]: rows [r*w, (r+1)*w) go to rank r; returns [n * w, ...], rank r's rows
         for this rank at [r*w, (r+1)*w)."""
         out = torch.empty_like(t)
-        dist.all_to_all_single(out, t.contiguous())
+        dist.all_to_all_single(out, t.contiguous(), group=self.group)
         return out
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, the same on every rank (may reuse t's storage)."""
+        dist.all_reduce(t, group=self.group)
+        return t
 
     def ring(self, block: torch.Tensor, shape_of: Callable[[int], tuple[int, ...]]
              ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -96,15 +107,17 @@ class DistComm:
         ops = []
         # Empty tensors are not sent: both ends know the sizes, so they skip the same messages.
         if send_t.numel() > 0:
-            ops.append(dist.P2POp(dist.isend, send_t.contiguous(), (self.rank + 1) % self.world_size))
+            ops.append(dist.P2POp(dist.isend, send_t.contiguous(),
+                                  self._global[(self.rank + 1) % self.world_size], self.group))
         if recv_t.numel() > 0:
-            ops.append(dist.P2POp(dist.irecv, recv_t, (self.rank - 1) % self.world_size))
+            ops.append(dist.P2POp(dist.irecv, recv_t,
+                                  self._global[(self.rank - 1) % self.world_size], self.group))
         return Pending(recv_t, dist.batch_isend_irecv(ops) if ops else [])
 
     def sum_to_first(self, t: torch.Tensor) -> torch.Tensor | None:
         """Sum over ranks of t, on rank 0 (None elsewhere). Used to collect rows each owned by one
         rank (the others send zeros), so it is exact."""
-        dist.reduce(t, dst=0)
+        dist.reduce(t, dst=self._global[0], group=self.group)
         return t if self.rank == 0 else None
 
     def close(self) -> None:
@@ -123,6 +136,9 @@ class SingleComm(DistComm):
         return Pending(t)
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
     def ring(self, block, shape_of):

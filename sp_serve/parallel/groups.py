@@ -21,24 +21,40 @@ from sp_serve.parallel.comm import Communicator, DistComm, SingleComm
 
 @dataclass
 class ParallelContext:
-    rank: int
-    world_size: int
+    """This rank's place in the TP x SP grid: global rank = sp_rank * tp_size + tp_rank, so a TP
+    group is tp_size consecutive ranks (one node) and an SP group is the ranks with the same
+    tp_rank, one per TP group. `comm` runs the attention's collectives along SP (the ring, the
+    cached shards, the decode partials: each TP rank's ring carries only its own heads);
+    `tp_comm` the all-reduces and vocabulary gathers of the sharded layers."""
+
+    rank: int  # global
+    world_size: int  # tp_size x sp_size
     device: torch.device
-    control_group: dist.ProcessGroup | None  # gloo; None when world_size == 1 and no init
+    control_group: dist.ProcessGroup | None  # gloo, every rank; None when world_size == 1
     backend: str
-    comm: Communicator  # the tensor collectives (shm, gloo or NCCL)
+    comm: Communicator  # SP group (shm, gloo or NCCL)
+    tp_size: int = 1
+    tp_comm: Communicator | None = None  # TP group; None when tp_size == 1
+
+    def __post_init__(self) -> None:
+        if self.tp_comm is None:
+            self.tp_comm = SingleComm()
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
     @property
-    def next_rank(self) -> int:
-        return (self.rank + 1) % self.world_size
+    def sp_rank(self) -> int:
+        return self.rank // self.tp_size
 
     @property
-    def prev_rank(self) -> int:
-        return (self.rank - 1) % self.world_size
+    def sp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
 
 
 def launched_by_torchrun() -> bool:
@@ -67,11 +83,16 @@ def init_parallel(
     dev: torch.device,
     timeout_s: float = 120.0,
     cpu_comm: str = "auto",
+    tp_size: int = 1,
 ) -> ParallelContext:
     """Joins the process groups; store None means torchrun's env:// variables.
 
+    tp_size: ranks per TP group (consecutive ranks); world_size // tp_size SP ranks.
     cpu_comm (CPU only): "auto" uses shared memory when every rank is on this host and the
     platform allows it, else gloo; "shm" insists; "gloo" always uses gloo."""
+    if world_size % tp_size:
+        raise ValueError(f"world size {world_size} is not a multiple of --tensor-parallel-size "
+                         f"{tp_size}; launch tp x sp ranks")
     backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         # NCCL faults (see docs/architecture.md, "Faults"): on a timeout or a communicator
@@ -80,36 +101,61 @@ def init_parallel(
         # default tears the whole process down from the watchdog thread, mid-call.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     rendezvous = {"init_method": "env://"} if store is None else {"store": store}
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend=backend,
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         **rendezvous,
         **({"device_id": dev} if dev.type == "cuda" else {}),
     )
-    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    comm = _communicator(rank, world_size, dev, control, timeout_s, cpu_comm)
-    return ParallelContext(rank, world_size, dev, control, backend, comm)
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    sp_size = world_size // tp_size
+    if tp_size == 1:
+        comm = _communicator(rank, world_size, dev, control, None, timeout_s, cpu_comm)
+        return ParallelContext(rank, world_size, dev, control, backend, comm)
+
+    # Every rank creates every group, in the same order (torch.distributed's rule), and keeps
+    # its own: a tensor group (NCCL on GPUs) and a gloo one (shared-memory setup) per dimension.
+    def groups(member_lists: list[list[int]]) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        mine = None
+        for ranks in member_lists:
+            tensor_group = dist.new_group(ranks, timeout=timeout)
+            gloo_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
+            if rank in ranks:
+                mine = tensor_group, gloo_group
+        return mine
+
+    tp_groups = groups([[sp * tp_size + t for t in range(tp_size)] for sp in range(sp_size)])
+    sp_groups = groups([[sp * tp_size + t for sp in range(sp_size)] for t in range(tp_size)])
+    tp_comm = _communicator(rank % tp_size, tp_size, dev, tp_groups[1], tp_groups[0], timeout_s,
+                            cpu_comm)
+    comm = _communicator(rank // tp_size, sp_size, dev, sp_groups[1], sp_groups[0], timeout_s,
+                         cpu_comm)
+    return ParallelContext(rank, world_size, dev, control, backend, comm, tp_size, tp_comm)
 
 
-def _communicator(rank: int, world_size: int, dev: torch.device, control: dist.ProcessGroup,
-                  timeout_s: float, cpu_comm: str) -> Communicator:
+def _communicator(rank: int, world_size: int, dev: torch.device, gloo_group: dist.ProcessGroup,
+                  group: dist.ProcessGroup | None, timeout_s: float, cpu_comm: str
+                  ) -> Communicator:
+    """The collectives of one group: rank and world_size are this rank's place in it; group
+    None is the default group, gloo_group a gloo group of the same ranks."""
     if world_size == 1:
         return SingleComm()
     if dev.type != "cpu" or cpu_comm == "gloo":
-        return DistComm(rank, world_size)
+        return DistComm(rank, world_size, group)
     from sp_serve.parallel.shm import ShmComm, shm_supported
-    # Every rank must take the same decision: agree on it over the control group.
+    # Every rank must take the same decision: agree on it over the gloo group.
     votes: list = [None] * world_size
-    dist.all_gather_object(votes, (shm_supported(), socket.gethostname()), group=control)
+    dist.all_gather_object(votes, (shm_supported(), socket.gethostname()), group=gloo_group)
     possible = all(ok for ok, _ in votes) and len({host for _, host in votes}) == 1
     if not possible:
         if cpu_comm == "shm":
             raise ValueError("--cpu-comm shm needs every rank on one x86-64 Linux host; use "
                              "--cpu-comm gloo (or auto)")
-        return DistComm(rank, world_size)
-    return ShmComm(rank, world_size, control, timeout_s)
+        return DistComm(rank, world_size, group)
+    return ShmComm(rank, world_size, gloo_group, timeout_s)
 
 
 def abort_parallel() -> bool:
@@ -138,6 +184,7 @@ def shutdown_parallel(pc: ParallelContext | None = None, aborted: bool = False) 
     destroyed (destroying an NCCL communicator waits for its peers)."""
     if pc is not None:
         pc.comm.close()
+        pc.tp_comm.close()
     if aborted and pc is not None and pc.device.type == "cuda" and abort_parallel():
         return
     if dist.is_initialized():

@@ -147,7 +147,7 @@ def kill(procs: list) -> None:
 
 
 # ---- run_on_ranks: a function on N fresh CPU ranks, for tests and benchmarks ------------------
-def _run_entry(rank, world, port, threads, cpu_comm, fn, args, out_q):
+def _run_entry(rank, world, port, threads, cpu_comm, fn, args, out_q, tp_size=1):
     import io
     import traceback
 
@@ -158,7 +158,8 @@ def _run_entry(rank, world, port, threads, cpu_comm, fn, args, out_q):
         torch.set_num_threads(threads)
         store = dist.TCPStore(_HOST, port, world, is_master=rank == 0,
                               timeout=datetime.timedelta(seconds=600))
-        pc = init_parallel(rank, world, store, torch.device("cpu"), timeout_s=600, cpu_comm=cpu_comm)
+        pc = init_parallel(rank, world, store, torch.device("cpu"), timeout_s=600, cpu_comm=cpu_comm,
+                           tp_size=tp_size)
         result = fn(pc, *args)
         shutdown_parallel(pc)
         # bytes, not tensors: a tensor in a queue is shared memory that dies with this process
@@ -170,9 +171,10 @@ def _run_entry(rank, world, port, threads, cpu_comm, fn, args, out_q):
 
 
 def run_on_ranks(world: int, fn: Callable[..., Any], *args, threads: int = 1,
-                 timeout_s: float = 1800, cpu_comm: str = "auto") -> list[Any]:
+                 timeout_s: float = 1800, cpu_comm: str = "auto", tp_size: int = 1) -> list[Any]:
     """Runs fn(pc, *args) on `world` fresh CPU processes (gloo groups; tensors through shared
-    memory unless cpu_comm="gloo"); returns every rank's result, in rank order. For tests and
+    memory unless cpu_comm="gloo"; a TP x SP grid of tp_size ranks per TP group); returns every
+    rank's result, in rank order. For tests and
     benchmarks, whose callers guard their `__main__`: these ranks are multiprocessing's spawn
     children (fn must be importable by spawn)."""
     import io
@@ -181,7 +183,8 @@ def run_on_ranks(world: int, fn: Callable[..., Any], *args, threads: int = 1,
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_run_entry, args=(r, world, port, threads, cpu_comm, fn, args, out_q), daemon=True)
+    procs = [ctx.Process(target=_run_entry, args=(r, world, port, threads, cpu_comm, fn, args, out_q, tp_size),
+                             daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
