@@ -377,9 +377,6 @@ def test_cli_simulate_table_and_calibrated_cost(tmp_path, capsys):
     # The KV pool needs a size: the checkpoint's shape or a block count.
     assert cli.run(_args(*base)) == 2
     assert "--num-kv-blocks" in capsys.readouterr().err
-    # One --sp-size without --simulate, as before.
-    assert cli.run(_args("-sp", "2", "4")) == 2
-    assert "--simulate" in capsys.readouterr().err
 
 
 def _write_step_log(path, model: CostModel, sigma: float, seed: int = 0, at_s: float = 0.05
