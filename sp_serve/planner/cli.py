@@ -444,7 +444,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--simulate",
         action="store_true",
-        help="simulate serving a workload instead of one request; the SP, scheduler and SLO "
+        help="simulate serving a workload instead of one request; the TP, SP, scheduler and SLO "
         "flags may then take several values, one simulation per combination",
     )
     sim.add_argument(
@@ -634,7 +634,8 @@ def _swap_config(args: argparse.Namespace, dep: Deployment) -> dict:
 
 
 def build_simulations(args: argparse.Namespace):
-    """[(SimConfig, StepCost)] for every combination of --sp-size, --scheduler and SLOs."""
+    """[(SimConfig, StepCost)] for every layout (--tp-size x --sp-size, see layouts),
+    --scheduler and SLOs."""
     import itertools
 
     from sp_serve.engine.cost_model import CostModel
@@ -654,10 +655,11 @@ def build_simulations(args: argparse.Namespace):
             raise ValueError(f"cannot read --cost-model {args.cost_model}: {exc}") from None
     if args.step_log is not None:
         fitted = fit_step_log(args.step_log)
-    if (calibrated or fitted) is not None and len(args.sp_size) > 1:
+    grid = layouts(args)
+    if (calibrated or fitted) is not None and len(grid) > 1:
         print(
-            "sp-serve plan: warning: a calibrated --cost-model or --step-log holds for the SP "
-            "degree it was measured at; across --sp-size only the KV capacity changes",
+            "sp-serve plan: warning: a calibrated --cost-model or --step-log holds for the TP x SP "
+            "layout it was measured at; across --tp-size / --sp-size only the KV capacity changes",
             file=sys.stderr,
         )
     sigma, sigma_at_ms = args.step_time_sigma, args.step_time_sigma_at_ms
@@ -672,10 +674,10 @@ def build_simulations(args: argparse.Namespace):
         raise ValueError("--step-time-sigma-at-ms says which step length --step-time-sigma "
                          "holds for: give --step-time-sigma too (or a --step-log to fit it on)")
     runs = []
-    for sp, scheduler, ttft, tbt in itertools.product(
-        args.sp_size, args.scheduler, args.ttft_slo_ms, args.tbt_slo_ms
+    for (tp, sp), scheduler, ttft, tbt in itertools.product(
+        grid, args.scheduler, args.ttft_slo_ms, args.tbt_slo_ms
     ):
-        dep = build_deployment(args, sp)
+        dep = build_deployment(args, sp, tp)
         if fitted is not None:
             speeds = "" if len(fitted.run_speed) < 2 else (
                 "; each log's speed vs the fit: " + ", ".join(
@@ -691,6 +693,7 @@ def build_simulations(args: argparse.Namespace):
             )
         config = SimConfig(
             sp_size=sp,
+            tp_size=tp,
             scheduler=scheduler,
             ttft_slo_s=ttft / 1e3,
             tbt_slo_s=tbt / 1e3,
@@ -748,6 +751,11 @@ def _ms(value: float) -> str:
     return _time(value / 1e3)
 
 
+def _layout(run: dict) -> str:
+    tp = run.get("tp_size", 1)
+    return f"tp={tp} sp={run['sp_size']}" if tp != 1 else f"sp={run['sp_size']}"
+
+
 def print_simulation(out: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -765,7 +773,7 @@ def print_simulation(out: dict) -> None:
     table.add_column("quantity")
     for r in runs:
         table.add_column(
-            f"sp={r['sp_size']} {r['scheduler']}\nSLO {r['ttft_slo_ms']:g}/{r['tbt_slo_ms']:g} ms",
+            f"{_layout(r)} {r['scheduler']}\nSLO {r['ttft_slo_ms']:g}/{r['tbt_slo_ms']:g} ms",
             justify="right",
         )
 
@@ -807,7 +815,7 @@ def print_simulation(out: dict) -> None:
     console.print(table)
     for r in runs:
         for reason in r["rejection_reasons"]:
-            console.print(f"[yellow]sp={r['sp_size']}: rejected:[/yellow] {reason}")
+            console.print(f"[yellow]{_layout(r)}: rejected:[/yellow] {reason}")
     errors = {r["step_cost"]: r["scheduler_cost_fit_max_rel_error"] for r in runs}
     for description, error in errors.items():
         note = "" if error is None else (
