@@ -110,7 +110,7 @@ def test_torchrun_serve_one_request_then_sigterm(tiny_model_dir, tmp_path):
     try:
         ranks = {p: s[19] for p in descendants(proc.pid) if (s := proc_stat(p)) is not None}
         info = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["sp_serve"]
-        assert info["sp_size"] == 2
+        assert (info["sp_size"], info["tp_size"]) == (2, 1)
 
         prompt = _prompt(41, 3)
         body = {"model": "tiny", "prompt": prompt, "max_tokens": NUM_TOKENS, "temperature": 0,

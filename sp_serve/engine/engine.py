@@ -118,6 +118,9 @@ class LLMEngine:
                 config, 0, config.sp_size, store,
                 before_join=lambda: wait_for_ranks(store, self._procs, config.dist_timeout_s))
         self.world_size = self.runtime.pc.world_size
+        # The layout as reported (/v1/models, /metrics, bench results): tp_size x sp_size ranks.
+        self.tp_size = config.tp_size
+        self.sp_size = self.world_size // config.tp_size
         self._stopping = threading.Event()
         if self._procs and self.runtime.pc.device.type == "cuda":
             threading.Thread(target=self._watch_ranks, daemon=True,
