@@ -391,7 +391,8 @@ def print_comparison(results: list[PlanResult]) -> None:
     row("weights per GPU", lambda r: _bytes(r.weight_bytes_per_rank))
     row("KV per GPU", lambda r: _bytes(r.kv_bytes_per_request_per_rank * r.batch_size))
     row("[bold]memory per GPU[/bold]", lambda r: f"[bold]{_bytes(r.memory_per_gpu_bytes)}[/bold]")
-    row("fits (usable HBM)", lambda r: f"{'yes' if r.fits else 'NO'} ({_bytes(r.usable_hbm_bytes)})")
+    row("fits (usable HBM)",
+        lambda r: f"{'yes' if r.fits else 'NO'} ({_bytes(r.usable_hbm_bytes)})")
     row("concurrent requests", lambda r: f"{r.max_concurrency}")
     row("longest request", lambda r: f"{r.max_context_tokens:,}")
     row("prefill compute", lambda r: _time(r.prefill.compute_s))

@@ -82,7 +82,8 @@ def launch_for(dep: Deployment, model: str | None = None) -> Launch:
         command = (f"torchrun --nnodes {nodes} --node-rank $NODE_RANK --nproc-per-node {per_node} "
                    f"--master-addr $MASTER_ADDR --master-port {MASTER_PORT} -m {serve}")
         recipe = (f"{env_model}MASTER_ADDR=<node 0's address> NNODES={nodes} "
-                  f"NODE_RANK=<0..{nodes - 1}> NGPUS={per_node}{tp_env} bash launch/multi_node.sh{rest}")
+                  f"NODE_RANK=<0..{nodes - 1}> NGPUS={per_node}{tp_env} "
+                  f"bash launch/multi_node.sh{rest}")
         notes.append(f"run it on each of the {nodes} nodes with its NODE_RANK; rank 0 (node 0) "
                      "serves HTTP")
         if dep.tp_spans_nodes:
