@@ -460,6 +460,7 @@ def test_cli_tp_aliases_compare_layouts_and_print_launches(capsys, tmp_path):
     assert [p["launch"]["flags"].split()[:4] for p in plans] == [
         ["--tensor-parallel-size", str(t), "--sp-size", str(8 // t)] for t in (8, 4, 2)]
     assert all(p["memory_per_gpu_bytes"] > p["weight_bytes_per_rank"] for p in plans)
+    assert [p["fits"] for p in plans] == [True, True, True]  # TP 2: 75.9 of 77.3 GB
 
     assert cli.run(_args(*base, "--num-gpus", "8", "-tp", "8", "4", "-sp", "1", "2")) == 0
     out = capsys.readouterr().out

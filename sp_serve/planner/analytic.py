@@ -709,7 +709,7 @@ class PlanResult:
         return self.memory_per_gpu_bytes <= self.usable_hbm_bytes
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "fits": self.fits}
 
 
 def plan(
