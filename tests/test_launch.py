@@ -27,8 +27,8 @@ def stub_path(tmp_path) -> str:
 
 def _run(script: str, path: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("TP", "NGPUS", "MODEL")}
-    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
-                          env={**base, "PATH": path, **env}, timeout=60)
+    return subprocess.run(["bash", str(LAUNCH / script), *args], check=False, capture_output=True,
+                          text=True, env={**base, "PATH": path, **env}, timeout=60)
 
 
 def _flag(argv: list[str], flag: str) -> str:
