@@ -94,3 +94,13 @@ def test_the_planners_recipe_runs_the_planned_layout(stub_path, tp, sp):
     assert _flag(printed, "--nproc-per-node") == str(launch["nproc_per_node"])
     assert int(_flag(printed, "--tensor-parallel-size")) * int(_flag(printed, "--sp-size")) \
         == launch["world_size"] == tp * sp
+
+
+def test_cpu_torchrun_passes_the_layout_of_its_ranks(stub_path):
+    r = _run("cpu_torchrun.sh", stub_path, "4", "--prompt", "hi", TP="2")
+    assert r.returncode == 0, r.stderr
+    argv = r.stdout.split("\n")
+    assert _flag(argv, "--nproc-per-node") == "4" and _flag(argv, "--prompt") == "hi"
+    assert (_flag(argv, "--tensor-parallel-size"), _flag(argv, "--sp-size")) == ("2", "2")
+    r = _run("cpu_torchrun.sh", stub_path, "3", TP="2")
+    assert r.returncode == 2 and "TP=2 must divide the 3 ranks" in r.stderr
