@@ -84,12 +84,18 @@ class Drain:
                                     f"{self._timeout_s:g} s passed)")
 
 
+def model_info(engine: LLMEngine, config: EngineConfig) -> dict:
+    """What /v1/models shows under `sp_serve` (and `bench serve` records as tags)."""
+    return {"sp_size": engine.sp_size, "tp_size": engine.tp_size,
+            "attn_backend": engine.attn_backend, "scheduler": config.scheduler,
+            "device": engine.device_name}
+
+
 def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
     engine = LLMEngine(config)  # under torchrun, ranks other than 0 serve plans in here and exit
     name = args.served_model_name or config.model
     aengine = AsyncEngine(engine, name)
-    info = {"sp_size": engine.world_size, "attn_backend": engine.attn_backend,
-            "scheduler": config.scheduler, "device": engine.device_name}
+    info = model_info(engine, config)
     app = build_app(aengine, served_model_name=name, chat_template=args.chat_template, extra_model_info=info)
     drain = Drain(aengine, args.shutdown_timeout)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port,
@@ -108,7 +114,8 @@ def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
             time.sleep(0.5)
 
     threading.Thread(target=watch_health, daemon=True).start()
-    log.info("serving %s on http://%s:%d (sp_size=%d)", name, args.host, args.port, engine.world_size)
+    log.info("serving %s on http://%s:%d (tp_size=%d x sp_size=%d)", name, args.host, args.port,
+             engine.tp_size, engine.sp_size)
     try:
         server.run()
     finally:

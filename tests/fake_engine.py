@@ -64,6 +64,11 @@ class FakeEngine:
     crash_kills: bool = False  # ...and turn unhealthy (a dead rank) rather than stay up (a bug)
     healthy: bool = True
     num_preemptions: int = 0
+    # The layout it reports, as AsyncEngine does (/metrics' cache_config_info labels): a world of
+    # tp_size x sp_size ranks.
+    sp_size: int = 1
+    tp_size: int = 1
+    block_size: int = 16
     tokenizer: PreTrainedTokenizerFast = field(default_factory=make_byte_tokenizer)
     # What tests look at:
     requests: list[tuple[str, list[int], SamplingParams]] = field(default_factory=list)
@@ -72,6 +77,13 @@ class FakeEngine:
     kv_tokens: dict[str, int] = field(default_factory=dict)
     _live: dict[str, _Live] = field(default_factory=dict)
     _waiting: int = 0
+
+    @property
+    def cache_config(self) -> dict[str, str]:
+        """AsyncEngine.cache_config's layout and capacity labels (vLLM's cache_config_info)."""
+        return {"block_size": str(self.block_size),
+                "kv_capacity_tokens_per_rank": str(self.kv_capacity_tokens // self.sp_size),
+                "sp_size": str(self.sp_size), "tp_size": str(self.tp_size), "device": "cpu"}
 
     @property
     def kv_usage(self) -> float:

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from sp_serve.config import EngineConfig
 from sp_serve.engine.async_engine import AsyncEngine
 from sp_serve.engine.engine import LLMEngine
+from sp_serve.serve import model_info
 from sp_serve.server.app import build_app
 from tests.live_app import serve_app
 
@@ -30,7 +31,8 @@ def served(tiny_model_dir):
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), sp_size=2, scheduler="fcfs",
                                     max_num_batched_tokens=32, cpu_threads=1, dist_timeout_s=60))
     aengine = AsyncEngine(engine, MODEL)
-    app = build_app(aengine, served_model_name=MODEL)
+    app = build_app(aengine, served_model_name=MODEL,
+                    extra_model_info=model_info(engine, engine.config))
     try:
         with serve_app(app) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
@@ -190,7 +192,11 @@ def test_engine_metrics_iteration_tokens_and_cache_config(served):
     assert samples[f"sp_serve:iteration_tokens_total_sum{{{label}}}"] >= 3
     info = [k for k in samples if k.startswith("sp_serve:cache_config_info{")]
     assert len(info) == 1 and f'block_size="{engine.config.block_size}"' in info[0]
-    assert 'sp_size="2"' in info[0] and samples[info[0]] == 1.0
+    assert 'sp_size="2"' in info[0] and 'tp_size="1"' in info[0] and samples[info[0]] == 1.0
+    # /v1/models reports the layout too (what `bench serve` records)
+    card = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["sp_serve"]
+    assert (card["sp_size"], card["tp_size"]) == (2, 1) == (engine.sp_size, engine.tp_size)
+    assert card["scheduler"] == "fcfs" and card["device"] == engine.device_name
     # KV capacity in tokens (over the ranks; the pool's block count follows the KV dtype)
     assert 'cache_dtype="auto"' in info[0] and 'preemption_mode="recompute"' in info[0]
     capacity = samples[f"sp_serve:kv_cache_capacity_tokens{{{label}}}"]

@@ -40,7 +40,8 @@ from sp_serve.bench.serve import run_benchmark
 
 TTFT_S = 0.15  # the fake server's sleep before the first token
 ITL_S = 0.02  # and between tokens
-SERVER_INFO = {"sp_size": 4, "attn_backend": "ring", "scheduler": "fcfs", "device": "cpu"}
+SERVER_INFO = {"sp_size": 4, "tp_size": 2, "attn_backend": "ring", "scheduler": "fcfs",
+               "device": "cpu"}
 
 # The keys of `vllm bench serve --save-result` (with --save-detailed) that a result must have.
 VLLM_RESULT_KEYS = {
@@ -276,6 +277,8 @@ def test_failed_requests_are_counted_listed_and_saved(fake_server, tmp_path, cap
             "--disable-tqdm",
             "--sp-size",
             "2",
+            "--tensor-parallel-size",
+            "8",
             "--metadata",
             "run=ci",
         ]
@@ -288,8 +291,9 @@ def test_failed_requests_are_counted_listed_and_saved(fake_server, tmp_path, cap
     assert saved.name.startswith("openai-50.0qps-fake-model-")
     result = json.loads(saved.read_text())
     assert VLLM_RESULT_KEYS <= set(result), VLLM_RESULT_KEYS - set(result)
-    assert {"sp_size", "attn_backend", "scheduler", "device", "git_sha"} <= set(result)
+    assert {"sp_size", "tp_size", "attn_backend", "scheduler", "device", "git_sha"} <= set(result)
     assert result["sp_size"] == 2 and result["attn_backend"] == "ring"  # flag wins, else server
+    assert result["tp_size"] == 8 and result["sp_serve"]["tp_size"] == 2  # the tag, the server's
     assert {"p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms"} <= set(result) and result["run"] == "ci"
     assert (result["completed"], result["failed"]) == (4, 2)
     assert result["request_goodput"] == pytest.approx(4 / result["duration"])

@@ -23,13 +23,16 @@ from sp_serve.planner.analytic import (
     decode_step_breakdown,
     decode_step_seconds,
     kv_bytes_per_token,
+    kv_bytes_per_token_per_rank,
     kv_heads_per_rank,
+    link_bandwidths,
     load_hf_config,
     plan,
     prefill_breakdown,
     prefill_flops,
     prefill_seconds,
     resolve_model,
+    valid_tp_sizes,
 )
 from sp_serve.planner.hardware import GB, GIB, Hardware, get_hardware, parse_bytes
 
@@ -149,15 +152,144 @@ def test_ring_hides_behind_compute_only_for_large_blocks():
     assert prefill_breakdown(YI, A100, Deployment(), 1024).ring_min_tokens_per_rank is None
 
 
-def test_tp_shards_weights_and_kv_heads():
+LLAMA70 = MODEL_PRESETS["llama-3.1-70b"]
+H100 = get_hardware("h100-sxm")
+K128 = 131_072
+
+
+def test_llama_3_1_70b_preset_is_the_real_config():
+    assert (LLAMA70.num_layers, LLAMA70.hidden_size, LLAMA70.num_heads, LLAMA70.num_kv_heads,
+            LLAMA70.head_dim, LLAMA70.intermediate_size, LLAMA70.vocab_size) == (
+        80, 8192, 64, 8, 128, 28672, 128256)
+    assert not LLAMA70.tie_word_embeddings and not LLAMA70.qkv_bias
+
+
+def test_tp_shards_weights_as_megatron_and_kv_heads_as_vllm():
     one, two = plan(YI, A100, Deployment(), K4), plan(YI, A100, Deployment(tp_size=2), K4)
-    assert two.weight_bytes_per_rank == one.weight_bytes_per_rank / 2
+    norms = (2 * YI.num_layers + 1) * YI.hidden_size  # RMSNorm weights, whole on every rank
+    assert two.weight_bytes_per_rank == (YI.num_params + norms) / 2 * 2  # bf16
     assert two.kv_bytes_per_request_per_rank == one.kv_bytes_per_request_per_rank / 2
     assert two.prefill.tp_comm_s > 0 and one.prefill.tp_comm_s == 0
-    llama70 = MODEL_PRESETS["llama-3.1-70b"]
-    assert kv_heads_per_rank(llama70, Deployment(tp_size=16)) == 1  # 8 KV heads replicated
-    with pytest.raises(ValueError, match="tp_size=3 must divide num_heads"):
-        kv_heads_per_rank(llama70, Deployment(tp_size=3))
+    # Every matmul, the embedding and the LM head (vocabulary rows) split 8 ways.
+    h, L = LLAMA70.hidden_size, LLAMA70.num_layers
+    tp8 = Deployment(tp_size=8)
+    assert LLAMA70.params_per_rank(8) * 8 == LLAMA70.num_params + 7 * (2 * L + 1) * h
+    assert LLAMA70.vocab_per_rank(8) == 16032
+    assert plan(LLAMA70, H100, tp8, K4).weight_bytes_per_rank == 2 * LLAMA70.params_per_rank(8)
+    # KV heads per rank: max(1, 8 / tp); past tp = 8 each head (and its k, v projections) is
+    # replicated, so a rank's KV and weights stop shrinking as 1/tp.
+    assert [kv_heads_per_rank(LLAMA70, Deployment(tp_size=t)) for t in (1, 2, 4, 8, 16, 32)] \
+        == [8, 4, 2, 1, 1, 1]
+    assert kv_bytes_per_token_per_rank(LLAMA70, Deployment(tp_size=16)) \
+        == kv_bytes_per_token_per_rank(LLAMA70, tp8) == L * 2 * 1 * 128 * 2
+    kv_proj = 2 * h * 128  # one KV head's k and v projections
+    assert (LLAMA70.layer_matmul_params_per_rank(16)
+            == (LLAMA70.layer_matmul_params - 8 * kv_proj) / 16 + kv_proj)
+    with pytest.raises(ValueError, match=r"--tp-size 3 does not fit llama-3.1-70b.*"
+                       r"64 attention heads.*use one of 1, 2, 4, 8, 16, 32, 64"):
+        kv_heads_per_rank(LLAMA70, Deployment(tp_size=3))
+    qwen = MODEL_PRESETS["qwen2.5-7b"]  # 28 heads, 4 KV heads, intermediate 18944
+    assert valid_tp_sizes(qwen) == [1, 2, 4]
+    with pytest.raises(ValueError, match=r"--tp-size 8 .* 28 attention heads; use one of 1, 2, 4 "
+                       r"\(and give the rest of the GPUs to --sp-size\)"):
+        plan(qwen, H100, Deployment(tp_size=8), K4)
+
+
+def test_tp_all_reduces_two_per_layer_in_ttft_and_tbt():
+    """hidden x tokens x 2 bytes per all-reduce, ring 2(T-1)/T over NVLink, + one latency."""
+    dep = Deployment(tp_size=4, sp_size=2)
+    lat, bw, L = dep.collective_latency_s, H100.interconnect_bandwidth, LLAMA70.num_layers
+    p = prefill_breakdown(LLAMA70, H100, dep, K128)
+    per_rank_bytes = K128 / 2 * 8192 * 2
+    assert p.tp_comm_s == pytest.approx(2 * L * (lat + 2 * 3 / 4 * per_rank_bytes / bw))
+    assert p.total_s == pytest.approx(
+        max(p.compute_s, p.weight_read_s) + p.ring_exposed_s + p.tp_comm_s)
+    d = decode_step_breakdown(LLAMA70, H100, dep, [K128] * 4)
+    assert d.tp_comm_s == pytest.approx(2 * L * (lat + 2 * 3 / 4 * 4 * 8192 * 2 / bw))
+    assert d.total_s == pytest.approx(max(d.memory_s, d.compute_s) + d.merge_comm_s + d.tp_comm_s)
+    # Decode reads 1/tp of the weights (less the embedding rows, only gathered) per rank.
+    assert d.weight_bytes_per_rank == 2 * (LLAMA70.params_per_rank(4) - 32064 * 8192)
+    # More TP: more all-reduce traffic per rank in prefill (2(T-1)/T of a larger share of
+    # tokens), the same compute over the same 8 GPUs.
+    t8, t2 = (prefill_breakdown(LLAMA70, H100, Deployment(tp_size=t, sp_size=8 // t), K128)
+              for t in (8, 2))
+    assert t8.tp_comm_s > p.tp_comm_s > t2.tp_comm_s
+    assert t8.compute_s == pytest.approx(p.compute_s) == pytest.approx(t2.compute_s)
+
+
+def test_sp_ring_carries_only_the_ranks_kv_heads():
+    lat, bw = 10e-6, H100.interconnect_bandwidth
+    for tp, heads in ((1, 8), (4, 2), (8, 1)):
+        dep = Deployment(tp_size=tp, sp_size=2, gpus_per_node=16)  # all on NVLink
+        p = prefill_breakdown(LLAMA70, H100, dep, K128)
+        block = K128 / 2 * 2 * heads * 128 * 2  # one layer's K and V of the rank's heads
+        assert p.ring_comm_step_s == pytest.approx(lat + block / bw)
+        d = decode_step_breakdown(LLAMA70, H100, dep, [K128])
+        merge = LLAMA70.num_layers * (lat + 1 * (64 // tp) * (128 * 2 + 4) / bw)
+        assert d.merge_comm_s == pytest.approx(merge)
+
+
+def test_memory_per_gpu_and_the_8xh100_layouts():
+    """Llama-3.1-70B on 8 x H100 at 128K and 1M: TP 8 x SP 1, TP 4 x SP 2, TP 2 x SP 4."""
+    def run(tp, context):
+        dep = Deployment(tp_size=tp, sp_size=8 // tp, hbm_utilization=0.9)
+        return plan(LLAMA70, H100, dep, context)
+
+    for context in (K128, 1_000_000):
+        rows = [run(tp, context) for tp in (8, 4, 2)]
+        for r in rows:
+            assert r.memory_per_gpu_bytes == r.weight_bytes_per_rank + \
+                r.kv_bytes_per_request_per_rank
+            # the same KV per GPU: every layout splits the request's KV 8 ways
+            assert r.kv_bytes_per_request_per_rank == pytest.approx(
+                rows[0].kv_bytes_per_request_per_rank)
+        # weights double as TP halves; TBT grows with them (decode is HBM-bound)
+        assert [r.weight_bytes_per_rank for r in rows] == sorted(r.weight_bytes_per_rank
+                                                                 for r in rows)
+        assert rows[0].decode_step_s < rows[1].decode_step_s < rows[2].decode_step_s
+        # TTFT: the same compute, less TP traffic with less TP
+        assert rows[0].ttft_s > rows[1].ttft_s > rows[2].ttft_s
+    assert run(2, K128).fits and not run(2, 1_000_000).fits
+    assert run(8, 1_000_000).fits and run(4, 1_000_000).fits
+    assert any("sp_size >= 25 at tp_size 2" in w for w in run(2, 1_000_000).warnings)
+
+
+def test_several_nodes_put_the_sp_ring_on_the_network_and_tp_on_nvlink():
+    dep = Deployment(tp_size=8, sp_size=2)  # 2 nodes of 8
+    assert (dep.num_nodes, dep.tp_spans_nodes) == (2, False)
+    tp_bw, sp_bw = link_bandwidths(H100, dep)
+    assert (tp_bw, sp_bw) == (450e9, 50e9)
+    p = prefill_breakdown(LLAMA70, H100, dep, K128)
+    assert p.ring_comm_step_s == pytest.approx(10e-6 + K128 / 2 * 2 * 1 * 128 * 2 / 50e9)
+    wide = Deployment(tp_size=16, sp_size=1)  # a TP group over two nodes
+    assert wide.tp_spans_nodes and link_bandwidths(H100, wide) == (50e9, 50e9)
+    assert any("span nodes" in w for w in plan(LLAMA70, H100, wide, K4).warnings)
+    with pytest.raises(ValueError, match="make tp x sp a multiple of 8"):
+        Deployment(tp_size=4, sp_size=3)
+    no_network = dataclasses.replace(H100, inter_node_bandwidth=None)
+    with pytest.raises(ValueError, match="--inter-node-bw-gbs"):
+        plan(LLAMA70, no_network, dep, K4)
+    assert plan(LLAMA70, no_network, Deployment(tp_size=8), K4).ttft_s > 0  # one node: unused
+
+
+def test_launch_lines_run_the_planned_layout():
+    one = plan(LLAMA70, H100, Deployment(tp_size=4, sp_size=2, hbm_utilization=0.9), K128,
+               model_path="/ckpt/Llama-3.1-70B").launch
+    assert (one["world_size"], one["num_nodes"], one["nproc_per_node"]) == (8, 1, 8)
+    assert one["flags"] == "--tensor-parallel-size 4 --sp-size 2 --gpu-memory-utilization 0.9"
+    assert one["command"] == (
+        "torchrun --standalone --nproc-per-node 8 -m sp_serve.cli serve --model "
+        "/ckpt/Llama-3.1-70B --tensor-parallel-size 4 --sp-size 2 --gpu-memory-utilization 0.9")
+    assert one["recipe"] == ("MODEL=/ckpt/Llama-3.1-70B NGPUS=8 TP=4 bash launch/single_node.sh "
+                             "--gpu-memory-utilization 0.9")
+    two = plan(LLAMA70, H100, Deployment(tp_size=8, sp_size=2, kv_dtype="fp8"), K128).launch
+    assert two["command"] == (
+        "torchrun --nnodes 2 --node-rank $NODE_RANK --nproc-per-node 8 --master-addr "
+        "$MASTER_ADDR --master-port 29500 -m sp_serve.cli serve --model \"$MODEL\" "
+        "--tensor-parallel-size 8 --sp-size 2 --kv-cache-dtype fp8")
+    assert "NNODES=2 NODE_RANK=<0..1> NGPUS=8 TP=8 bash launch/multi_node.sh --kv-cache-dtype fp8" \
+        in two["recipe"]
+    assert any("activations" in n for n in two["notes"])  # hbm_utilization 1.0 vs the engine's
 
 
 def test_chunked_prefill_attention_adds_up():
@@ -314,3 +446,54 @@ def test_cli_table_and_custom_hardware(capsys):
     assert json.loads(capsys.readouterr().out)["max_concurrency"] == 1
     assert cli.run(_args("--hardware", "h200", "--hbm", "100GB", "--json")) == 0
     assert json.loads(capsys.readouterr().out)["hardware"] == "h200 (modified)"
+
+
+def test_cli_tp_aliases_compare_layouts_and_print_launches(capsys, tmp_path):
+    for flag in ("--tp-size", "--tensor-parallel-size", "-tp"):
+        assert _args(flag, "4", "2").tp_size == [4, 2]
+    base = ("--model", "llama-3.1-70b", "--hardware", "h100-sxm", "--context-len", "131072",
+            "--hbm-utilization", "0.9")
+    assert cli.run(_args(*base, "--num-gpus", "8", "-tp", "8", "4", "2", "-sp", "1", "2", "4",
+                         "--json")) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert [(p["tp_size"], p["sp_size"]) for p in plans] == [(8, 1), (4, 2), (2, 4)]
+    assert [p["launch"]["flags"].split()[:4] for p in plans] == [
+        ["--tensor-parallel-size", str(t), "--sp-size", str(8 // t)] for t in (8, 4, 2)]
+    assert all(p["memory_per_gpu_bytes"] > p["weight_bytes_per_rank"] for p in plans)
+    assert [p["fits"] for p in plans] == [True, True, True]  # TP 2: 75.9 of 77.3 GB
+
+    assert cli.run(_args(*base, "--num-gpus", "8", "-tp", "8", "4", "-sp", "1", "2")) == 0
+    out = capsys.readouterr().out
+    assert "TP 8 x SP 1" in out and "TP 4 x SP 2" in out and "TP 8 x SP 2" not in out
+    assert "memory per GPU" in out and "TTFT" in out and "TBT" in out
+    assert ("torchrun --standalone --nproc-per-node 8 -m sp_serve.cli serve --model \"$MODEL\" "
+            "--tensor-parallel-size 4 --sp-size 2") in out
+
+    # One layout: the full table with its launch; a checkpoint path is named in the lines.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 80, "hidden_size": 8192, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256}))
+    assert cli.run(_args("--model", str(tmp_path / "config.json"), "--hardware", "h100-sxm",
+                         "-tp", "8", "-sp", "2", "--context-len", "1000000")) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU" in out and "prefill time (TTFT)" in out
+    assert (f"torchrun --nnodes 2 --node-rank $NODE_RANK --nproc-per-node 8 --master-addr "
+            f"$MASTER_ADDR --master-port 29500 -m sp_serve.cli serve --model {tmp_path} "
+            "--tensor-parallel-size 8 --sp-size 2") in out
+    assert "launch/multi_node.sh" in out
+
+
+def test_cli_bad_layouts_say_what_to_change(capsys):
+    assert cli.run(_args("--model", "llama-3.1-70b", "-tp", "3")) == 2
+    assert "use one of 1, 2, 4, 8, 16, 32, 64" in capsys.readouterr().err
+    assert cli.run(_args("-tp", "8", "-sp", "1", "2", "--num-gpus", "4")) == 2
+    assert "combination uses --num-gpus 4" in capsys.readouterr().err
+    assert cli.run(_args("--model", "llama-3.1-70b", "-tp", "4", "-sp", "3")) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    custom = ("--hardware", "custom", "--peak-tflops", "312", "--hbm", "80GiB", "--hbm-bw-gbs",
+              "2039", "--interconnect-bw-gbs", "300", "--pcie-bw-gbs", "32")
+    assert cli.run(_args(*custom, "--model", "llama-3.1-70b", "-tp", "8", "-sp", "2")) == 2
+    assert "--inter-node-bw-gbs" in capsys.readouterr().err
+    assert cli.run(_args(*custom, "--inter-node-bw-gbs", "25", "--model", "llama-3.1-70b",
+                         "-tp", "8", "-sp", "2", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["num_nodes"] == 2

@@ -22,7 +22,8 @@ from tests.live_app import serve_app
 
 MODEL = "fake-model"
 REPLY = FakeEngine.reply
-EXTRA = {"sp_size": 2, "attn_backend": "ring", "scheduler": "sarathi", "device": "cpu"}
+EXTRA = {"sp_size": 2, "tp_size": 4, "attn_backend": "ring", "scheduler": "sarathi",
+         "device": "cpu"}
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served():
-    engine = FakeEngine()
+    engine = FakeEngine(sp_size=EXTRA["sp_size"], tp_size=EXTRA["tp_size"])
     app = build_app(engine, served_model_name=MODEL, extra_model_info=EXTRA)
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=10) as http:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
@@ -700,6 +701,9 @@ def test_metrics_names_and_counters_move(served):
         assert after[key] >= before.get(key, 0) + 1, name
     for name in ["kv_cache_usage_perc", "num_requests_running", "num_requests_waiting"]:
         assert f"sp_serve:{name}{{{label}}}" in after, name
+    # the engine's layout, beside its KV cache's (vLLM's cache_config_info)
+    (info,) = [k for k in after if k.startswith("sp_serve:cache_config_info{")]
+    assert 'sp_size="2"' in info and 'tp_size="4"' in info and after[info] == 1.0
 
     def moved(name: str) -> float:
         return after[name] - before.get(name, 0.0)

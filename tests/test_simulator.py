@@ -22,7 +22,14 @@ from sp_serve.engine.sampling import SamplingParams
 from sp_serve.engine.scheduler import ScheduledStep
 from sp_serve.engine.sequence import Sequence
 from sp_serve.planner import cli
-from sp_serve.planner.analytic import MODEL_PRESETS, Deployment, prefill_seconds
+from sp_serve.planner.analytic import (
+    MODEL_PRESETS,
+    Deployment,
+    decode_step_breakdown,
+    free_kv_bytes_per_rank,
+    kv_bytes_per_token_per_rank,
+    prefill_seconds,
+)
 from sp_serve.planner.hardware import get_hardware
 from sp_serve.planner.simulator import (
     AnalyticStepCost,
@@ -270,6 +277,66 @@ def test_one_million_tokens_on_8xh100_sp8_is_quick():
     assert results["slo"].summary()["scheduler_cost_fit_max_rel_error"] is not None
 
 
+def test_tp_sizes_the_kv_pool_and_every_simulated_step():
+    """Llama-3.1-70B on 8 x H100: the pool per rank is the HBM left after 1/tp of the weights
+    over the rank's KV heads; every simulated step pays the TP all-reduces; the engine's own
+    scheduler runs it, and rejects what the pool cannot hold."""
+    shape, hw = MODEL_PRESETS["llama-3.1-70b"], get_hardware("h100-sxm")
+    blocks = {}
+    for tp in (8, 4, 2):
+        dep = Deployment(tp_size=tp, sp_size=8 // tp, hbm_utilization=0.9)
+        per_token = kv_bytes_per_token_per_rank(shape, dep) * dep.sp_size  # the rank's heads
+        assert per_token == 80 * 2 * (8 // tp) * 128 * 2
+        blocks[tp] = analytic_kv_blocks(shape, hw, dep, 16)
+        assert blocks[tp] == int(free_kv_bytes_per_rank(shape, hw, dep) // (per_token * 16))
+    assert blocks[8] > blocks[4] > blocks[2]
+    trace = [TraceRequest(0.0, 1_000_000, 8, True)]
+    trace += [TraceRequest(1.0 + i, 4000, 8, False) for i in range(6)]
+    results = {}
+    for tp in (8, 2):
+        dep = Deployment(tp_size=tp, sp_size=8 // tp, hbm_utilization=0.9)
+        cost = AnalyticStepCost(shape, hw, dep)
+        config = SimConfig(tp_size=tp, sp_size=8 // tp, num_kv_blocks=blocks[tp])
+        result = results[tp] = simulate(trace, config, cost)
+        check_invariants(trace, result)
+        for step in result.steps:
+            if step.kind == "decode":  # one pass of the decode batch, TP all-reduces included
+                contexts = [step.decode_context - step.decode_batch + 1] + [1] * (
+                    step.decode_batch - 1)
+                d = decode_step_breakdown(shape, hw, dep, contexts)
+                assert d.tp_comm_s > 0 and step.seconds == pytest.approx(d.total_s)
+        summary = result.summary()
+        assert (summary["tp_size"], summary["sp_size"], summary["num_gpus"]) == (tp, 8 // tp, 8)
+    # 1M tokens: the 8-way TP group holds it (1 KV head per rank), TP 2 x SP 4 does not.
+    assert not results[8].requests[0].rejected
+    assert results[8].requests[0].ttft >= prefill_seconds(
+        shape, hw, Deployment(tp_size=8, hbm_utilization=0.9), 1_000_000)
+    reason = results[2].requests[0].rejected
+    assert "KV blocks per rank" in reason and "--tp-size" in reason
+    assert results[2].summary()["metrics"]["completed"] == 6
+    with pytest.raises(ValueError, match="tp x sp = 2 x 4 but the simulation is of 1 x 4"):
+        simulate(trace, SimConfig(sp_size=4), AnalyticStepCost(shape, hw, Deployment(
+            tp_size=2, sp_size=4)))
+    with pytest.raises(ValueError, match="--tp-size must be >= 1"):
+        SimConfig(tp_size=0)
+
+
+def test_cli_simulate_compares_tp_x_sp_layouts(capsys):
+    argv = ("--simulate", "--json", "--model", "llama-3.1-70b", "--hardware", "h100-sxm",
+            "--num-gpus", "8", "--tensor-parallel-size", "8", "4", "-sp", "1", "2",
+            "--num-prompts", "6", "--context-len", "8192", "--output-len", "8",
+            "--request-rate", "1", "--hbm-utilization", "0.9")
+    assert cli.run(_args(*argv)) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["tp_size"], r["sp_size"]) for r in runs] == [(8, 1), (4, 2)]
+    assert runs[0]["kv_blocks_per_rank"] > runs[1]["kv_blocks_per_rank"]
+    assert all(r["metrics"]["completed"] == 6 for r in runs)
+    assert "tp=8" in runs[0]["step_cost"] and "tp=4" in runs[1]["step_cost"]
+    assert cli.run(_args(*[a for a in argv if a != "--json"])) == 0
+    out = capsys.readouterr().out
+    assert "tp=8 sp=1 slo" in out and "tp=4 sp=2 slo" in out
+
+
 def test_analytic_step_reads_the_weights_once_for_chunks_and_decodes():
     """A step carrying a chunk and a decode batch costs the chunk plus the decode batch's
     attention and communication, not a second pass over the weights."""
@@ -335,7 +402,7 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-RUN_KEYS = {"sp_size", "scheduler", "ttft_slo_ms", "tbt_slo_ms", "step_cost", "kv_blocks_per_rank",
+RUN_KEYS = {"sp_size", "tp_size", "num_gpus", "scheduler", "ttft_slo_ms", "tbt_slo_ms", "step_cost", "kv_blocks_per_rank",
             "num_requests", "rejected", "duration_s", "goodput_slos_ms", "goodput_fraction",
             "num_preemptions", "peak_kv_usage", "steps", "metrics", "kv_blocks_in_use_at_end",
             "num_swapped_out"}
@@ -377,9 +444,9 @@ def test_cli_simulate_table_and_calibrated_cost(tmp_path, capsys):
     # The KV pool needs a size: the checkpoint's shape or a block count.
     assert cli.run(_args(*base)) == 2
     assert "--num-kv-blocks" in capsys.readouterr().err
-    # One --sp-size without --simulate, as before.
-    assert cli.run(_args("-sp", "2", "4")) == 2
-    assert "--simulate" in capsys.readouterr().err
+    # A calibration holds for one layout: comparing several says so.
+    assert cli.run(_args(*base, "--num-kv-blocks", "1000", "-sp", "1", "2")) == 0
+    assert "holds for the TP x SP layout it was measured at" in capsys.readouterr().err
 
 
 def _write_step_log(path, model: CostModel, sigma: float, seed: int = 0, at_s: float = 0.05

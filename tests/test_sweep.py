@@ -118,5 +118,42 @@ def test_cli_wiring_and_validation(tmp_path):
     assert config.bench.ignore_eos and config.bench.random_output_len == 128
     with pytest.raises(ValueError, match="must not set"):
         sweep.SweepConfig(result_dir=str(tmp_path), server_args=["--port", "9"])
+    with pytest.raises(ValueError, match="must not set.*--tensor-parallel-size"):
+        sweep.SweepConfig(result_dir=str(tmp_path), server_args=["-tp", "2"])
+    with pytest.raises(ValueError, match="--tp-size values must be >= 1"):
+        sweep.SweepConfig(result_dir=str(tmp_path), tp_sizes=[0])
     with pytest.raises(ValueError, match="--scheduler"):
         sweep.SweepConfig(result_dir=str(tmp_path), schedulers=["lifo"])
+
+
+def test_tp_grid_names_rows_and_efficiency_per_rank(tmp_path):
+    """A TP x SP grid: runs named tpT-spS-... (SP-only names as before, so older result
+    directories resume), every row with its tp_size, efficiency against the one-rank run over
+    TP x SP ranks. Result files stand in for servers here."""
+    args = build_parser().parse_args(
+        ["bench", "sweep", "--result-dir", str(tmp_path), "--tensor-parallel-size", "1", "2",
+         "-sp", "1", "2", "--input-len", "64", "--request-rate", "inf"])
+    config = sweep.config_from_args(args)
+    assert [r.name for r in config.runs] == [
+        "sp1-in64-rateinf-slo", "sp2-in64-rateinf-slo", "tp2-sp1-in64-rateinf-slo",
+        "tp2-sp2-in64-rateinf-slo"]
+    assert config.runs[-1].label.startswith("tp=2 sp=2 ")
+    throughput = {(1, 1): 100.0, (1, 2): 180.0, (2, 1): 150.0, (2, 2): 300.0}
+    for run in config.runs[:3]:  # tp2-sp2 not run; one server said nothing of its TP
+        server_tp = None if run.tp_size == 2 else run.tp_size
+        (tmp_path / f"{run.name}.json").write_text(json.dumps({
+            "completed": 2, "duration": 1.0, "input_lens": [64, 64], "errors": ["", ""],
+            "median_ttft_ms": 64.0 / (run.sp_size * run.tp_size), "itls": [[0.01], [0.02]],
+            "tp_size": server_tp,
+            "sp_size": run.sp_size, "output_throughput": throughput[run.tp_size, run.sp_size],
+            "sweep": {"server_start_s": 1.0, "server_log": "x.log"}}))
+    rows = {r["run"]: r for r in sweep.write_summary(config)}
+    assert [(r["tp_size"], r["sp_size"], r["status"]) for r in rows.values()] == [
+        (1, 1, "ok"), (1, 2, "ok"), (2, 1, "ok"), (2, 2, "not-run")]
+    assert rows["sp2-in64-rateinf-slo"]["throughput_efficiency"] == pytest.approx(0.9)
+    assert rows["tp2-sp1-in64-rateinf-slo"]["throughput_efficiency"] == pytest.approx(0.75)
+    assert rows["tp2-sp1-in64-rateinf-slo"]["prefill_efficiency"] == pytest.approx(1.0)
+    assert _summary(tmp_path)[2]["tp_size"] == "2"
+    plots = sweep.make_plots(tmp_path, list(rows.values()),
+                             sweep.load_results(tmp_path, list(rows.values())))
+    assert len(plots) == 4 and all(p.read_bytes().startswith(PNG_MAGIC) for p in plots)

@@ -55,8 +55,9 @@ def test_torchrun_generate_matches_hf(tiny_model_dir, tmp_path):
     prompts = [_prompt(5, 1), _prompt(67, 2)]  # 67: odd, longer than 2N chunks of the zigzag
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
-    cmd = [*TORCHRUN, "-m", "sp_serve.cli", "generate", "--device", "cpu", "--cpu-threads", "1",
-           "--model", str(tiny_model_dir), "--input", str(jsonl), "--max-tokens", str(NUM_TOKENS),
+    # the world (2 ranks) is --tensor-parallel-size x --sp-size
+    cmd = [*TORCHRUN, "-m", "sp_serve.cli", "generate", "--sp-size", "2", "--device", "cpu",
+           "--cpu-threads", "1", "--model", str(tiny_model_dir), "--input", str(jsonl), "--max-tokens", str(NUM_TOKENS),
            "--temperature", "0", "--ignore-eos", "--scheduler", "fcfs", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
@@ -81,8 +82,8 @@ def _start_serve(model_dir, tmp_path):
     for attempt in range(3):
         port = _free_port()
         log = tmp_path / f"serve-{attempt}.log"
-        cmd = [*TORCHRUN, "-m", "sp_serve.cli", "serve", "--device", "cpu", "--cpu-threads", "1",
-               "--model", str(model_dir), "--served-model-name", "tiny", "--port", str(port),
+        cmd = [*TORCHRUN, "-m", "sp_serve.cli", "serve", "--sp-size", "2", "--device", "cpu",
+               "--cpu-threads", "1", "--model", str(model_dir), "--served-model-name", "tiny", "--port", str(port),
                "--scheduler", "fcfs", "--kv-cache-memory", "64MiB", "--shutdown-timeout", "300"]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
@@ -110,7 +111,7 @@ def test_torchrun_serve_one_request_then_sigterm(tiny_model_dir, tmp_path):
     try:
         ranks = {p: s[19] for p in descendants(proc.pid) if (s := proc_stat(p)) is not None}
         info = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["sp_serve"]
-        assert info["sp_size"] == 2
+        assert (info["sp_size"], info["tp_size"]) == (2, 1)
 
         prompt = _prompt(41, 3)
         body = {"model": "tiny", "prompt": prompt, "max_tokens": NUM_TOKENS, "temperature": 0,

@@ -10,7 +10,7 @@ from sp_serve.bench.datasets import DATASETS
 from sp_serve.bench.metrics import METRICS
 
 ENDPOINTS = {"/v1/completions": "openai", "/v1/chat/completions": "openai-chat"}
-SP_SERVE_TAGS = ("sp_size", "attn_backend", "scheduler", "device")
+SP_SERVE_TAGS = ("sp_size", "tp_size", "attn_backend", "scheduler", "device")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class ServeBenchConfig:
     show_progress: bool = True
     # Tags for the result; None: what the server reports under `sp_serve` in /v1/models.
     sp_size: int | None = None
+    tp_size: int | None = None
     attn_backend: str | None = None
     scheduler: str | None = None
     device: str | None = None

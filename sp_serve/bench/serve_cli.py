@@ -111,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--disable-tqdm", "--disable-progress", dest="disable_progress", action="store_true"
     )
     report.add_argument("--sp-size", type=int, default=None, help="tag (default: from the server)")
+    report.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int,
+                        default=None, help="tag (default: from the server)")
     report.add_argument("--attn-backend", default=None, help="tag (default: from the server)")
     report.add_argument("--scheduler", default=None, help="tag (default: from the server)")
     report.add_argument("--device", default=None, help="tag (default: from the server)")
@@ -180,6 +182,7 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         metadata=_key_values(args.metadata, "--metadata"),
         show_progress=not args.disable_progress,
         sp_size=args.sp_size,
+        tp_size=args.tp_size,
         attn_backend=args.attn_backend,
         scheduler=args.scheduler,
         device=args.device,

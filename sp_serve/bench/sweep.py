@@ -1,9 +1,13 @@
-"""`sp-serve bench sweep`: one fresh `sp-serve serve` per combination of SP degree, prompt
-length, request rate and scheduler, each measured by the `bench serve` client; JSON, CSV, plots.
+"""`sp-serve bench sweep`: one fresh `sp-serve serve` per combination of TP and SP degree,
+prompt length, request rate and scheduler, each measured by the `bench serve` client; JSON,
+CSV, plots.
 
     sp-serve bench sweep --result-dir sweeps/cpu --sp-size 1 2 --input-len 512 2048 \\
         --request-rate 1 inf --scheduler slo fcfs --num-prompts 20 --output-len 32 \\
         --server-args "--model DIR --kv-cache-memory 1GiB"
+
+--tp-size (default 1) adds tensor parallelism: each server runs --tensor-parallel-size T
+--sp-size S on T x S ranks; a run with T > 1 is named tpT-spS-..., and every row records both.
 
 For each run: start the server (a subprocess in its own session, on a free port, its output in
 logs/RUN.log), wait for /health, run the benchmark (a library call), stop the server (SIGTERM,
@@ -13,9 +17,10 @@ run that fails (the server does not come up, or no request completes) is reporte
 server log's tail, recorded in RUN.failed.json and summary.csv, and retried by the next sweep.
 
 At the end, from every run of the grid: summary.csv (one row per run, status ok / failed /
-not-run) and PNG plots: TTFT vs prompt length per SP degree, the TBT (ITL) distribution per
-scheduler, throughput vs request rate, and parallel efficiency against SP=1. Throughput
-efficiency = throughput(SP=N) / (N x throughput(SP=1)) at the same length, rate and scheduler;
+not-run) and PNG plots: TTFT vs prompt length per TP x SP layout, the TBT (ITL) distribution per
+scheduler, throughput vs request rate, and parallel efficiency against one rank (TP=1, SP=1).
+Throughput efficiency = throughput(N = TP x SP ranks) / (N x throughput(1 rank)) at the same
+length, rate and scheduler;
 it means something only at a rate that saturates the server (e.g. inf). Prefill efficiency uses
 prefill speed = prompt tokens / median TTFT, which is cleanest at a low rate (no queueing).
 """
@@ -51,10 +56,10 @@ from sp_serve.parallel.launch import free_port
 SCHEDULERS = ("slo", "fcfs")
 # Flags the sweep sets on every server itself.
 _OWNED_SERVER_FLAGS = ("--host", "--port", "--sp-size", "-sp", "--sequence-parallel-size",
-                       "--scheduler")
+                       "--tensor-parallel-size", "-tp", "--scheduler")
 LOG_TAIL_LINES = 30
 SUMMARY_FIELDS = [
-    "run", "status", "sp_size", "scheduler", "input_len", "request_rate", "num_prompts",
+    "run", "status", "tp_size", "sp_size", "scheduler", "input_len", "request_rate", "num_prompts",
     "completed", "failed", "duration_s", "request_throughput", "output_throughput",
     "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
     "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms",
@@ -70,15 +75,19 @@ class SweepRun:
     input_len: int
     request_rate: float
     scheduler: str
+    tp_size: int = 1
 
     @property
     def name(self) -> str:
+        """spS-... as before TP existed (so older result directories resume), tpT-spS-..."""
         rate = "inf" if math.isinf(self.request_rate) else f"{self.request_rate:g}"
-        return f"sp{self.sp_size}-in{self.input_len}-rate{rate}-{self.scheduler}"
+        tp = f"tp{self.tp_size}-" if self.tp_size != 1 else ""
+        return f"{tp}sp{self.sp_size}-in{self.input_len}-rate{rate}-{self.scheduler}"
 
     @property
     def label(self) -> str:
-        return (f"sp={self.sp_size} in={self.input_len} rate={self.request_rate:g} "
+        tp = f"tp={self.tp_size} " if self.tp_size != 1 else ""
+        return (f"{tp}sp={self.sp_size} in={self.input_len} rate={self.request_rate:g} "
                 f"{self.scheduler}")
 
 
@@ -86,6 +95,7 @@ class SweepRun:
 class SweepConfig:
     result_dir: str
     sp_sizes: list[int] = field(default_factory=lambda: [1])
+    tp_sizes: list[int] = field(default_factory=lambda: [1])
     input_lens: list[int] = field(default_factory=lambda: [1024])
     request_rates: list[float] = field(default_factory=lambda: [math.inf])
     schedulers: list[str] = field(default_factory=lambda: ["slo"])
@@ -97,13 +107,16 @@ class SweepConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, values in (("--sp-size", self.sp_sizes), ("--input-len", self.input_lens),
+        for name, values in (("--sp-size", self.sp_sizes), ("--tp-size", self.tp_sizes),
+                             ("--input-len", self.input_lens),
                              ("--request-rate", self.request_rates),
                              ("--scheduler", self.schedulers)):
             if not values:
                 raise ValueError(f"{name} needs at least one value")
         if min(self.sp_sizes) < 1:
             raise ValueError(f"--sp-size values must be >= 1, got {self.sp_sizes}")
+        if min(self.tp_sizes) < 1:
+            raise ValueError(f"--tp-size values must be >= 1, got {self.tp_sizes}")
         if min(self.input_lens) < 1:
             raise ValueError(f"--input-len values must be >= 1, got {self.input_lens}")
         if not all(r > 0 for r in self.request_rates):
@@ -114,15 +127,17 @@ class SweepConfig:
         owned = [a for a in self.server_args if a.split("=")[0] in _OWNED_SERVER_FLAGS]
         if owned:
             raise ValueError(f"--server-args must not set {owned}: the sweep sets the host, port, "
-                             "--sp-size and --scheduler of every server (use the sweep's flags)")
+                             "--tensor-parallel-size, --sp-size and --scheduler of every server "
+                             "(use the sweep's --tp-size, --sp-size and --scheduler)")
         if self.bench.dataset_name not in ("random", "long-doc"):
             raise ValueError(
                 "a sweep varies the prompt length: use --dataset-name random or long-doc")
 
     @property
     def runs(self) -> list[SweepRun]:
-        return [SweepRun(sp, n, rate, sched) for sp in self.sp_sizes for n in self.input_lens
-                for rate in self.request_rates for sched in self.schedulers]
+        return [SweepRun(sp, n, rate, sched, tp) for tp in self.tp_sizes for sp in self.sp_sizes
+                for n in self.input_lens for rate in self.request_rates
+                for sched in self.schedulers]
 
 
 class ServerStartError(RuntimeError):
@@ -239,7 +254,8 @@ def _bench_config(config: SweepConfig, run: SweepRun, base_url: str) -> ServeBen
                else {"long_input_len": run.input_len})
     return dataclasses.replace(
         config.bench, base_url=base_url, request_rate=run.request_rate, show_progress=False,
-        save_result=False, sp_size=None, scheduler=None, label=run.name, **lengths)
+        save_result=False, sp_size=None, tp_size=None, scheduler=None, label=run.name,
+        **lengths)
 
 
 def run_one(config: SweepConfig, run: SweepRun, status=lambda text: None) -> dict[str, Any]:
@@ -247,7 +263,8 @@ def run_one(config: SweepConfig, run: SweepRun, status=lambda text: None) -> dic
     block. Raises ServerStartError, or ValueError from the benchmark; the server is always
     stopped."""
     out = Path(config.result_dir)
-    server_args = [*config.server_args, "--sp-size", str(run.sp_size), "--scheduler", run.scheduler]
+    server_args = [*config.server_args, "--tensor-parallel-size", str(run.tp_size),
+                   "--sp-size", str(run.sp_size), "--scheduler", run.scheduler]
     server = Server(server_args, out / "logs" / f"{run.name}.log")
     try:
         started = server.start(config.server_start_timeout_s,
@@ -259,6 +276,7 @@ def run_one(config: SweepConfig, run: SweepRun, status=lambda text: None) -> dic
         stop_note = server.stop(config.server_stop_timeout_s)
     result["sweep"] = {
         "run": run.name,
+        "tp_size": run.tp_size,
         "sp_size": run.sp_size,
         "input_len": run.input_len,
         "request_rate": run.request_rate if math.isfinite(run.request_rate) else "inf",
@@ -349,12 +367,21 @@ def run_sweep(config: SweepConfig, console: Any = None) -> list[RunOutcome]:
 
 
 def _efficiency(rows: list[dict[str, Any]], key: str, out_key: str) -> None:
+    """value(N = TP x SP ranks) / (N x value(one rank)) at the same length, rate, scheduler."""
     base = {(r["input_len"], r["request_rate"], r["scheduler"]): r[key]
-            for r in rows if r["status"] == "ok" and r["sp_size"] == 1 and r[key]}
+            for r in rows if r["status"] == "ok" and _ranks(r) == 1 and r[key]}
     for r in rows:
         ref = base.get((r["input_len"], r["request_rate"], r["scheduler"]))
         if r["status"] == "ok" and ref and r[key] is not None:
-            r[out_key] = r[key] / (r["sp_size"] * ref)
+            r[out_key] = r[key] / (_ranks(r) * ref)
+
+
+def _ranks(row: dict[str, Any]) -> int:
+    return row["sp_size"] * row["tp_size"]
+
+
+def _layout(tp: int, sp: int) -> str:
+    return f"TP={tp} SP={sp}" if tp != 1 else f"SP={sp}"
 
 
 def summary_rows(config: SweepConfig) -> list[dict[str, Any]]:
@@ -362,7 +389,8 @@ def summary_rows(config: SweepConfig) -> list[dict[str, Any]]:
     rows = []
     for run in config.runs:
         row: dict[str, Any] = {k: None for k in SUMMARY_FIELDS}
-        row.update(run=run.name, sp_size=run.sp_size, scheduler=run.scheduler,
+        row.update(run=run.name, tp_size=run.tp_size, sp_size=run.sp_size,
+                   scheduler=run.scheduler,
                    input_len=run.input_len, request_rate=run.request_rate,
                    num_prompts=config.bench.num_prompts)
         result_file, failed_file = out / f"{run.name}.json", out / f"{run.name}.failed.json"
@@ -372,6 +400,9 @@ def summary_rows(config: SweepConfig) -> list[dict[str, Any]]:
             row["result_file"] = result_file.name
             for key in SUMMARY_FIELDS:
                 if key in result and key not in ("num_prompts", "request_rate"):
+                    # the layout as the server reported it; the run's own when it did not say
+                    if key in ("sp_size", "tp_size") and result[key] is None:
+                        continue
                     row[key] = result[key]
             sweep = result.get("sweep", {})
             row["duration_s"] = result["duration"]
@@ -444,12 +475,12 @@ def make_plots(out: Path, rows: list[dict[str, Any]], results: dict[str, dict[st
     rates = sorted({r["request_rate"] for r in rows})
     fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4.2), squeeze=False)
     for ax, rate in zip(axes[0], rates):
-        for (sp, sched), group in _series([r for r in ok if r["request_rate"] == rate],
-                                          "sp_size", "scheduler"):
+        for (tp, sp, sched), group in _series([r for r in ok if r["request_rate"] == rate],
+                                              "tp_size", "sp_size", "scheduler"):
             group.sort(key=lambda r: r["input_len"])
             ax.plot([r["input_len"] for r in group], [r["median_ttft_ms"] for r in group],
                     marker="o", linestyle="-" if sched == "slo" else "--",
-                    label=f"SP={sp} {sched}")
+                    label=f"{_layout(tp, sp)} {sched}")
         ax.set(title=f"rate {_rate_label(rate)} req/s", xlabel="prompt length (tokens)",
                ylabel="median TTFT (ms)")
         if ax.lines:
@@ -463,15 +494,15 @@ def make_plots(out: Path, rows: list[dict[str, Any]], results: dict[str, dict[st
     # gap of those runs, whatever their prompt length and rate.
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ["-", "--", ":", "-."]
-    sps = sorted({r["sp_size"] for r in rows})
+    layouts = sorted({(r["tp_size"], r["sp_size"]) for r in rows})
     colors = {s: f"C{i}" for i, s in enumerate(SCHEDULERS)}
-    for (sched, sp), group in _series(ok, "scheduler", "sp_size"):
+    for (sched, tp, sp), group in _series(ok, "scheduler", "tp_size", "sp_size"):
         gaps = sorted(g * 1e3 for r in group for req in results[r["run"]]["itls"] for g in req)
         if gaps:
             n = len(gaps)
             ax.step(gaps, [(i + 1) / n for i in range(n)], where="post", color=colors[sched],
-                    linestyle=styles[sps.index(sp) % len(styles)],
-                    label=f"{sched} SP={sp}: p50 {gaps[n // 2]:.1f} ms, p99 "
+                    linestyle=styles[layouts.index((tp, sp)) % len(styles)],
+                    label=f"{sched} {_layout(tp, sp)}: p50 {gaps[n // 2]:.1f} ms, p99 "
                     f"{gaps[min(n - 1, int(0.99 * n))]:.1f} ms")
     ax.set(title="TBT (inter-token latency) per scheduler, all lengths and rates",
            xlabel="ITL (ms)", ylabel="fraction of gaps <= x")
@@ -487,12 +518,13 @@ def make_plots(out: Path, rows: list[dict[str, Any]], results: dict[str, dict[st
     positions = {rate: i for i, rate in enumerate(rates)}
     fig, axes = plt.subplots(1, len(lens), figsize=(5.5 * len(lens), 4.2), squeeze=False)
     for ax, n in zip(axes[0], lens):
-        for (sp, sched), group in _series([r for r in ok if r["input_len"] == n],
-                                          "sp_size", "scheduler"):
+        for (tp, sp, sched), group in _series([r for r in ok if r["input_len"] == n],
+                                              "tp_size", "sp_size", "scheduler"):
             group.sort(key=lambda r: r["request_rate"])
             ax.plot([positions[r["request_rate"]] for r in group],
                     [r["output_throughput"] for r in group], marker="o",
-                    linestyle="-" if sched == "slo" else "--", label=f"SP={sp} {sched}")
+                    linestyle="-" if sched == "slo" else "--",
+                    label=f"{_layout(tp, sp)} {sched}")
         ax.set_xticks(range(len(rates)), [_rate_label(r) for r in rates])
         ax.set(title=f"prompt {n} tokens", xlabel="request rate (req/s)",
                ylabel="output throughput (tok/s)")
@@ -502,23 +534,28 @@ def make_plots(out: Path, rows: list[dict[str, Any]], results: dict[str, dict[st
             empty(ax, "no completed runs")
     save(fig, "throughput_vs_rate.png")
 
-    # 4. Parallel efficiency against SP=1 at the same prompt length, rate and scheduler.
+    # 4. Parallel efficiency against one rank (TP=1, SP=1) at the same prompt length, rate and
+    # scheduler, over the ranks used (TP x SP); a line per TP degree.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    multi_tp = len({tp for tp, _ in layouts}) > 1
     for ax, key, title in ((axes[0], "throughput_efficiency", "throughput"),
                            (axes[1], "prefill_efficiency", "prefill speed (tokens / TTFT)")):
-        for (n, rate, sched), group in _series(ok, "input_len", "request_rate", "scheduler"):
-            group = sorted((r for r in group if r[key] is not None), key=lambda r: r["sp_size"])
-            if len(group) > 1:
-                ax.plot([r["sp_size"] for r in group], [r[key] for r in group], marker="o",
-                        label=f"{n} tok, {_rate_label(rate)} req/s, {sched}")
+        for (n, rate, sched, tp), group in _series(ok, "input_len", "request_rate", "scheduler",
+                                                   "tp_size"):
+            group = sorted((r for r in group if r[key] is not None), key=_ranks)
+            if len(group) > 1 or (group and _ranks(group[0]) > 1):
+                ax.plot([_ranks(r) for r in group], [r[key] for r in group], marker="o",
+                        label=f"{f'TP={tp} ' if multi_tp else ''}{n} tok, "
+                        f"{_rate_label(rate)} req/s, {sched}")
         ax.axhline(1.0, color="grey", linestyle=":", label="ideal")
-        ax.set_xticks(sps)
-        ax.set(title=f"parallel efficiency: {title}", xlabel="SP degree",
-               ylabel="value(SP=N) / (N x value(SP=1))", ylim=(0, None))
+        ax.set_xticks(sorted({tp * sp for tp, sp in layouts}))
+        ax.set(title=f"parallel efficiency: {title}", xlabel="ranks (TP x SP)",
+               ylabel="value(N ranks) / (N x value(1 rank))", ylim=(0, None))
         if len(ax.lines) > 1:
             ax.legend(fontsize="small")
         else:
-            empty(ax, "needs runs at SP=1 and SP>1 of the same length, rate and scheduler")
+            empty(ax, "needs runs on 1 rank and on several of the same length, rate and "
+                  "scheduler")
     save(fig, "parallel_efficiency.png")
     return paths
 
@@ -531,6 +568,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--result-dir", required=True,
                       help="where RUN.json, summary.csv, the plots and logs/ go")
     grid.add_argument("--sp-size", "-sp", dest="sp_sizes", type=int, nargs="+", default=[1])
+    grid.add_argument("--tp-size", "--tensor-parallel-size", "-tp", dest="tp_sizes", type=int,
+                      nargs="+", default=[1],
+                      help="tensor-parallel degrees: each server runs tp x sp ranks (default 1)")
     grid.add_argument("--input-len", "--prompt-len", dest="input_lens", type=int, nargs="+",
                       default=[1024], help="prompt tokens (long-doc: of the long requests)")
     grid.add_argument("--request-rate", dest="request_rates", type=float, nargs="+",
@@ -575,7 +615,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         num_warmups=args.num_warmups, seed=args.seed, ignore_eos=args.ignore_eos,
         goodput_slos_ms=parse_goodput(args.goodput), request_timeout_s=args.request_timeout)
     return SweepConfig(
-        result_dir=args.result_dir, sp_sizes=args.sp_sizes, input_lens=args.input_lens,
+        result_dir=args.result_dir, sp_sizes=args.sp_sizes, tp_sizes=args.tp_sizes,
+        input_lens=args.input_lens,
         request_rates=args.request_rates, schedulers=args.schedulers,
         server_args=shlex.split(args.server_args), bench=bench,
         server_start_timeout_s=args.server_start_timeout,

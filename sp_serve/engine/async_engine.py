@@ -58,7 +58,8 @@ class AsyncEngine:
             "kv_capacity_tokens_per_rank": str(engine.runtime.num_blocks * cfg.block_size),
             "enable_prefix_caching": str(engine.enable_prefix_caching),
             "gpu_memory_utilization": str(cfg.gpu_memory_utilization),
-            "sp_size": str(engine.world_size), "device": engine.device_name}
+            "sp_size": str(engine.sp_size), "tp_size": str(engine.tp_size),
+            "device": engine.device_name}
         self._stop = threading.Event()
         self._draining = False
         self._error: BaseException | None = None

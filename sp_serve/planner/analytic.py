@@ -119,6 +119,42 @@ class ModelShape:
         only the batch's rows are gathered (when tied, the table is read whole as LM head)."""
         return self.num_params - (0 if self.tie_word_embeddings else self.embedding_params)
 
+    # --- one tensor-parallel rank's share (Megatron layout, as vLLM and the engine shard) ---
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        """KV heads one of tp ranks holds: num_kv_heads / tp, or 1 (each head replicated on
+        tp / num_kv_heads ranks) once tp >= num_kv_heads. check_tp says which tp are valid."""
+        return max(1, self.num_kv_heads // tp)
+
+    def vocab_per_rank(self, tp: int) -> int:
+        """Rows of the vocabulary-sharded embedding (and LM head) on one rank."""
+        return -(-self.vocab_size // tp)
+
+    def layer_matmul_params_per_rank(self, tp: int) -> int:
+        """q and o split by head, k and v by KV head (replicated past tp = num_kv_heads), the
+        MLP's intermediate dimension split."""
+        h, d = self.hidden_size, self.head_dim
+        q_heads, kv_heads = self.num_heads // tp, self.kv_heads_per_rank(tp)
+        attention = 2 * h * q_heads * d + 2 * h * kv_heads * d  # q, o; k, v
+        return attention + 3 * h * (self.intermediate_size // tp)
+
+    def params_per_rank(self, tp: int) -> int:
+        """Parameters one TP rank stores: its shard of every matmul and bias, its vocabulary
+        rows of the embedding and LM head, and the RMSNorm weights (replicated)."""
+        if tp == 1:
+            return self.num_params
+        d = self.head_dim
+        bias = (self.num_heads // tp + 2 * self.kv_heads_per_rank(tp)) * d if self.qkv_bias else 0
+        layer = self.layer_matmul_params_per_rank(tp) + bias + 2 * self.hidden_size
+        tables = (1 if self.tie_word_embeddings else 2) * self.vocab_per_rank(tp) * self.hidden_size
+        return self.num_layers * layer + tables + self.hidden_size
+
+    def decode_read_params_per_rank(self, tp: int) -> int:
+        """decode_read_params for one TP rank: its stored parameters less its embedding rows
+        (gathered, not read whole), unless tied."""
+        table = 0 if self.tie_word_embeddings else self.vocab_per_rank(tp) * self.hidden_size
+        return self.params_per_rank(tp) - table
+
 
 MODEL_PRESETS: dict[str, ModelShape] = {
     "yi-34b-200k": ModelShape(
@@ -235,12 +271,24 @@ class Deployment:
     collective_latency_s: float = 10e-6  # fixed cost of one collective / one ring step
     hbm_utilization: float = 1.0  # fraction of HBM for weights + KV (vLLM's gpu_memory_utilization)
     attn_flops: str = "paper"  # "paper" (Kaplan: QK^T only) or "exact" (QK^T and PV)
+    # GPUs per node: a world of sp x tp ranks beyond it spans world / gpus_per_node nodes
+    # (torchrun's --nproc-per-node), TP groups being consecutive ranks (inside a node when
+    # tp divides gpus_per_node) and the SP ring crossing the nodes.
+    gpus_per_node: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("sp_size", "tp_size"):
+        for name in ("sp_size", "tp_size", "gpus_per_node"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        world = self.sp_size * self.tp_size
+        if world > self.gpus_per_node and world % self.gpus_per_node:
+            raise ValueError(
+                f"tp x sp = {self.tp_size} x {self.sp_size} = {world} GPUs span several nodes of "
+                f"{self.gpus_per_node} GPUs (--gpus-per-node), but not whole ones: torchrun starts "
+                "the same number of ranks on every node, so make tp x sp a multiple of "
+                f"{self.gpus_per_node}"
+            )
         for name in ("kv_dtype", "weight_dtype"):
             if getattr(self, name) not in DTYPE_BYTES:
                 raise ValueError(
@@ -259,24 +307,79 @@ class Deployment:
                 f"attn_flops={self.attn_flops!r}; choose one of {ATTN_FLOPS_CONVENTIONS}"
             )
 
+    @property
+    def world_size(self) -> int:
+        return self.sp_size * self.tp_size
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // self.gpus_per_node)
+
+    @property
+    def tp_spans_nodes(self) -> bool:
+        """Some TP group has ranks on two nodes (its all-reduces then cross the network)."""
+        return self.num_nodes > 1 and (
+            self.tp_size > self.gpus_per_node or self.gpus_per_node % self.tp_size != 0
+        )
+
+
+def link_bandwidths(hw: Hardware, dep: Deployment) -> tuple[float, float]:
+    """(TP, SP) link bandwidth per GPU per direction, after bandwidth_efficiency. On one node
+    both are the interconnect (NVLink). Over several nodes the SP ring has hops between nodes
+    and runs at the slowest, the inter-node network; so do the TP all-reduces of a TP group
+    that spans nodes (keep tp within a node: a divisor of gpus_per_node)."""
+    intra = hw.interconnect_bandwidth * dep.bandwidth_efficiency
+    if dep.num_nodes == 1:
+        return intra, intra
+    if hw.inter_node_bandwidth is None:
+        raise ValueError(
+            f"tp x sp = {dep.world_size} GPUs span {dep.num_nodes} nodes of {dep.gpus_per_node}: "
+            f"give the network's bandwidth per GPU with --inter-node-bw-gbs (hardware {hw.name!r} "
+            "has none), or fewer GPUs / a larger --gpus-per-node"
+        )
+    inter = hw.inter_node_bandwidth * dep.bandwidth_efficiency
+    return (inter if dep.tp_spans_nodes else intra), inter
+
 
 # ---------------------------------------------------------------------------------------------
 # Memory
 
 
+def valid_tp_sizes(shape: ModelShape) -> list[int]:
+    """Every tensor-parallel degree the model can be split over: it divides the attention
+    heads and the MLP's intermediate size, and it divides the KV heads or is a multiple of
+    them (each KV head then replicated on tp / num_kv_heads ranks, as vLLM does)."""
+    return [
+        t for t in range(1, shape.num_heads + 1)
+        if shape.num_heads % t == 0
+        and shape.intermediate_size % t == 0
+        and (shape.num_kv_heads % t == 0 or t % shape.num_kv_heads == 0)
+    ]
+
+
+def check_tp(shape: ModelShape, tp: int) -> None:
+    """ValueError, naming the valid degrees, when the model cannot be split over tp ranks."""
+    problems = []
+    if shape.num_heads % tp:
+        problems.append(f"divide its {shape.num_heads} attention heads")
+    if shape.intermediate_size % tp:
+        problems.append(f"divide its MLP intermediate size {shape.intermediate_size}")
+    if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
+        problems.append(f"divide its {shape.num_kv_heads} KV heads or be a multiple of them")
+    if problems:
+        raise ValueError(
+            f"--tp-size {tp} does not fit {shape.name}: the tensor-parallel size must "
+            + (", ".join(problems[:-1]) + " and " if len(problems) > 1 else "")
+            + problems[-1]
+            + f"; use one of {', '.join(map(str, valid_tp_sizes(shape)))} (and give the rest of "
+            "the GPUs to --sp-size)"
+        )
+
+
 def kv_heads_per_rank(shape: ModelShape, dep: Deployment) -> int:
     """KV heads one TP rank holds; past tp = num_kv_heads each head is replicated (as vLLM does)."""
-    tp = dep.tp_size
-    if shape.num_heads % tp:
-        raise ValueError(f"tp_size={tp} must divide num_heads={shape.num_heads} of {shape.name}")
-    if shape.num_kv_heads % tp == 0:
-        return shape.num_kv_heads // tp
-    if tp % shape.num_kv_heads == 0:
-        return 1
-    raise ValueError(
-        f"tp_size={tp} must divide num_kv_heads={shape.num_kv_heads} of {shape.name} "
-        "or be a multiple of it"
-    )
+    check_tp(shape, dep.tp_size)
+    return shape.kv_heads_per_rank(dep.tp_size)
 
 
 def kv_bytes_per_head(shape: ModelShape, dep: Deployment) -> float:
@@ -297,8 +400,11 @@ def kv_bytes_per_token_per_rank(shape: ModelShape, dep: Deployment) -> float:
 
 
 def weight_bytes_per_rank(shape: ModelShape, dep: Deployment) -> float:
-    """Weights are replicated on every SP rank and sharded over TP (norms' replication ignored)."""
-    return shape.num_params * DTYPE_BYTES[dep.weight_dtype] / dep.tp_size
+    """Weights are replicated on every SP rank and sharded over TP: each matmul split by head
+    or intermediate column (k and v replicated past tp = num_kv_heads), the embedding and LM
+    head by vocabulary rows; the RMSNorm weights are whole on every rank."""
+    check_tp(shape, dep.tp_size)
+    return shape.params_per_rank(dep.tp_size) * DTYPE_BYTES[dep.weight_dtype]
 
 
 def free_kv_bytes_per_rank(shape: ModelShape, hw: Hardware, dep: Deployment) -> float:
@@ -382,12 +488,21 @@ def prefill_breakdown(
         )
     sp, tp, layers = dep.sp_size, dep.tp_size, shape.num_layers
     flops_s = hw.peak_flops * dep.flops_efficiency
-    link_bw = hw.interconnect_bandwidth * dep.bandwidth_efficiency
+    tp_bw, link_bw = link_bandwidths(hw, dep)  # link_bw: the SP ring's
     latency = dep.collective_latency_s
 
     dense, attention = prefill_flops(shape, dep, num_tokens, cached_tokens)
-    # Zigzag gives every rank the same share of dense and causal attention work.
-    compute_s = (dense + attention) / (sp * tp) / flops_s
+    # Zigzag gives every rank the same share of dense and causal attention work; a TP rank
+    # runs its shard of every matmul (k and v whole per KV head it holds, so replicated heads
+    # repeat their projections) and 1/tp of the query heads' attention.
+    check_tp(shape, tp)
+    dense_rank = dense / sp
+    if tp > 1:
+        dense_rank = 2 * (
+            shape.layer_matmul_params_per_rank(tp) * layers * num_tokens
+            + shape.vocab_per_rank(tp) * shape.hidden_size
+        ) / sp
+    compute_s = (dense_rank + attention / (sp * tp)) / flops_s
     weight_read_s = weight_bytes_per_rank(shape, dep) / (
         hw.hbm_bandwidth * dep.bandwidth_efficiency
     )
@@ -421,11 +536,8 @@ def prefill_breakdown(
     else:
         ring_compute_step_s = ring_comm_step_s = ring_exposed_s = 0.0
 
-    tp_comm_s = 0.0
-    if tp > 1:
-        # Two all-reduces per layer (after attention and after the MLP) of this rank's tokens.
-        bytes_ = num_tokens / sp * shape.hidden_size * ACT_BYTES
-        tp_comm_s = layers * 2 * (latency + 2 * (tp - 1) / tp * bytes_ / link_bw)
+    # Two all-reduces per layer (after o_proj and after down_proj) of this rank's tokens.
+    tp_comm_s = tp_allreduce_seconds(shape, dep, num_tokens / sp, tp_bw)
 
     total_s = max(compute_s, weight_read_s) + ring_exposed_s + cached_comm_s + tp_comm_s
     return PrefillBreakdown(
@@ -443,6 +555,21 @@ def prefill_breakdown(
         tp_comm_s=tp_comm_s,
         total_s=total_s,
     )
+
+
+def tp_allreduce_seconds(
+    shape: ModelShape, dep: Deployment, tokens: float, bandwidth: float
+) -> float:
+    """The TP group's all-reduces over all layers: two per layer (the attention output after
+    o_proj, the MLP output after down_proj), each of tokens x hidden bf16 activations, as a
+    ring all-reduce (reduce-scatter + all-gather: each rank sends 2 (tp - 1) / tp of the
+    bytes) plus one collective latency. Not overlapped with compute."""
+    tp = dep.tp_size
+    if tp == 1:
+        return 0.0
+    nbytes = tokens * shape.hidden_size * ACT_BYTES
+    per_allreduce = dep.collective_latency_s + 2 * (tp - 1) / tp * nbytes / bandwidth
+    return shape.num_layers * 2 * per_allreduce
 
 
 def prefill_seconds(
@@ -470,15 +597,21 @@ def _decode_step(
     shape: ModelShape, hw: Hardware, dep: Deployment, batch_size: int, total_context: int
 ) -> DecodeBreakdown:
     sp, tp, layers = dep.sp_size, dep.tp_size, shape.num_layers
-    link_bw = hw.interconnect_bandwidth * dep.bandwidth_efficiency
+    tp_bw, link_bw = link_bandwidths(hw, dep)  # link_bw: the SP merge's
     latency = dep.collective_latency_s
 
-    weight_bytes = shape.decode_read_params * DTYPE_BYTES[dep.weight_dtype] / tp
+    check_tp(shape, tp)
+    weight_bytes = shape.decode_read_params_per_rank(tp) * DTYPE_BYTES[dep.weight_dtype]
     kv_bytes = kv_bytes_per_token_per_rank(shape, dep) * total_context
     memory_s = (weight_bytes + kv_bytes) / (hw.hbm_bandwidth * dep.bandwidth_efficiency)
-    # Every SP rank runs the dense layers for the whole batch (they are replicated, not split);
-    # attention is split with the KV.
-    dense = 2 * (shape.layer_matmul_params * layers + shape.embedding_params) * batch_size / tp
+    # Every SP rank runs the dense layers for the whole batch (they are replicated over SP, a
+    # TP rank runs its shard); attention is split with the KV (SP) and the query heads (TP).
+    dense = 2 * (shape.layer_matmul_params * layers + shape.embedding_params) * batch_size
+    if tp > 1:
+        dense = 2 * (
+            shape.layer_matmul_params_per_rank(tp) * layers
+            + shape.vocab_per_rank(tp) * shape.hidden_size
+        ) * batch_size
     attention = _flops_per_attention_pair(shape, dep) * layers * total_context / (sp * tp)
     compute_s = (dense + attention) / (hw.peak_flops * dep.flops_efficiency)
 
@@ -487,10 +620,7 @@ def _decode_step(
         heads = shape.num_heads // tp
         per_rank = batch_size * heads * (shape.head_dim * ACT_BYTES + LSE_BYTES)
         merge_comm_s = layers * (latency + (sp - 1) * per_rank / link_bw)
-    tp_comm_s = 0.0
-    if tp > 1:
-        bytes_ = batch_size * shape.hidden_size * ACT_BYTES
-        tp_comm_s = layers * 2 * (latency + 2 * (tp - 1) / tp * bytes_ / link_bw)
+    tp_comm_s = tp_allreduce_seconds(shape, dep, batch_size, tp_bw)
 
     return DecodeBreakdown(
         batch_size=batch_size,
@@ -564,12 +694,22 @@ class PlanResult:
     e2e_s: float
     context_switch_s: float  # one way, HBM -> host or back
     context_switch_round_trip_s: float
+    # HBM one GPU needs: its weights + its share of batch_size requests' KV at context_len
+    memory_per_gpu_bytes: float = 0.0
+    usable_hbm_bytes: float = 0.0  # HBM x hbm_utilization
+    num_nodes: int = 1
+    kv_heads_per_rank: int = 0
+    launch: dict = field(default_factory=dict)  # sp_serve.planner.launch.Launch.to_dict()
     warnings: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
     kv_dtypes: list[dict] = field(default_factory=list)  # kv_dtype_table
 
+    @property
+    def fits(self) -> bool:
+        return self.memory_per_gpu_bytes <= self.usable_hbm_bytes
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "fits": self.fits}
 
 
 def plan(
@@ -579,9 +719,14 @@ def plan(
     context_len: int,
     output_len: int = 250,
     batch_size: int = 1,
+    model_path: str | None = None,
 ) -> PlanResult:
     """Everything the `plan` command prints, for batch_size requests of context_len tokens
-    each generating output_len tokens (250 is the paper's decoding example)."""
+    each generating output_len tokens (250 is the paper's decoding example). model_path: the
+    checkpoint the launch line names (None: "$MODEL")."""
+    from sp_serve.planner.launch import launch_for
+
+    check_tp(shape, dep.tp_size)
     for name, value in (
         ("context_len", context_len),
         ("output_len", output_len),
@@ -616,8 +761,9 @@ def plan(
         )
         warnings.append(
             f"only {concurrency} request(s) of {context_len} tokens fit per group, fewer than "
-            f"batch_size {batch_size}: sp_size >= {math.ceil(kv_batch_one_rank / free)} would "
-            "hold them"
+            f"batch_size {batch_size}: sp_size >= {math.ceil(kv_batch_one_rank / free)} at "
+            f"tp_size {dep.tp_size} would hold them (a larger tp_size also frees HBM: fewer "
+            "weights and KV heads per GPU)"
         )
     if dep.sp_size > 1 and not prefill.ring_hidden:
         warnings.append(
@@ -626,8 +772,16 @@ def plan(
             f">= {prefill.ring_min_tokens_per_rank:.0f} tokens per rank to hide it"
         )
 
+    if dep.tp_spans_nodes:
+        warnings.append(
+            f"TP groups of {dep.tp_size} span nodes of {dep.gpus_per_node} GPUs: their "
+            "all-reduces run at the inter-node bandwidth; use a --tp-size dividing "
+            f"{dep.gpus_per_node} and more --sp-size"
+        )
+
     kv_tok = kv_bytes_per_token(shape, dep)
     kv_tok_rank = kv_bytes_per_token_per_rank(shape, dep)
+    memory_per_gpu = weight_bytes_per_rank(shape, dep) + kv_tok_rank * context_len * batch_size
     return PlanResult(
         model=shape.name,
         hardware=hw.name,
@@ -654,10 +808,19 @@ def plan(
         e2e_s=prefill.total_s + decode_total,
         context_switch_s=switch,
         context_switch_round_trip_s=2 * switch,
+        memory_per_gpu_bytes=memory_per_gpu,
+        usable_hbm_bytes=hw.hbm_bytes * dep.hbm_utilization,
+        num_nodes=dep.num_nodes,
+        kv_heads_per_rank=kv_heads_per_rank(shape, dep),
+        launch=launch_for(dep, model_path).to_dict(),
         warnings=warnings,
         assumptions=assumptions(shape, hw, dep),
         kv_dtypes=kv_dtype_table(shape, hw, dep),
     )
+
+
+def _gbs(bandwidth: float | None) -> str:
+    return "not given" if bandwidth is None else f"{bandwidth / GB:g} GB/s"
 
 
 def assumptions(shape: ModelShape, hw: Hardware, dep: Deployment) -> list[str]:
@@ -688,13 +851,16 @@ def assumptions(shape: ModelShape, hw: Hardware, dep: Deployment) -> list[str]:
         attn,
         (
             f"weights: {shape.num_params / 1e9:.2f}B parameters in {dep.weight_dtype}, replicated "
-            "on every SP rank and sharded 1/tp over TP ranks; peak FLOP/s is the bf16 figure "
-            "whatever the weight dtype"
+            "on every SP rank and sharded over TP ranks as Megatron/vLLM do: q, o and the MLP "
+            "split by head and intermediate column, k and v by KV head (replicated once tp > "
+            "num_kv_heads), embedding and LM head by vocabulary rows, RMSNorms whole; peak "
+            "FLOP/s is the bf16 figure whatever the weight dtype"
         ),
         (
             f"KV cache in {dep.kv_dtype}: 2 (K, V) x layers x kv_heads x head_dim bytes per token, "
-            "sharded evenly over SP ranks (zigzag) and by head over TP ranks (heads replicated "
-            "when tp > num_kv_heads)"
+            "sharded evenly over SP ranks (zigzag) and by head over TP ranks: max(1, kv_heads / "
+            "tp) per rank (heads replicated when tp > num_kv_heads); the SP ring and the decode "
+            "merge carry only the rank's heads"
         ),
         (
             "HBM holds weights + KV only: activations, CUDA graphs, NCCL buffers and allocator "
@@ -725,7 +891,18 @@ def assumptions(shape: ModelShape, hw: Hardware, dep: Deployment) -> list[str]:
             f"{dep.collective_latency_s * 1e6:.0f} us latency each + bytes / interconnect, counted "
             "as exposed (micro-batch overlap in the engine can hide part of it)"
         ),
-        "TP: two all-reduces of bf16 activations per layer (ring: 2(tp-1)/tp x bytes), exposed",
+        (
+            "TP: two all-reduces per layer (after o_proj and down_proj) of tokens x hidden bf16 "
+            "activations (prefill: the rank's tokens/sp; decode: the batch), ring all-reduce "
+            "2(tp-1)/tp x bytes over the interconnect + one collective latency each, exposed, in "
+            "both TTFT and TBT"
+        ),
+        (
+            f"nodes: tp x sp GPUs at {dep.gpus_per_node} per node (--gpus-per-node); over several "
+            "nodes the SP ring and merge run at the inter-node bandwidth "
+            f"({_gbs(hw.inter_node_bandwidth)} per GPU per direction), and TP groups stay on "
+            f"NVLink while tp divides {dep.gpus_per_node}"
+        ),
         (
             "interconnect and PCIe bandwidths are per GPU per direction; context switch: each "
             "rank copies its KV shard over its own PCIe x16 link, all ranks in parallel"

@@ -1,8 +1,14 @@
 """`sp-serve plan`: the analytic model of sp_serve.planner.analytic as a table or JSON.
 
 With no flags it prints the paper's running example: Yi-34B-200K, 50K context, one A100-80GB.
+Several --tp-size / --sp-size values (optionally only those making --num-gpus) compare the
+layouts side by side, each with the `sp-serve serve` flags and torchrun line that run it, e.g.
+
+    sp-serve plan --model llama-3.1-70b --hardware h100-sxm --num-gpus 8 -tp 8 4 2 -sp 1 2 4 \\
+        --context-len 131072
+
 With --simulate it runs sp_serve.planner.simulator (the engine's scheduler on a workload) for
-every combination of --sp-size, --scheduler, --ttft-slo-ms and --tbt-slo-ms, e.g.
+every combination of --tp-size, --sp-size, --scheduler, --ttft-slo-ms and --tbt-slo-ms, e.g.
 
     sp-serve plan --simulate --model llama-3.1-8b --hardware h100-sxm -sp 4 8 \\
         --dataset-name long-doc --long-input-len 1000000 --short-input-len 2000 \\
@@ -37,6 +43,7 @@ _HW_OVERRIDES = {
     "interconnect_bw_gbs": ("interconnect_bandwidth", 1e9),
     "pcie_bw_gbs": ("pcie_bandwidth", 1e9),
 }
+_OPTIONAL_HW = {"inter_node_bw_gbs": ("inter_node_bandwidth", 1e9)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interconnect-bw-gbs", type=float, help="GPU-to-GPU bandwidth per GPU per direction, GB/s"
     )
     hw.add_argument("--pcie-bw-gbs", type=float, help="host<->GPU bandwidth per direction, GB/s")
+    hw.add_argument(
+        "--inter-node-bw-gbs",
+        type=float,
+        help="GPU-to-GPU bandwidth between nodes per GPU per direction, GB/s (its NIC; presets: "
+        "25 for a100-80g, 50 for h100-sxm and h200)",
+    )
 
     dep = parser.add_argument_group("deployment")
     dep.add_argument(
@@ -76,9 +89,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         default=[1],
-        help="SP degree; with --simulate several compare side by side (default 1)",
+        help="SP degree (sp-serve serve's --sp-size); several compare side by side (default 1)",
     )
-    dep.add_argument("--tp-size", "--tensor-parallel-size", "-tp", type=int, default=1)
+    dep.add_argument(
+        "--tp-size",
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="TP degree inside each SP rank (sp-serve serve's --tensor-parallel-size); the "
+        "GPUs are tp x sp; several compare side by side (default 1)",
+    )
+    dep.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="compare only the --tp-size x --sp-size combinations using this many GPUs",
+    )
+    dep.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=8,
+        help="GPUs per node (torchrun's --nproc-per-node); more GPUs than this span nodes "
+        "(default 8)",
+    )
     dep.add_argument(
         "--context-len", type=int, default=50_000, help="prompt tokens per request (default 50000)"
     )
@@ -124,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_hardware(args: argparse.Namespace) -> Hardware:
     overrides: dict[str, float] = {}
-    for flag, (name, scale) in _HW_OVERRIDES.items():
+    for flag, (name, scale) in {**_HW_OVERRIDES, **_OPTIONAL_HW}.items():
         if getattr(args, flag) is not None:
             overrides[name] = getattr(args, flag) * scale
     if args.hbm is not None:
@@ -144,10 +179,41 @@ def build_hardware(args: argparse.Namespace) -> Hardware:
     return base
 
 
-def build_deployment(args: argparse.Namespace, sp_size: int) -> Deployment:
+def layouts(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(tp, sp) of every --tp-size x --sp-size combination, only those making --num-gpus when
+    given; a clear error when none does."""
+    tps, sps = list(dict.fromkeys(args.tp_size)), list(dict.fromkeys(args.sp_size))
+    for flag, values in (("--tp-size", tps), ("--sp-size", sps)):
+        if min(values) < 1:
+            raise ValueError(f"{flag} values must be >= 1, got {values}")
+    combos = [(tp, sp) for tp in tps for sp in sps]
+    if args.num_gpus is not None:
+        if args.num_gpus < 1:
+            raise ValueError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+        combos = [(tp, sp) for tp, sp in combos if tp * sp == args.num_gpus]
+        if not combos:
+            raise ValueError(
+                f"no --tp-size {' '.join(map(str, tps))} x --sp-size {' '.join(map(str, sps))} "
+                f"combination uses --num-gpus {args.num_gpus}: give pairs whose product is "
+                f"{args.num_gpus}, e.g. -tp {args.num_gpus} -sp 1"
+            )
+    return combos
+
+
+def model_path(args: argparse.Namespace) -> str | None:
+    """The checkpoint the launch lines name: --model when it is a path (a config.json's
+    directory), None for a preset."""
+    if args.model is None or not Path(args.model).exists():
+        return None
+    path = Path(args.model)
+    return str(path.parent if path.is_file() and path.name == "config.json" else path)
+
+
+def build_deployment(args: argparse.Namespace, sp_size: int, tp_size: int = 1) -> Deployment:
     return Deployment(
         sp_size=sp_size,
-        tp_size=args.tp_size,
+        tp_size=tp_size,
+        gpus_per_node=args.gpus_per_node,
         kv_dtype=args.kv_dtype,
         weight_dtype=args.weight_dtype,
         flops_efficiency=args.flops_efficiency,
@@ -158,18 +224,21 @@ def build_deployment(args: argparse.Namespace, sp_size: int) -> Deployment:
     )
 
 
+def build_plans(args: argparse.Namespace) -> list[PlanResult]:
+    """One plan per layout (see layouts)."""
+    shape, hw = resolve_model(args.model or DEFAULT_MODEL), build_hardware(args)
+    return [
+        plan(shape, hw, build_deployment(args, sp, tp), args.context_len, args.output_len,
+             args.batch_size, model_path(args))
+        for tp, sp in layouts(args)
+    ]
+
+
 def build_plan(args: argparse.Namespace) -> PlanResult:
-    if len(args.sp_size) != 1:
-        raise ValueError("give one --sp-size (several compare only with --simulate)")
-    dep = build_deployment(args, args.sp_size[0])
-    return plan(
-        resolve_model(args.model or DEFAULT_MODEL),
-        build_hardware(args),
-        dep,
-        args.context_len,
-        args.output_len,
-        args.batch_size,
-    )
+    plans = build_plans(args)
+    if len(plans) != 1:
+        raise ValueError("give one --tp-size and one --sp-size for a single plan")
+    return plans[0]
 
 
 def _bytes(value: float) -> str:
@@ -190,8 +259,9 @@ def print_table(result: PlanResult) -> None:
 
     r, p, d = result, result.prefill, result.decode_first_step
     table = Table(
-        title=f"{r.model} on {r.num_gpus} x {r.hardware} (sp={r.sp_size}, tp={r.tp_size}), "
-        f"{r.context_len:,} context + {r.output_len:,} output tokens, batch {r.batch_size}",
+        title=f"{r.model} on {r.num_gpus} x {r.hardware} (tp={r.tp_size} x sp={r.sp_size}"
+        f"{f', {r.num_nodes} nodes' if r.num_nodes > 1 else ''}), {r.context_len:,} context + "
+        f"{r.output_len:,} output tokens, batch {r.batch_size}",
         title_justify="left",
     )
     table.add_column("quantity")
@@ -203,12 +273,23 @@ def print_table(result: PlanResult) -> None:
 
     section("memory (concurrency)")
     table.add_row("parameters", f"{r.num_params / 1e9:.2f} B", "")
-    table.add_row("weights per rank", _bytes(r.weight_bytes_per_rank), "replicated over SP, 1/tp")
+    table.add_row(
+        "weights per rank", _bytes(r.weight_bytes_per_rank), "replicated over SP, sharded over TP"
+    )
     table.add_row(
         "KV per token", _bytes(r.kv_bytes_per_token), "2 x layers x kv_heads x head_dim x bytes"
     )
     table.add_row("KV per request", _bytes(r.kv_bytes_per_request), "x context_len")
-    table.add_row("KV per request per rank", _bytes(r.kv_bytes_per_request_per_rank), "/ (sp x tp)")
+    table.add_row("KV heads per rank", f"{r.kv_heads_per_rank}", "max(1, kv_heads / tp)")
+    table.add_row(
+        "KV per request per rank", _bytes(r.kv_bytes_per_request_per_rank), "/ sp, rank's heads"
+    )
+    table.add_row(
+        "[bold]memory per GPU[/bold]",
+        f"[bold]{_bytes(r.memory_per_gpu_bytes)}[/bold]",
+        f"weights + batch's KV; {'fits' if r.fits else 'DOES NOT FIT'} in "
+        f"{_bytes(r.usable_hbm_bytes)}",
+    )
     table.add_row(
         "free HBM per rank", _bytes(r.free_kv_bytes_per_rank), "HBM x utilisation - weights"
     )
@@ -235,7 +316,7 @@ def print_table(result: PlanResult) -> None:
         )
     if r.tp_size > 1:
         table.add_row("TP all-reduces", _time(p.tp_comm_s), "2 per layer")
-    table.add_row("prefill time", f"[bold]{_time(p.total_s)}[/bold]", "")
+    table.add_row("prefill time (TTFT)", f"[bold]{_time(p.total_s)}[/bold]", "")
     section("decode (TPOT)")
     table.add_row(
         "bytes read per rank per step",
@@ -249,7 +330,9 @@ def print_table(result: PlanResult) -> None:
         table.add_row("merge all-gather", _time(d.merge_comm_s), "(out, lse) per layer")
     if r.tp_size > 1:
         table.add_row("TP all-reduces", _time(d.tp_comm_s), "2 per layer")
-    table.add_row("decode step", f"[bold]{_time(r.decode_step_s)}[/bold]", "mean over the output")
+    table.add_row(
+        "decode step (TBT)", f"[bold]{_time(r.decode_step_s)}[/bold]", "mean over the output"
+    )
     table.add_row(f"decode {r.output_len - 1} steps", _time(r.decode_total_s), "")
     table.add_row("end to end", _time(r.e2e_s), "prefill + decode")
     section("context switch (PCIe)")
@@ -260,6 +343,7 @@ def print_table(result: PlanResult) -> None:
 
     console = Console()
     console.print(table)
+    print_launch(console, r)
     for warning in r.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print("[bold]assumptions[/bold]")
@@ -267,18 +351,86 @@ def print_table(result: PlanResult) -> None:
         console.print(f" - {line}", highlight=False)
 
 
+def print_launch(console, r: PlanResult, heading: str = "launch") -> None:
+    """The flags and the torchrun line that run the plan's layout, unwrapped (to copy)."""
+    launch = r.launch
+    nodes = f"{launch['num_nodes']} nodes x {launch['nproc_per_node']} GPUs" \
+        if launch["num_nodes"] > 1 else "1 node"
+    console.print(
+        f"[bold]{heading}[/bold]: world {launch['world_size']} = TP {launch['tp_size']} x SP "
+        f"{launch['sp_size']} ({nodes}); sp-serve serve {launch['flags']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"  {launch['command']}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"  or: {launch['recipe']}", highlight=False, markup=False, soft_wrap=True)
+    for note in launch["notes"]:
+        console.print(f"  ({note})", highlight=False, markup=False)
+
+
+def print_comparison(results: list[PlanResult]) -> None:
+    """Several layouts of one model, hardware and workload, a column each."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first = results[0]
+    table = Table(
+        title=f"{first.model} on {first.hardware}, {first.context_len:,} context + "
+        f"{first.output_len:,} output tokens, batch {first.batch_size}: layouts compared",
+        title_justify="left",
+    )
+    table.add_column("quantity")
+    for r in results:
+        table.add_column(f"TP {r.tp_size} x SP {r.sp_size}", justify="right")
+
+    def row(name: str, fn) -> None:
+        table.add_row(name, *(fn(r) for r in results))
+
+    row("GPUs (nodes)", lambda r: f"{r.num_gpus} ({r.num_nodes})")
+    row("KV heads per rank", lambda r: f"{r.kv_heads_per_rank}")
+    row("weights per GPU", lambda r: _bytes(r.weight_bytes_per_rank))
+    row("KV per GPU", lambda r: _bytes(r.kv_bytes_per_request_per_rank * r.batch_size))
+    row("[bold]memory per GPU[/bold]", lambda r: f"[bold]{_bytes(r.memory_per_gpu_bytes)}[/bold]")
+    row("fits (usable HBM)",
+        lambda r: f"{'yes' if r.fits else 'NO'} ({_bytes(r.usable_hbm_bytes)})")
+    row("concurrent requests", lambda r: f"{r.max_concurrency}")
+    row("longest request", lambda r: f"{r.max_context_tokens:,}")
+    row("prefill compute", lambda r: _time(r.prefill.compute_s))
+    row("prefill ring exposed", lambda r: _time(r.prefill.ring_exposed_s))
+    row("prefill TP all-reduces", lambda r: _time(r.prefill.tp_comm_s))
+    row("[bold]TTFT[/bold]", lambda r: f"[bold]{_time(r.ttft_s)}[/bold]")
+    row("decode HBM read", lambda r: _time(r.decode_first_step.memory_s))
+    row("decode SP merge", lambda r: _time(r.decode_first_step.merge_comm_s))
+    row("decode TP all-reduces", lambda r: _time(r.decode_first_step.tp_comm_s))
+    row("[bold]TBT (decode step)[/bold]", lambda r: f"[bold]{_time(r.decode_step_s)}[/bold]")
+    row("end to end", lambda r: _time(r.e2e_s))
+    console = Console()
+    console.print(table)
+    for r in results:
+        print_launch(console, r, f"TP {r.tp_size} x SP {r.sp_size}")
+        for warning in r.warnings:
+            console.print(f"  [yellow]warning:[/yellow] {warning}")
+    console.print("[bold]assumptions[/bold]")
+    for line in dict.fromkeys(line for r in results for line in r.assumptions):
+        console.print(f" - {line}", highlight=False)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.simulate:
         return run_simulation(args)
     try:
-        result = build_plan(args)
+        results = build_plans(args)
     except ValueError as exc:
         print(f"sp-serve plan: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        out = results[0].to_dict() if len(results) == 1 else {
+            "plans": [r.to_dict() for r in results]}
+        print(json.dumps(out, indent=2))
+    elif len(results) == 1:
+        print_table(results[0])
     else:
-        print_table(result)
+        print_comparison(results)
     return 0
 
 
@@ -293,7 +445,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--simulate",
         action="store_true",
-        help="simulate serving a workload instead of one request; the SP, scheduler and SLO "
+        help="simulate serving a workload instead of one request; the TP, SP, scheduler and SLO "
         "flags may then take several values, one simulation per combination",
     )
     sim.add_argument(
@@ -483,7 +635,8 @@ def _swap_config(args: argparse.Namespace, dep: Deployment) -> dict:
 
 
 def build_simulations(args: argparse.Namespace):
-    """[(SimConfig, StepCost)] for every combination of --sp-size, --scheduler and SLOs."""
+    """[(SimConfig, StepCost)] for every layout (--tp-size x --sp-size, see layouts),
+    --scheduler and SLOs."""
     import itertools
 
     from sp_serve.engine.cost_model import CostModel
@@ -503,10 +656,11 @@ def build_simulations(args: argparse.Namespace):
             raise ValueError(f"cannot read --cost-model {args.cost_model}: {exc}") from None
     if args.step_log is not None:
         fitted = fit_step_log(args.step_log)
-    if (calibrated or fitted) is not None and len(args.sp_size) > 1:
+    grid = layouts(args)
+    if (calibrated or fitted) is not None and len(grid) > 1:
         print(
-            "sp-serve plan: warning: a calibrated --cost-model or --step-log holds for the SP "
-            "degree it was measured at; across --sp-size only the KV capacity changes",
+            "sp-serve plan: warning: a calibrated --cost-model or --step-log holds for the TP x SP "
+            "layout it was measured at; across --tp-size / --sp-size only the KV capacity changes",
             file=sys.stderr,
         )
     sigma, sigma_at_ms = args.step_time_sigma, args.step_time_sigma_at_ms
@@ -521,10 +675,10 @@ def build_simulations(args: argparse.Namespace):
         raise ValueError("--step-time-sigma-at-ms says which step length --step-time-sigma "
                          "holds for: give --step-time-sigma too (or a --step-log to fit it on)")
     runs = []
-    for sp, scheduler, ttft, tbt in itertools.product(
-        args.sp_size, args.scheduler, args.ttft_slo_ms, args.tbt_slo_ms
+    for (tp, sp), scheduler, ttft, tbt in itertools.product(
+        grid, args.scheduler, args.ttft_slo_ms, args.tbt_slo_ms
     ):
-        dep = build_deployment(args, sp)
+        dep = build_deployment(args, sp, tp)
         if fitted is not None:
             speeds = "" if len(fitted.run_speed) < 2 else (
                 "; each log's speed vs the fit: " + ", ".join(
@@ -540,6 +694,7 @@ def build_simulations(args: argparse.Namespace):
             )
         config = SimConfig(
             sp_size=sp,
+            tp_size=tp,
             scheduler=scheduler,
             ttft_slo_s=ttft / 1e3,
             tbt_slo_s=tbt / 1e3,
@@ -597,6 +752,11 @@ def _ms(value: float) -> str:
     return _time(value / 1e3)
 
 
+def _layout(run: dict) -> str:
+    tp = run.get("tp_size", 1)
+    return f"tp={tp} sp={run['sp_size']}" if tp != 1 else f"sp={run['sp_size']}"
+
+
 def print_simulation(out: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -614,7 +774,7 @@ def print_simulation(out: dict) -> None:
     table.add_column("quantity")
     for r in runs:
         table.add_column(
-            f"sp={r['sp_size']} {r['scheduler']}\nSLO {r['ttft_slo_ms']:g}/{r['tbt_slo_ms']:g} ms",
+            f"{_layout(r)} {r['scheduler']}\nSLO {r['ttft_slo_ms']:g}/{r['tbt_slo_ms']:g} ms",
             justify="right",
         )
 
@@ -656,7 +816,7 @@ def print_simulation(out: dict) -> None:
     console.print(table)
     for r in runs:
         for reason in r["rejection_reasons"]:
-            console.print(f"[yellow]sp={r['sp_size']}: rejected:[/yellow] {reason}")
+            console.print(f"[yellow]{_layout(r)}: rejected:[/yellow] {reason}")
     errors = {r["step_cost"]: r["scheduler_cost_fit_max_rel_error"] for r in runs}
     for description, error in errors.items():
         note = "" if error is None else (

@@ -26,12 +26,17 @@ class Hardware:
     hbm_bandwidth: float  # HBM <-> SM, bytes/s
     interconnect_bandwidth: float  # GPU <-> GPU (NVLink through NVSwitch), bytes/s one way
     pcie_bandwidth: float  # host <-> GPU over PCIe x16, bytes/s one way
+    # GPU <-> GPU on another node (each GPU's own NIC, GPUDirect RDMA), bytes/s one way; None:
+    # not given (a plan spanning nodes then asks for it)
+    inter_node_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.name == "name":
                 continue
             value = getattr(self, f.name)
+            if value is None and f.name == "inter_node_bandwidth":
+                continue
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(
                     f"hardware {self.name!r}: {f.name} must be a positive number, got {value!r}"
@@ -40,7 +45,8 @@ class Hardware:
 
 # Datasheet numbers (dense, no sparsity). NVLink: A100 600 GB/s and H100/H200 900 GB/s are
 # totals over both directions, so one direction is half. PCIe: Gen4 x16 ~32 GB/s, Gen5 x16
-# ~64 GB/s one way.
+# ~64 GB/s one way. Between nodes, as in a DGX/HGX: one NIC per GPU, ConnectX-6 HDR 200 Gb/s
+# (A100) or ConnectX-7 NDR 400 Gb/s (H100, H200), i.e. 25 or 50 GB/s one way.
 HARDWARE_PRESETS: dict[str, Hardware] = {
     "a100-80g": Hardware(
         name="a100-80g",
@@ -51,6 +57,7 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
         hbm_bandwidth=2.039e12,
         interconnect_bandwidth=300e9,
         pcie_bandwidth=32e9,
+        inter_node_bandwidth=25e9,
     ),
     "h100-sxm": Hardware(
         name="h100-sxm",
@@ -59,6 +66,7 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
         hbm_bandwidth=3.35e12,
         interconnect_bandwidth=450e9,
         pcie_bandwidth=64e9,
+        inter_node_bandwidth=50e9,
     ),
     "h200": Hardware(
         name="h200",
@@ -67,6 +75,7 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
         hbm_bandwidth=4.8e12,
         interconnect_bandwidth=450e9,
         pcie_bandwidth=64e9,
+        inter_node_bandwidth=50e9,
     ),
 }
 
@@ -79,5 +88,5 @@ def get_hardware(name: str) -> Hardware:
         raise ValueError(
             f"unknown hardware preset {name!r}; choose one of {sorted(HARDWARE_PRESETS)}, "
             "or 'custom' with --peak-tflops, --hbm, --hbm-bw-gbs, --interconnect-bw-gbs and "
-            "--pcie-bw-gbs"
+            "--pcie-bw-gbs (and --inter-node-bw-gbs for a plan over several nodes)"
         ) from None

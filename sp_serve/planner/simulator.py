@@ -23,7 +23,9 @@ Step times come from one of two cost models:
     `calibrate_cost_model`): CostModel.step_s of the step's chunks and decode batch, which the
     worker runs in one forward pass.
   - analytic: sp_serve.planner.analytic's prefill_seconds / decode_step_seconds for a model and
-    hardware preset, for any SP x TP layout; a step carrying both reads the weights once. The
+    hardware preset, for any TP x SP layout (1/tp of the weights read per rank, the TP
+    all-reduces of every step, the SP ring and merge over the rank's KV heads; SimConfig's
+    tp_size and sp_size match the Deployment's); a step carrying both reads the weights once. The
     scheduler itself still sees a CostModel, as in the engine: one least-squares fitted to the
     analytic step times over the workload's range, as a calibration on that hardware would
     produce (its fit error is reported).
@@ -497,6 +499,11 @@ def analytic_kv_blocks(shape: ModelShape, hw: Hardware, dep: Deployment, block_s
 @dataclass
 class SimConfig:
     sp_size: int = 1
+    # Tensor-parallel ranks per SP rank (the world is tp x sp). The scheduler and block manager
+    # work per SP rank, as in the engine (a TP group holds the same tokens, each rank its KV
+    # heads); TP shows in the step cost (AnalyticStepCost's Deployment) and the pool
+    # (analytic_kv_blocks: HBM left after 1/tp of the weights, over the rank's KV heads).
+    tp_size: int = 1
     scheduler: str = "slo"
     ttft_slo_s: float = 2.0
     tbt_slo_s: float = 0.2
@@ -534,6 +541,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.sp_size >= 1, f"--sp-size must be >= 1, got {self.sp_size}"),
+            (self.tp_size >= 1, f"--tp-size must be >= 1, got {self.tp_size}"),
             (self.scheduler in ("slo", "fcfs"),
              f"--scheduler must be slo or fcfs, got {self.scheduler!r}"),
             (self.ttft_slo_s > 0, f"--ttft-slo-ms must be > 0, got {self.ttft_slo_s * 1e3}"),
@@ -669,6 +677,8 @@ class SimResult:
         errors = sorted({r.rejected for r in self.requests if r.rejected})
         return {
             "sp_size": self.config.sp_size,
+            "tp_size": self.config.tp_size,
+            "num_gpus": self.config.sp_size * self.config.tp_size,
             "scheduler": self.config.scheduler,
             "ttft_slo_ms": self.config.ttft_slo_s * 1e3,
             "tbt_slo_ms": self.config.tbt_slo_s * 1e3,
@@ -736,7 +746,7 @@ def _rejection(blocks: BlockManager, req: TraceRequest) -> str:
     per_rank = max(-(-t // blocks.block_size) for t in need)
     if per_rank > blocks.blocks_per_rank:
         return (f"needs {per_rank} KV blocks per rank but each rank has {blocks.blocks_per_rank}; "
-                "raise --kv-cache-memory or --sp-size")
+                "raise --kv-cache-memory, --sp-size or --tp-size")
     return ""
 
 
@@ -755,6 +765,11 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
     """Runs the engine's scheduler over the trace; see the module docstring."""
     if not trace:
         raise ValueError("the workload is empty")
+    dep = getattr(cost, "dep", None)
+    if dep is not None and (dep.tp_size, dep.sp_size) != (config.tp_size, config.sp_size):
+        raise ValueError(
+            f"the step cost models tp x sp = {dep.tp_size} x {dep.sp_size} but the simulation "
+            f"is of {config.tp_size} x {config.sp_size}: give both the same layout")
     clock = _Clock()
     caching = config.enable_prefix_caching and any(r.prefix_id is not None for r in trace)
     blocks = BlockManager(config.sp_size, config.num_kv_blocks, config.block_size, caching,
@@ -870,14 +885,16 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: StepCost,
 
 
 def calibrate_cost_model(model: str, out_path: str | Path, sp_size: int = 1,
-                         **engine_args: Any) -> CostModel:
-    """Starts a real engine (LLMEngine, sp_size ranks) on `model`, lets it run its start-up
-    calibration (LLMEngine.calibrate) and saves the fitted CostModel to out_path: the file
-    `sp-serve serve --cost-model` and `sp-serve plan --simulate --cost-model` load."""
+                         tp_size: int = 1, **engine_args: Any) -> CostModel:
+    """Starts a real engine (LLMEngine, tp_size x sp_size ranks) on `model`, lets it run its
+    start-up calibration (LLMEngine.calibrate) and saves the fitted CostModel to out_path: the
+    file `sp-serve serve --cost-model` and `sp-serve plan --simulate --cost-model` load. It
+    holds for that layout."""
     from sp_serve.config import EngineConfig
     from sp_serve.engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=model, sp_size=sp_size, scheduler="slo", **engine_args))
+    engine = LLMEngine(EngineConfig(model=model, sp_size=sp_size, tp_size=tp_size,
+                                    scheduler="slo", **engine_args))
     try:
         cost = engine.scheduler.cost
         cost.save(str(out_path))
