@@ -982,7 +982,8 @@ def test_random_operations_with_swapping_keep_exact_accounting(seed):
             sim.finish(victim, "abort")
             aborted += 1
         if sim.sched.num_unfinished:
-            assert not _step_beside_swapped(sim)[0].is_empty, "no progress with unfinished sequences"
+            step, _ = _step_beside_swapped(sim)
+            assert not step.is_empty, "no progress with unfinished sequences"
         sim.check()
     for _ in range(100_000):
         if not sim.sched.num_unfinished:

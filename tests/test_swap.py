@@ -174,7 +174,8 @@ class StreamRules(TorchDispatchMode):
                 assert not s.in_flight, f"{func} on the pool while a swap copy is in flight"
                 s.side_saw_compute = False
             else:
-                assert s.side_saw_compute, f"side-stream {func} before waiting for the compute stream"
+                assert s.side_saw_compute, \
+                    f"side-stream {func} before waiting for the compute stream"
         if ptrs & self.host:
             assert s.on == "side", f"{func} on the host pool off the side stream"
         return func(*args, **kwargs)
