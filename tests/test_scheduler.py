@@ -14,7 +14,7 @@ import pytest
 
 from sp_serve.engine.cost_model import CostModel
 from sp_serve.engine.sampling import SamplingParams
-from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from sp_serve.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, _age
 from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.kv.block_manager import BlockManager
 
@@ -892,13 +892,67 @@ def test_swap_or_recompute_is_priced_by_length():
         sim.assert_all_free()
 
 
+def _step_beside_swapped(sim: Sim) -> tuple[ScheduledStep, int]:
+    """Runs one step and checks the rule that keeps swapped sequences from starving: a prompt
+    is admitted while sequences stay swapped out only if some live sequence (those swapped in
+    by this step included) is older than the oldest of them; a swapped sequence that waits for
+    nothing older comes back before any new prompt. Returns the step and how many prompts it
+    admitted beside swapped sequences."""
+    sched = sim.sched
+    live = sched.running + [s for s in sched.waiting if s.num_cached > 0]
+    swapped = list(sched.swapped)
+    new = {s.seq_id for s in sched.waiting if s.num_cached == 0}
+    step = sim.step()
+    admitted = [s for s, _, _ in step.prefill if s.seq_id in new]
+    stayed = [s for s in swapped if s in sched.swapped]
+    if not (admitted and stayed):
+        return step, 0
+    oldest = min(map(_age, stayed))
+    assert any(s not in stayed and _age(s) < oldest for s in live + swapped), \
+        f"{[s.seq_id for s in admitted]} admitted before swapped sequences that wait for nothing"
+    return step, len(admitted)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "slo"])
+@pytest.mark.parametrize("world,blocks_per_rank,first,second,short", [
+    (1, 20, (64, 150), (200, 40), (4, 10)), (2, 20, (128, 300), (400, 80), (8, 10))])
+def test_swapped_sequences_come_back_while_a_stream_of_new_prompts_arrives(
+        policy, world, blocks_per_rank, first, second, short):
+    """Two sequences (prompt, max_tokens) outgrow a small pool: the newer is swapped out, and
+    from then on a short prompt arrives every step. Short prompts are admitted beside the
+    swapped sequence while the older one runs (into room the swapped one could not use before
+    it is done), never ahead of the swapped one once it waits for nothing older
+    (`_step_beside_swapped`), and it comes back and finishes while the stream still flows,
+    never recomputed; the ranks' mirror agrees throughout."""
+    sim = CachingSim(policy, world_size=world, blocks_per_rank=blocks_per_rank, block_size=16,
+                     prefix_caching=False, host_blocks_per_rank=100, max_num_batched_tokens=4096,
+                     preemption_mode="swap")
+    older = sim.add_tokens(_doc(0, first[0]), max_tokens=first[1])
+    newer = sim.add_tokens(_doc(1, second[0]), max_tokens=second[1])
+    beside = steps = 0
+    while newer.status is not SeqStatus.FINISHED:
+        assert steps < 1000, "the swapped sequence starved by the stream of short prompts"
+        if sim.blocks.num_swapped_out:
+            sim.add_tokens(_doc(1000 + steps, short[0]), max_tokens=short[1])
+        beside += _step_beside_swapped(sim)[1]
+        sim.check()
+        steps += 1
+    assert sim.blocks.num_swapped_out == 1 and sim.blocks.num_swapped_in == 1
+    assert older.status is SeqStatus.FINISHED and beside > 0
+    assert len(newer.output_token_ids) == second[1] and newer.prefill_target == second[0]
+    sim.run()
+    sim.assert_all_free()
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_random_operations_with_swapping_keep_exact_accounting(seed):
     """Property: arrivals, finishes, aborts (waiting, mid-prefill, decoding or swapped out) and
     preemptions by swap (host pools from none to roomy: full ones fall back to recompute), with
     and without prefix sharing: engine and ranks agree on every device and host block, every
     live sequence's shards hold exactly its tokens after any number of swaps, nothing stalls,
-    and at the end every block is free on the device and on the host, on every rank."""
+    no prompt is admitted ahead of a swapped sequence that waits for nothing older (seeds 2, 7
+    and 9 admit prompts beside swapped ones), and at the end every block is free on the device
+    and on the host, on every rank."""
     rng = random.Random(100 + seed)
     block_size = rng.choice([1, 4, 16])
     blocks_per_rank = rng.randint(30, 120)
@@ -928,9 +982,13 @@ def test_random_operations_with_swapping_keep_exact_accounting(seed):
             sim.finish(victim, "abort")
             aborted += 1
         if sim.sched.num_unfinished:
-            assert not sim.step().is_empty, "no progress with unfinished sequences"
+            step, _ = _step_beside_swapped(sim)
+            assert not step.is_empty, "no progress with unfinished sequences"
         sim.check()
-    sim.run()
+    for _ in range(100_000):
+        if not sim.sched.num_unfinished:
+            break
+        assert not _step_beside_swapped(sim)[0].is_empty, "no progress"
     sim.check()
     assert len(sim.finished) == added
     assert sum(s.finish_reason == "abort" for s in sim.finished) == aborted

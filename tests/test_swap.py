@@ -5,11 +5,20 @@ SP 1 and 2, with prefix caching on and off, with a host pool too small for any v
 and with requests aborted while swapped out; afterwards every device and host block is free on
 the engine's mirror of every rank and on rank 0's pool. The block-level properties (the ranks'
 mirror of every swap, exact counts after random operations) are in test_scheduler.py.
+
+The cache's copies on a CUDA side stream: their ordering against the compute stream is checked
+on the CPU through a fake stream (`FakeStreams`) and a dispatch mode that sees every op on the
+pools (`StreamRules`); the real stream has a CUDA-only test, skipped here (no GPU on this
+machine).
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sp_serve.engine.sampling import SamplingParams
 from tests.checkpoints import CHECKPOINT_CASES, write_hf_checkpoint
@@ -110,3 +119,159 @@ def test_swap_flags_and_their_errors():
     config = engine_config(args)
     assert config.kv_offloading_size == int(1.5 * 2**30)
     assert config.preemption_mode == "recompute"
+
+
+# ---- the cache's copies on a side stream (CUDA), played on the CPU by a fake stream ------------
+class FakeStreams:
+    """`SwapStreams` on the CPU: the copies run at once, but it keeps what a CUDA side stream
+    would owe: the side-stream events the compute stream has not waited for (copies in flight)
+    and whether the side stream waited for the compute stream since it last touched the pool."""
+
+    def __init__(self):
+        self.on = "compute"
+        self.in_flight: set[int] = set()
+        self.side_saw_compute = True
+        self.events = 0
+
+    def side_waits_for_compute(self):
+        self.side_saw_compute = True
+
+    @contextlib.contextmanager
+    def on_side(self):
+        self.on = "side"
+        try:
+            yield
+        finally:
+            self.on = "compute"
+
+    def record(self):
+        self.events += 1
+        self.in_flight.add(self.events)
+        return self.events
+
+    def compute_waits_for(self, event):  # one stream runs in order: the earlier ones are done too
+        self.in_flight = {e for e in self.in_flight if e > event}
+
+
+class StreamRules(TorchDispatchMode):
+    """Checks every tensor op that touches the cache's device pool or host pool: on the compute
+    stream, none while a side-stream copy is in flight; on the side stream, none before it
+    waited for the compute stream's last access; the host pool, on the side stream only."""
+
+    def __init__(self, kv, streams: FakeStreams):
+        super().__init__()
+        self.streams = streams
+        self.device = {t.untyped_storage().data_ptr() for t in kv._tensors()}
+        self.host = {t.untyped_storage().data_ptr() for t in kv._host}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ptrs = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor)}
+        s = self.streams
+        if ptrs & self.device:
+            if s.on == "compute":
+                assert not s.in_flight, f"{func} on the pool while a swap copy is in flight"
+                s.side_saw_compute = False
+            else:
+                assert s.side_saw_compute, \
+                    f"side-stream {func} before waiting for the compute stream"
+        if ptrs & self.host:
+            assert s.on == "side", f"{func} on the host pool off the side stream"
+        return func(*args, **kwargs)
+
+
+def _filled(kv, seq_id: int, n: int, seed: int) -> torch.Tensor:
+    """Appends n tokens to the sequence's shard (a prompt chunk) and writes random K = V."""
+    x = torch.randn(n, 2, 8, generator=torch.Generator().manual_seed(seed))
+    kv.write(0, kv.append_slots(seq_id, n), x, x)
+    kv.write(1, kv.slots(seq_id, kv.num_tokens(seq_id) - n), 2 * x, 2 * x)
+    return x
+
+
+def _read(kv, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return kv.read(0, kv.slots(seq_id))[0], kv.read(1, kv.slots(seq_id))[0]
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "fp8"])
+def test_swap_copies_on_a_side_stream_keep_their_order(kv_dtype):
+    """With a side stream (played by FakeStreams), a step's swap-outs and swap-ins, a share's
+    block copy into a block a swap-out freed, and the step's appends and writes after them,
+    each reusing freed device and host blocks: no op breaks the stream rules (`StreamRules`),
+    and every shard reads back as written."""
+    from sp_serve.kv.cache import PagedKVCache
+    streams = FakeStreams()
+    kv = PagedKVCache(2, 12, 4, 2, 8, torch.float32, torch.device("cpu"), kv_dtype,
+                      host_blocks=10, swap_streams=streams)
+    for sid, n in ((0, 9), (1, 6), (2, 7)):  # blocks 0-2, 3-4, 5-6
+        _filled(kv, sid, n, sid)
+    want = {sid: _read(kv, sid) for sid in (0, 1, 2)}
+    got = {}
+    with StreamRules(kv, streams):
+        # step 1: 0 and 2 out (host blocks 0-2, 3-4); the step's prompt 3 takes 0's blocks
+        kv.apply([("swap_out", 0), ("swap_out", 2)], 0)
+        _filled(kv, 3, 13, 3)
+        # step 2: 0 back (host 0-2 freed); 1 out into host 0-1, which 0's copy in read; a new
+        # sequence shares 3's first 6 tokens: its copy of the partial block goes into device
+        # block 3, which 1's swap-out freed; then the step's write
+        kv.apply([("swap_in", 0), ("swap_out", 1), ("share", 4, 3, [6])], 0)
+        assert kv.pool.table(4) == [0, 3] and kv.host_pool.table(1) == [0, 1]
+        _filled(kv, 4, 1, 4)
+        want[3] = _read(kv, 3)
+        # step 3: 3 out into host blocks 2 and 5-7 (two runs); 1 back into 3's device blocks
+        kv.apply([("free", 4), ("swap_out", 3), ("swap_in", 1), ("swap_in", 2)], 0)
+        assert kv.host_pool.table(3) == [2, 5, 6, 7] and kv.pool.table(1) == [0, 1]
+        got.update({sid: _read(kv, sid) for sid in (0, 1, 2)})
+        kv.apply([("free", 0), ("free", 1), ("swap_in", 3)], 0)
+        got[3] = _read(kv, 3)
+    assert streams.events == 8 and not streams.in_flight
+    for sid, (k0, k1) in want.items():
+        assert torch.equal(got[sid][0], k0) and torch.equal(got[sid][1], k1), sid
+    kv.apply([("free", 2), ("free", 3)], 0)
+    assert kv.num_free_blocks == 12 and kv.host_pool.num_free_blocks == 10
+
+
+def test_stream_rules_catch_a_write_during_a_copy_and_a_copy_before_the_compute_stream():
+    """The checker itself: a write while a swap copy is in flight, and a side-stream copy that
+    did not wait for the compute stream's last write, both fail."""
+    from sp_serve.kv.cache import PagedKVCache
+    streams = FakeStreams()
+    kv = PagedKVCache(2, 8, 4, 2, 8, torch.float32, torch.device("cpu"), host_blocks=4,
+                      swap_streams=streams)
+    _filled(kv, 0, 5, 0)
+    with StreamRules(kv, streams):
+        streams.record()  # a copy in flight the compute stream has not waited for
+        with pytest.raises(AssertionError, match="in flight"):
+            _filled(kv, 1, 3, 1)
+        streams.in_flight.clear()
+        _filled(kv, 1, 3, 1)
+        streams.side_waits_for_compute = lambda: None  # a side stream that does not wait
+        with pytest.raises(AssertionError, match="before waiting"):
+            kv.apply([("swap_out", 0)], 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none on the CI machine)")
+def test_swap_round_trip_on_cuda_behind_queued_compute_work():
+    """The real side stream: shards written behind long kernels queued on the compute stream
+    are swapped out (each step's new prompt writing into the blocks freed) and back, and read
+    back as written; the host pool is pinned."""
+    from sp_serve.kv.cache import PagedKVCache
+    dev = torch.device("cuda")
+    kv = PagedKVCache(2, 128, 16, 2, 64, torch.float16, dev, host_blocks=64)
+    assert kv._streams is not None and all(h.is_pinned() for h in kv._host)
+    big = torch.randn(4096, 4096, device=dev)
+    want = {}
+    for sid in range(4):
+        for _ in range(4):
+            big = torch.tanh(big @ big)  # keeps the compute stream busy ahead of the host
+        x = torch.randn(200, 2, 64, device=dev).half()
+        kv.write(0, kv.append_slots(sid, 200), x, x)
+        kv.write(1, kv.slots(sid), -x, -x)
+        want[sid] = x
+        kv.apply([("swap_out", sid)], 0)
+        kv.write(0, kv.append_slots(100 + sid, 200), x * 0, x * 0)  # into the freed blocks
+        assert kv.pool.table(100 + sid) == list(range(13 * sid, 13 * sid + 13))
+    kv.apply([("swap_in", sid) for sid in range(4)], 0)
+    for sid, x in want.items():
+        assert torch.equal(kv.read(0, kv.slots(sid))[0], x)
+        assert torch.equal(kv.read(1, kv.slots(sid))[0], -x)

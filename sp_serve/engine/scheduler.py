@@ -31,8 +31,10 @@ prompts already admitted; admission follows the policy's order, and one that doe
 back the ones behind it. When a decode token or a prompt chunk finds no room, the newest
 sequence holding KV (decoding or mid-prefill) is preempted: its KV is dropped, to be recomputed
 later, or with --preemption-mode swap copied to the host pools when they have room and the copy
-is predicted cheaper than the recompute; swapped sequences come back (oldest first) before any
-new prompt is admitted. The oldest sequence can always go on, so the scheduler never stalls.
+is predicted cheaper than the recompute; swapped sequences come back (oldest first) as soon as
+they fit, and a new prompt is admitted beside them only when they can all still come back once
+the sequences older than them are done. The oldest sequence can always go on, so the scheduler
+never stalls.
 
 Prefix caching (when the BlockManager has it): a prompt admitted shares the longest prefix a
 holder has computed (a finished sequence's cache entry, or a live sequence) and prefills only the
@@ -252,7 +254,8 @@ class Scheduler:
             if seq.num_cached == 0:  # not admitted yet (new, or preempted)
                 if not admitting or len(self.running) + self._num_mid_prefill() >= self.config.max_num_seqs:
                     continue
-                if self.swapped:  # the swapped-out sequences come back first
+                if self.swapped and not self._swapped_can_come_back(seq):
+                    admitting = False
                     continue
                 # Admit only what every rank can hold to the end of its prompt, beside the rest
                 # of the prompts already admitted and a block per running sequence for its
@@ -325,6 +328,31 @@ class Scheduler:
             return True
         seq.num_cached_tokens = 0
         return blocks.can_hold(seq.seq_id, blocks.prefill_shares(seq.remaining_prefill), reserve)
+
+    def _swapped_can_come_back(self, seq: Sequence) -> bool:
+        """While sequences are swapped out: whether admitting this prompt still lets every one
+        of them come back once the sequences older than the oldest of them are done. On every
+        rank, the prompt's blocks, the blocks of every live sequence newer than the oldest
+        swapped one, what running and admitted sequences have spoken for (`_reserved_blocks`)
+        and every swapped sequence's blocks (and a block for its next token) must fit in the
+        pool. Blocks that sequences older than the oldest swapped one hold are not counted:
+        the swapped ones wait for them anyway.
+
+        It cannot starve a swapped sequence: once no live sequence is older than the oldest
+        swapped one, its blocks fit now whenever this holds (the live ones hold at least the
+        pool less its free blocks), and `_swap_in` at the start of the step would have
+        brought it back; so from then on no prompt is admitted before it is back."""
+        blocks = self.blocks
+        oldest = _age(min(self.swapped, key=_age))
+        use = [a + b for a, b in zip(blocks.extra_blocks(seq.seq_id, blocks.prefill_shares(
+            seq.remaining_prefill)), self._reserved_blocks())]
+        for live in self.running + self._mid_prefill():
+            if _age(live) > oldest:
+                use = [u + len(pool.table(live.seq_id)) for u, pool in zip(use, blocks.pools)]
+        for out in self.swapped:
+            token = int(out.status is SeqStatus.RUNNING)
+            use = [u + n + token for u, n in zip(use, blocks.swap_in_blocks(out.seq_id))]
+        return all(u <= blocks.blocks_per_rank for u in use)
 
     def _in_flight_holds_more(self, seq: Sequence, tokens: list[int], cached: int) -> bool:
         """Whether a prompt now being prefilled will compute at least half of what this one
@@ -448,7 +476,9 @@ class Scheduler:
     def _swap_in(self, step: ScheduledStep) -> None:
         """Brings swapped-out sequences back, oldest first, while every rank has room for the
         shard beside what running and admitted sequences have spoken for (and a block for its
-        own next token); the first that does not fit holds back the rest (and new prompts)."""
+        own next token); the first that does not fit holds back the rest. New prompts are
+        admitted beside them only when the swapped ones can still come back
+        (`_swapped_can_come_back`)."""
         for seq in sorted(self.swapped, key=_age):
             if len(self.running) + self._num_mid_prefill() >= self.config.max_num_seqs:
                 return

@@ -17,6 +17,7 @@ b sequences, m blocks of the longest block table.
 from __future__ import annotations
 
 import heapq
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -132,6 +133,31 @@ class BlockPool:
         return freed
 
 
+class SwapStreams:
+    """Where a CUDA cache's swap copies run: a side stream of their own, ordered against the
+    compute stream (the device's current stream, which runs the steps) by events. The cache
+    calls these four methods only; a test passes a fake with the same four (tests/test_swap.py).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+
+    def side_waits_for_compute(self) -> None:
+        """The side stream's next copies run after all the work queued on the compute stream."""
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+
+    def on_side(self) -> AbstractContextManager:
+        return torch.cuda.stream(self.side)
+
+    def record(self):
+        """An event that completes when the side stream's copies queued so far have."""
+        return self.side.record_event()
+
+    def compute_waits_for(self, event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+
 class PagedKVCache:
     """K and V of one rank's shards, [l, n*s, h, d] each, in the model's dtype (`dtype`) or,
     with a quantized --kv-cache-dtype, one byte per element plus a scale per (token, KV head)
@@ -141,7 +167,8 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device,
-                 kv_cache_dtype: str = "auto", host_blocks: int = 0):
+                 kv_cache_dtype: str = "auto", host_blocks: int = 0,
+                 swap_streams: SwapStreams | None = None):
         self.fmt = kv_format(kv_cache_dtype)
         self.kv_cache_dtype = kv_cache_dtype
         self.dtype = dtype  # what attention computes in: the model's dtype
@@ -160,14 +187,22 @@ class PagedKVCache:
         self.pool = BlockPool(num_blocks, block_size)
         self._tables = self.pool._tables  # read-only views of the pool's tables and lengths
         self._lens = self.pool._lens
-        # The host pool for swapped-out shards (--kv-offloading-size): the same per-slot
-        # tensors, [l, host_blocks*s, ...], in host memory (pinned on CUDA, for DMA copies).
+        # The host pool for swapped-out shards (--kv-offloading-size): one tensor per per-slot
+        # tensor, block-major [host_blocks, l, s*...] (a host block is contiguous, so a run of
+        # host blocks is one plain copy), in host memory (pinned on CUDA, for async DMA).
         self.host_pool = BlockPool(host_blocks, block_size)
         self._host: list[torch.Tensor] = []
         if host_blocks:
             pin = self.device.type == "cuda"
-            self._host = [torch.empty((t.shape[0], host_blocks * block_size, *t.shape[2:]),
-                                      dtype=t.dtype, pin_memory=pin) for t in self._tensors()]
+            self._host = [torch.empty((host_blocks, *self._by_block(t).shape[1:]),
+                                      dtype=self._by_block(t).dtype, pin_memory=pin)
+                          for t in self._tensors()]
+        # CUDA: swap copies on a side stream (SwapStreams); None: synchronous (CPU).
+        if swap_streams is None and host_blocks and self.device.type == "cuda":
+            swap_streams = SwapStreams(self.device)
+        self._streams = swap_streams
+        self._swap_done = None  # the event of side-stream copies the compute stream has not
+        # waited for yet
 
     @property
     def quantized(self) -> bool:
@@ -201,9 +236,12 @@ class PagedKVCache:
 
     def apply(self, ops: list[tuple], rank: int) -> None:
         """The engine's KV operations of a step, in the engine's order (`BlockManager.ops`):
-        ("free", id), ("rename", old id, new id), ("share", dst, src, [tokens per rank]).
-        A shared prefix copies the partly used last block's slots, every layer, before the
-        step writes anything."""
+        ("free", id), ("swap_out", id), ("swap_in", id), ("rename", old id, new id),
+        ("share", dst, src, [tokens per rank]). A shared prefix copies the partly used last
+        block's slots, every layer, before the step writes anything. On CUDA the swaps' copies
+        run on the side stream, and the compute stream waits for them before it touches the
+        pool again: before a share's copy, and at the end, before the step's appends, writes
+        and reads (see `_swap_copy`)."""
         for op in ops:
             if op[0] == "free":
                 self.free(op[1])
@@ -217,10 +255,12 @@ class PagedKVCache:
                 _, dst, src, lens = op
                 copy = self.pool.share_prefix(dst, src, lens[rank])
                 if copy is not None:
+                    self._compute_waits_for_swaps()  # dst may be a block a swap-out freed
                     src_block, dst_block, n = copy
                     a, b = src_block * self.block_size, dst_block * self.block_size
                     for t in self._tensors():
                         t[:, b:b + n] = t[:, a:a + n]
+        self._compute_waits_for_swaps()
 
     def slots(self, seq_id: int, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self._lens.get(seq_id, 0) if end is None else end
@@ -355,37 +395,82 @@ class PagedKVCache:
         self.host_pool.free(seq_id)
 
     def swap_out(self, seq_id: int) -> None:
-        """Copies the sequence's shard (every layer: K, V, scales) into host blocks (the lowest
-        free of the host pool, as the engine's mirror takes them) and frees its device blocks.
-        The copy completes before any later write can reuse those blocks: a step's KV
-        operations run before its appends and writes."""
-        n = self.num_tokens(seq_id)
-        table, _, _ = self.host_pool.append(seq_id, n)
-        if n:
-            self._copy(self._tensors(), self.slots(seq_id), self._host,
-                       self._slots(table, 0, n))
+        """Copies the sequence's shard (its blocks, every layer: K, V, scales) into host blocks
+        (the lowest free of the host pool, as the engine's mirror takes them) and frees its
+        device blocks, which this step may hand out again (see `_swap_copy`)."""
+        dev_blocks = list(self.pool.table(seq_id))
+        host_blocks, _, _ = self.host_pool.append(seq_id, self.num_tokens(seq_id))
+        if dev_blocks:
+            self._swap_copy(lambda non_blocking: self._copy_out(dev_blocks, host_blocks,
+                                                                non_blocking))
         self.pool.free(seq_id)
 
     def swap_in(self, seq_id: int) -> None:
         """Copies a swapped-out shard back into fresh device blocks (the lowest free) in its
         order, and frees its host blocks: the shard is as it was, at new block ids."""
-        n = self.host_pool.num_tokens(seq_id)
-        host_slots = self._slots(self.host_pool.table(seq_id), 0, n)
-        slots = self.append_slots(seq_id, n)
-        if n:
-            self._copy(self._host, host_slots, self._tensors(), slots)
+        host_blocks = list(self.host_pool.table(seq_id))
+        dev_blocks = list(self.pool.append(seq_id, self.host_pool.num_tokens(seq_id))[0])
+        if host_blocks:
+            self._swap_copy(lambda non_blocking: self._copy_in(host_blocks, dev_blocks,
+                                                               non_blocking))
         self.host_pool.free(seq_id)
 
-    @staticmethod
-    def _copy(src: list[torch.Tensor], src_slots: torch.Tensor, dst: list[torch.Tensor],
-              dst_slots: torch.Tensor) -> None:
-        """dst[:, dst_slots] = src[:, src_slots] for each pair of per-slot tensors (float8 as
-        bytes: CPU index kernels have no float8 build)."""
-        for s, d in zip(src, dst):
-            if s.element_size() == 1:
-                s, d = s.view(torch.uint8), d.view(torch.uint8)
-            rows = s.index_select(1, src_slots.to(s.device)).to(d.device)
-            d.index_copy_(1, dst_slots.to(d.device), rows)
+    def _swap_copy(self, copy) -> None:
+        """Runs copy(non_blocking). On CPU: at once, synchronously. On CUDA: queued on the side
+        stream after all the compute stream's queued work (the last steps' writes and reads of
+        the blocks copied out, or of the free blocks a swap-in fills), without blocking the
+        host. The compute stream waits for the copies at the end of `apply` (or before a
+        share's copy in it): after a step's KV operations and before its first append, write
+        or read, so a block a swap-out freed is written again, and a swapped-in shard is read,
+        only once the copy is done. Host blocks are only ever touched by the side stream, so a
+        host block freed by a swap-in and taken again by a later swap-out is overwritten only
+        after the swap-in's copy has read it (one stream runs in order)."""
+        if self._streams is None:
+            copy(False)
+            return
+        self._streams.side_waits_for_compute()
+        with self._streams.on_side():
+            copy(True)
+        self._swap_done = self._streams.record()
+
+    def _compute_waits_for_swaps(self) -> None:
+        if self._swap_done is not None:
+            self._streams.compute_waits_for(self._swap_done)
+            self._swap_done = None
+
+    def _by_block(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-slot tensor [l, n*s, ...] as [n, l, s*...], a view (float8 as bytes: CPU
+        index kernels have no float8 build)."""
+        if t.element_size() == 1:
+            t = t.view(torch.uint8)
+        return t.view(t.shape[0], t.shape[1] // self.block_size, -1).transpose(0, 1)
+
+    def _copy_out(self, dev_blocks: list[int], host_blocks: list[int], non_blocking: bool) -> None:
+        idx = torch.tensor(dev_blocks, dtype=torch.long).to(self.device, non_blocking=non_blocking)
+        for t, host in zip(self._tensors(), self._host):
+            rows = self._by_block(t).index_select(0, idx)  # [blocks, l, s*...], contiguous
+            for a, b, i in _runs(host_blocks):
+                host[a:b].copy_(rows[i:i + b - a], non_blocking=non_blocking)
+
+    def _copy_in(self, host_blocks: list[int], dev_blocks: list[int], non_blocking: bool) -> None:
+        idx = torch.tensor(dev_blocks, dtype=torch.long).to(self.device, non_blocking=non_blocking)
+        for t, host in zip(self._tensors(), self._host):
+            rows = torch.empty((len(dev_blocks), *host.shape[1:]), dtype=host.dtype,
+                               device=self.device)
+            for a, b, i in _runs(host_blocks):
+                rows[i:i + b - a].copy_(host[a:b], non_blocking=non_blocking)
+            self._by_block(t).index_copy_(0, idx, rows)
 
     def block_table(self, seq_id: int) -> list[int]:
         return list(self._tables.get(seq_id, []))
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive block ids: (first, end, index of first in `blocks`)."""
+    out: list[tuple[int, int, int]] = []
+    for i, b in enumerate(blocks):
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + 1, out[-1][2])
+        else:
+            out.append((b, b + 1, i))
+    return out
