@@ -287,7 +287,7 @@ def test_cuda_kv_pool_is_sized_after_a_profiling_forward(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 18 * gib)
     config = EngineConfig(model="unused", max_num_batched_tokens=8192, max_num_seqs=64,
                           gpu_memory_utilization=0.9)
-    pc = SimpleNamespace(device=torch.device("cuda", 0), world_size=2)
+    pc = SimpleNamespace(device=torch.device("cuda", 0), world_size=2, sp_size=2)
     budget = runtime.cuda_kv_budget(config, None, None, pc, "triton")
     assert profiled == [(4096 + 64, 64, "triton")]  # this rank's share of the largest chunk
     # 72 GiB allowed - 16 weights - 3.5 profiled peak - 2 outside torch (20 used, 18 reserved)
