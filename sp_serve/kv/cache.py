@@ -136,8 +136,8 @@ class PagedKVCache:
     """K and V of one rank's shards, [l, n*s, h, d] each, in the model's dtype (`dtype`) or,
     with a quantized --kv-cache-dtype, one byte per element plus a scale per (token, KV head)
     in `k_scale_lth`/`v_scale_lth` [l, n*s, h] (kv/quant.py). Writes quantize; every read
-    (`read_runs`, `read_pieces`, `read`) returns dequantized K/V in `dtype`; the paged decode
-    kernel reads `pages` and `scale_pages` in place."""
+    (`read_runs`, `read_pieces`, `read_blocks`, `read`) returns dequantized K/V in `dtype`; the
+    paged decode kernel reads `pages` and `scale_pages` in place."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -319,6 +319,24 @@ class PagedKVCache:
         longest = max(range(len(runs)), key=lambda i: runs[i][1] - runs[i][0])
         rest = runs[:longest] + runs[longest + 1:]
         return [self.read_runs(layer, [runs[longest]]), self.read_runs(layer, rest)]
+
+    def read_blocks(self, layer: int, blocks_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks (int64 ids on the cache's device), [len(blocks) * s, h, d] in
+        the model's dtype: always a fresh copy (one index_select each, then dequantized), so a
+        caller may write into it. Slots never written hold whatever the memory held."""
+        k_nshd, v_nshd = self.pages(layer)
+        h, d = k_nshd.shape[2:]
+        if self.fmt is None:
+            return (k_nshd.index_select(0, blocks_t).view(-1, h, d),
+                    v_nshd.index_select(0, blocks_t).view(-1, h, d))
+        ks_nsh, vs_nsh = self.scale_pages(layer)
+        out = []
+        for x_nshd, s_nsh in ((k_nshd, ks_nsh), (v_nshd, vs_nsh)):
+            # index_select has no float8 kernel on CPU: gather the bytes
+            q = x_nshd.view(torch.uint8).index_select(0, blocks_t).view(self.fmt.storage)
+            out.append(dequantize(q.view(-1, h, d), s_nsh.index_select(0, blocks_t).view(-1, h),
+                                  self.dtype))
+        return out[0], out[1]
 
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy.
