@@ -68,8 +68,8 @@ class DecodeShards:
     """This rank's shards of one decode step's sequences, attended to layer after layer.
 
     Built once per step, after the step's new slots are appended: the paged kernel's block
-    tables and lengths (or the torch path's layout of pieces and groups, built at the first
-    layer for each micro-batch's rows) are the same for every layer.
+    tables and lengths (or the torch path's layout of pieces and groups) are the same for
+    every layer.
     paged: read the pool in place with the Triton kernel (`paged_decode_supported`); tables:
     the step's (block tables, lengths) already on the device (the worker copies a step's
     metadata in one transfer), else built here.
@@ -84,13 +84,15 @@ class DecodeShards:
             self.tables_bm, self.lens_b = tables if tables is not None else kv.block_tables(
                 seq_ids, width_multiple=TABLE_WIDTH_MULTIPLE)
         else:
+            # The whole batch's layout, now: with shared-memory collectives (CPU) and on one
+            # rank, decode attends all rows at once. A micro-batch's rows (collectives that
+            # overlap: gloo, NCCL) get theirs when first asked, at the step's first layer.
             self.seq_ids = seq_ids
-            self._batched: dict[tuple[int, int], BatchedDecodeShards] = {}
+            self._batched = {(0, len(seq_ids)): BatchedDecodeShards(kv, seq_ids)}
 
     def partial(self, layer: int, q_bhd: torch.Tensor, rows: slice) -> torch.Tensor:
         """Packed partial [len(rows), h, d+1] fp32 of q_bhd[rows] over this rank's shards."""
         if not self.paged:
-            # the layout of these rows: built at the first layer, the same for every layer
             shards = self._batched.get((rows.start, rows.stop))
             if shards is None:
                 shards = self._batched[(rows.start, rows.stop)] = BatchedDecodeShards(
