@@ -20,6 +20,12 @@ layer reads K/V from memory, not from the cache of the layer before; times are s
 --layers. Slots never written hold NaN (the batched path must not let them through). Both
 results are compared (max |difference| printed); it asserts nothing. --piece-tokens,
 --max-padding and --group-tokens override batched_decode's constants (to tune them).
+
+    python benchmarks/decode_attention.py --engine MODEL [--contexts ..] [--batches ..]
+
+instead times decode-only steps of a real engine (SP=1, one thread) on the checkpoint, the
+per-sequence path and the batched one alternating step by step in one process, and prints each
+path's cost per decoding sequence (the step-time slope between the smallest and largest batch).
 """
 from __future__ import annotations
 
@@ -95,6 +101,65 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def engine_ab(model: str, contexts: list[int], batches: list[int], reps: int) -> list[dict]:
+    """Decode-only steps of a real engine (SP=1, one thread, fcfs), the old per-sequence path and
+    the batched one alternating step by step in the same process (the machine's noise hits
+    both alike): median step time of each per (context, batch)."""
+    from sp_serve import LLM
+    from sp_serve.attention import sharded_cache
+    from sp_serve.attention.local import attention_over_pieces
+    from sp_serve.attention.sharded_cache import pack_partial
+    old = {"on": False}
+    batched = sharded_cache.DecodeShards.partial
+
+    def partial(self, layer, q_bhd, rows):
+        if self.paged or not old["on"]:
+            return batched(self, layer, q_bhd, rows)
+        if not hasattr(self, "_runs"):  # as the old path: the runs once per step
+            self._runs = [self.kv.runs(s) for s in self.seq_ids]
+        return torch.cat([pack_partial(*attention_over_pieces(
+            q_bhd[b:b + 1], self.kv.read_pieces(layer, self._runs[b]), self.scale))
+            for b in range(rows.start, rows.stop)])
+
+    sharded_cache.DecodeShards.partial = partial
+    llm = LLM(model, sp_size=1, cpu_threads=1, scheduler="fcfs", enable_prefix_caching=False,
+              max_num_batched_tokens=8192)
+    engine, rows = llm.engine, []
+    try:
+        for c in contexts:
+            ctx: dict[int, int] = {}
+            ids = [-100 - i for i in range(max(batches))]
+            for sid in ids:
+                engine._profile_step([(sid, 0, c)], [], ctx)
+            for b in batches:
+                times: dict[bool, list[float]] = {True: [], False: []}
+                for i in range(2 * reps):
+                    old["on"] = bool(i % 2)
+                    got: list = []
+                    engine._profile_step([], ids[:b], ctx, got)
+                    times[old["on"]].append(got[0][3])
+                row = {"context": c, "batch": b,
+                       "per_sequence_ms": 1e3 * statistics.median(times[True]),
+                       "batched_ms": 1e3 * statistics.median(times[False])}
+                rows.append(row)
+                print(f"engine, context {c:5d}, batch {b:3d}: decode step per-sequence "
+                      f"{row['per_sequence_ms']:7.1f} ms, batched {row['batched_ms']:7.1f} ms",
+                      flush=True)
+            engine._release_profile(ids)
+    finally:
+        llm.shutdown()
+    for c in contexts:  # the slope between the smallest and largest batch: ms per sequence
+        r = [x for x in rows if x["context"] == c]
+        lo, hi = r[0], r[-1]
+        if hi["batch"] > lo["batch"]:
+            n = hi["batch"] - lo["batch"]
+            old_ms = (hi["per_sequence_ms"] - lo["per_sequence_ms"]) / n
+            new_ms = (hi["batched_ms"] - lo["batched_ms"]) / n
+            print(f"engine, context {c}: per decoding sequence per step {old_ms:.2f} ms "
+                  f"per-sequence path, {new_ms:.2f} ms batched", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
@@ -112,8 +177,17 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="time the batched path only")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--engine", metavar="MODEL", default=None,
+                   help="instead: decode steps of a real engine on this checkpoint (SP=1)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.engine:
+        rows = engine_ab(args.engine, args.contexts, args.batches, args.reps)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"engine": args.engine, "rows": rows,
+                                             "load_avg_at_end": os.getloadavg()}, indent=1))
+        return
     from sp_serve.attention import batched_decode
     if args.piece_tokens is not None:
         batched_decode.PIECE_TOKENS = args.piece_tokens
