@@ -20,7 +20,7 @@ import heapq
 
 import torch
 
-from sp_serve.kv.quant import SCALE_DTYPE, dequantize, kv_format, quantize
+from sp_serve.kv.quant import SCALE_DTYPE, bytes_to_float_, dequantize, kv_format, quantize
 
 
 class BlockPool:
@@ -164,6 +164,7 @@ class PagedKVCache:
         # tensors, [l, host_blocks*s, ...], in host memory (pinned on CUDA, for DMA copies).
         self.host_pool = BlockPool(host_blocks, block_size)
         self._host: list[torch.Tensor] = []
+        self._scratch_bufs: dict[str, torch.Tensor] = {}  # `read_blocks`' gathers, reused
         if host_blocks:
             pin = self.device.type == "cuda"
             self._host = [torch.empty((t.shape[0], host_blocks * block_size, *t.shape[2:]),
@@ -320,23 +321,46 @@ class PagedKVCache:
         rest = runs[:longest] + runs[longest + 1:]
         return [self.read_runs(layer, [runs[longest]]), self.read_runs(layer, rest)]
 
-    def read_blocks(self, layer: int, blocks_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_blocks(self, layer: int, blocks_t: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks (int64 ids on the cache's device), [len(blocks) * s, h, d] in
-        the model's dtype: always a fresh copy (one index_select each, then dequantized), so a
-        caller may write into it. Slots never written hold whatever the memory held."""
+        the model's dtype (dequantized on a quantized cache), gathered into this cache's
+        scratch buffers: the caller may write into them, and they are valid until the next
+        read_blocks. Slots never written hold whatever the memory held.
+
+        Scratch, not a fresh tensor per call: a decode step calls this a few times per layer
+        with buffers of up to a few MiB, and fresh ones, freed each time, can cost the
+        allocator a page fault per 4 KiB (glibc serves them with mmap, as its threshold
+        allows: 3-4x the gather's own time, measured)."""
         k_nshd, v_nshd = self.pages(layer)
-        h, d = k_nshd.shape[2:]
-        if self.fmt is None:
-            return (k_nshd.index_select(0, blocks_t).view(-1, h, d),
-                    v_nshd.index_select(0, blocks_t).view(-1, h, d))
-        ks_nsh, vs_nsh = self.scale_pages(layer)
+        n, (s, h, d) = blocks_t.numel(), k_nshd.shape[1:]
+        exact = self.fmt is None or self.dtype in (torch.float32, torch.float64)
         out = []
-        for x_nshd, s_nsh in ((k_nshd, ks_nsh), (v_nshd, vs_nsh)):
-            # index_select has no float8 kernel on CPU: gather the bytes
-            q = x_nshd.view(torch.uint8).index_select(0, blocks_t).view(self.fmt.storage)
-            out.append(dequantize(q.view(-1, h, d), s_nsh.index_select(0, blocks_t).view(-1, h),
-                                  self.dtype))
+        for i, x_nshd in enumerate((k_nshd, v_nshd)):
+            # q x scale in place is exact in float32 (8 bits x a bf16 scale's 8); in bf16/fp16
+            # the scale itself would round: there, float32 and then the model's dtype
+            o = self._scratch(f"kv{i}", (n, s, h, d), self.dtype if exact else torch.float32)
+            if self.fmt is None:
+                torch.index_select(x_nshd, 0, blocks_t, out=o)
+            else:
+                # index_select has no float8 kernel on CPU: gather the bytes
+                raw = self._scratch(f"raw{i}", (n, s, h, d), torch.uint8)
+                torch.index_select(x_nshd.view(torch.uint8), 0, blocks_t, out=raw)
+                bytes_to_float_(o, raw, self.fmt, self._scratch("index", raw.shape, torch.int32))
+                scale_nsh = self.scale_pages(layer)[i].index_select(0, blocks_t)
+                o.mul_(scale_nsh.to(o.dtype).unsqueeze(-1))
+            out.append(o.view(n * s, h, d).to(self.dtype))
         return out[0], out[1]
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A view of shape `shape` of a grow-only buffer kept for reuse."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        buf = self._scratch_bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._scratch_bufs[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)
 
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy.
