@@ -132,6 +132,111 @@ def decode_jobs(pc, cases):
     return errors
 
 
+def fill_pool(kv, seq_lens: dict[int, int], prompt_frac: float, seed: int, layers: int,
+              kv_full: dict[int, list] | None = None):
+    """Writes sequences into a pool as an engine leaves them, every slot never written NaN
+    first (0x7f bytes: NaN in both fp8 formats; NaN scales): each sequence's first
+    `prompt_frac` tokens as a prompt (lowest free blocks), in two chunks between which the
+    other sequences' prompts are written, then the rest one decode token at a time, round
+    robin (highest free blocks). K/V of token i of a sequence: kv_full[seq][layer] rows
+    (random if not given). Returns {seq: [(k, v) as stored (dequantized) per layer]}."""
+    for t in kv._tensors():
+        t.view(torch.uint8).fill_(0x7F) if t.element_size() == 1 else t.fill_(float("nan"))
+    hkv, d = kv.k_lthd.shape[2:]
+    g = torch.Generator().manual_seed(seed)
+    if kv_full is None:
+        kv_full = {s: [(torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g))
+                       for _ in range(layers)] for s, n in seq_lens.items()}
+    stored: dict[int, list] = {s: [([], []) for _ in range(layers)] for s in seq_lens}
+    done = dict.fromkeys(seq_lens, 0)
+
+    def write(seq: int, count: int, decode: bool) -> None:
+        a = done[seq]
+        slots = kv.append_slots(seq, count, decode=decode)
+        for layer in range(layers):
+            k, v = kv_full[seq][layer]
+            sk, sv = kv.write(layer, slots, k[a:a + count], v[a:a + count])
+            stored[seq][layer][0].append(sk)
+            stored[seq][layer][1].append(sv)
+        done[seq] += count
+
+    prompt = {s: int(n * prompt_frac) for s, n in seq_lens.items()}
+    for half in (0, 1):
+        for s in seq_lens:
+            count = prompt[s] // 2 if half == 0 else prompt[s] - done[s]
+            if count:
+                write(s, count, False)
+    while any(done[s] < n for s, n in seq_lens.items()):
+        for s, n in seq_lens.items():
+            if done[s] < n:
+                write(s, 1, True)
+    hd = (0, hkv, d)
+    return {s: [(torch.cat(k) if k else torch.zeros(hd), torch.cat(v) if v else torch.zeros(hd))
+                for k, v in per_layer] for s, per_layer in stored.items()}
+
+
+def paged_decode_jobs(pc, cases):
+    """cases: [(tokens of each sequence on each rank [[r0, r1, ..], ..], hq, hkv, d, kv cache
+    dtype, seed, (PIECE_TOKENS, MAX_PADDING, GROUP_TOKENS))]: every rank writes its shards into
+    its own paged pool (fragmented, slots never written NaN) and attends the batch with
+    `DecodeShards` (the torch backend's batched path), merged across ranks by
+    `decode_over_shards` as the worker does. Returns, per case, the worst over ranks of: max
+    |merged o - float64 reference over the union of the shards as stored|, max |lse of the
+    rank's own partial - the reference over its shard|, every o finite, and empty sequences
+    o = 0, empty shards o = 0 and lse = -inf."""
+    from sp_serve.attention import batched_decode
+    from sp_serve.attention.sharded_cache import DecodeShards, decode_over_shards
+    from sp_serve.kv.quant import dequantize, kv_format, quantize
+    results = []
+    layers = 2
+    for lens, hq, hkv, d, kv_dtype, seed, sizes in cases:
+        # small pieces, padding and groups: a sequence spans several of each
+        (batched_decode.PIECE_TOKENS, batched_decode.MAX_PADDING,
+         batched_decode.GROUP_TOKENS) = sizes
+        g = torch.Generator().manual_seed(seed)
+        batch, scale = len(lens), d ** -0.5
+        full = {s: [tuple(torch.randn(sum(n), hkv, d, generator=g) for _ in "kv")
+                    for _ in range(layers)] for s, n in enumerate(lens)}
+        q = torch.randn(batch, hq, d, generator=g)
+        start = {s: sum(n[:pc.rank]) for s, n in enumerate(lens)}
+        mine = {s: [(k[start[s]:start[s] + n[pc.rank]], v[start[s]:start[s] + n[pc.rank]])
+                    for k, v in full[s]] for s, n in enumerate(lens)}
+        kv = PagedKVCache(layers, 64, 4, hkv, d, torch.float32, pc.device, kv_dtype)
+        fill_pool(kv, {s: n[pc.rank] for s, n in enumerate(lens)}, 0.6, seed, layers, mine)
+
+        def as_stored(x):  # what every rank stores and reads back
+            if kv_dtype == "auto":
+                return x
+            return dequantize(*quantize(x, kv_format(kv_dtype)), torch.float32)
+
+        shards = DecodeShards(kv, list(range(batch)), scale, "torch", paged=False)
+        o_err = lse_err = 0.0
+        finite = empty_ok = True
+        for layer in range(layers):
+            o = decode_over_shards(pc, batch, lambda rows: shards.partial(layer, q, rows))
+            finite &= bool(torch.isfinite(o).all())
+            part = shards.partial(layer, q, slice(0, batch))  # this rank's own partial
+            for s in range(batch):
+                k, v = (as_stored(x) for x in full[s][layer])
+                if k.shape[0] == 0:
+                    empty_ok &= bool((o[s] == 0).all())
+                else:
+                    ref_o, _ = reference_attention(q[s:s + 1], k, v, scale, causal=False)
+                    o_err = max(o_err, float((o[s] - ref_o[0]).abs().max()))
+                k, v = (as_stored(x) for x in mine[s][layer])
+                if k.shape[0] == 0:
+                    empty_ok &= bool(torch.isneginf(part[s, :, -1]).all()
+                                     and (part[s, :, :-1] == 0).all())
+                else:
+                    _, ref_lse = reference_attention(q[s:s + 1], k, v, scale, causal=False)
+                    lse_err = max(lse_err, float((part[s, :, -1] - ref_lse[0]).abs().max()))
+        worst = torch.tensor([o_err, lse_err, float(not finite), float(not empty_ok)])
+        if pc.world_size > 1:
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=pc.control_group)
+        results.append((float(worst[0]), float(worst[1]), not worst[2], not worst[3]))
+    return results
+
+
 def comm_jobs(pc, region_bytes: int | None = None):
     """Every Communicator collective with shapes that differ by rank, empty blocks and (when
     region_bytes is given) shared-memory messages bigger than a region, against what the

@@ -14,7 +14,13 @@ from sp_serve.attention.sharded_cache import DecodeShards
 from sp_serve.attention.zigzag import ZigzagLayout
 from sp_serve.kv.cache import PagedKVCache
 from tests.dist_util import run_on_ranks
-from tests.sp_jobs import decode_jobs, engine_jobs, reference_attention, ring_jobs
+from tests.sp_jobs import (
+    decode_jobs,
+    engine_jobs,
+    paged_decode_jobs,
+    reference_attention,
+    ring_jobs,
+)
 
 RING_CASES = [  # (tokens, q heads, kv heads, head_dim, seed): odd lengths, n < 2N, GQA/MQA/MHA
     (1, 4, 2, 16, 0), (2, 4, 4, 16, 1), (5, 4, 1, 16, 2), (7, 8, 2, 32, 3),
@@ -236,3 +242,107 @@ def test_kv_pool_random_operations_never_hand_out_a_block_twice(seed):
     assert kv.num_free_blocks == 40
     kv.append_slots(7, 160)  # the whole pool, in order, after all that churn
     assert kv.runs(7) == [(0, 160)]
+
+
+def _paged_decode_cases(world: int) -> list:
+    """Uneven shards per rank, empty shards, a sequence empty on every rank, one token, GQA,
+    MQA and MHA, quantized caches; default piece sizes and small ones (several pieces and
+    groups per sequence, padding)."""
+    per_seq = [[5, 0, 0], [0, 0, 1], [37, 3, 11], [0, 9, 0], [0, 0, 0], [70, 2, 40], [16, 16, 16]]
+    lens = [[n[r % 3] + (r // 3) for r in range(world)] for n in per_seq]  # any world size
+    small, default = (8, 4, 24), (1024, 256, 2048)
+    return [(lens, 6, 2, 16, "auto", 0, default), (lens, 6, 2, 16, "auto", 1, small),
+            (lens, 4, 1, 16, "auto", 2, small), (lens[2:5], 4, 4, 32, "auto", 3, (4, 0, 4)),
+            (lens, 6, 2, 16, "int8", 4, small), (lens, 6, 2, 16, "fp8", 5, small),
+            (lens, 6, 2, 16, "fp8_e5m2", 6, default)]
+
+
+@pytest.mark.parametrize("world,cpu_comm", [(1, "auto"), (2, "auto"), (3, "auto"), (2, "gloo")])
+def test_sharded_decode_over_paged_pools_matches_reference(world, cpu_comm):
+    """The torch backend's batched decode (attention/batched_decode.py) on real ranks' paged
+    pools (fragmented shards, never-written slots NaN), merged across ranks (gloo: in
+    micro-batches, each attending its rows): o equals the float64 reference over the union of
+    the shards as stored, each rank's lse its shard's; empty shards give lse = -inf and o = 0
+    (weight 0), never NaN."""
+    cases = _paged_decode_cases(world)
+    errors = run_on_ranks(world, paged_decode_jobs, cases, cpu_comm=cpu_comm)
+    for case, (o_err, lse_err, finite, empty_ok) in zip(cases, errors):
+        name = (case[4], case[6], case[1:3])
+        assert finite and empty_ok, name
+        assert o_err < 1e-5 and lse_err < 1e-5, (name, o_err, lse_err)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("sizes", [(1024, 256, 2048), (8, 4, 24), (4, 0, 1000), (64, 0, 64)])
+def test_batched_decode_matches_reference_and_the_per_sequence_path(kv_dtype, sizes, monkeypatch):
+    """One rank's pool as an engine leaves it: prompts chunked between other sequences,
+    decode tails apart from their prompts, a shared prefix (its partly used last block
+    copied), an empty shard, a one-token one, one block exactly; slots never written NaN. The
+    batched partials, for the whole batch and for micro-batches (row slices), equal the float64
+    reference on the stored (dequantized) K/V, and the per-sequence path they replaced."""
+    from sp_serve.attention import batched_decode
+    from sp_serve.attention.sharded_cache import pack_partial
+    from tests.sp_jobs import fill_pool
+    for name, value in zip(("PIECE_TOKENS", "MAX_PADDING", "GROUP_TOKENS"), sizes):
+        monkeypatch.setattr(batched_decode, name, value)
+    layers, hq, hkv, d = 2, 6, 2, 16
+    kv = PagedKVCache(layers, 64, 4, hkv, d, torch.float32, torch.device("cpu"), kv_dtype)
+    stored = fill_pool(kv, {1: 1, 2: 4, 3: 47, 4: 22, 6: 90}, 0.6, 7, layers)
+    # 5 shares 3's first 10 tokens (2 full blocks shared, the third copied), then adds its own
+    kv.apply([("share", 5, 3, [10])], 0)
+    g = torch.Generator().manual_seed(8)
+    own = [(torch.randn(3, hkv, d, generator=g), torch.randn(3, hkv, d, generator=g))
+           for _ in range(layers)]
+    slots = kv.append_slots(5, 3)
+    stored[5] = []
+    for layer in range(layers):
+        k, v = kv.write(layer, slots, *own[layer])
+        stored[5].append((torch.cat([stored[3][layer][0][:10], k]),
+                          torch.cat([stored[3][layer][1][:10], v])))
+    seq_ids = [3, 0, 1, 5, 2, 6, 4]  # 0 holds nothing
+    stored[0] = [(torch.zeros(0, hkv, d), torch.zeros(0, hkv, d))] * layers
+    assert len(kv.runs(3)) > 1 and len(kv.runs(4)) > 1 and kv.num_tokens(0) == 0
+    q_bhd = torch.randn(len(seq_ids), hq, d, generator=g)
+    shards = DecodeShards(kv, seq_ids, 0.25, "torch")
+    assert not shards.paged
+    layout = batched_decode.BatchedDecodeShards(kv, seq_ids)
+    assert any(g.pad is not None for g in layout.groups)  # padding past a shard's last token
+    if sizes[0] < 90:
+        assert layout.where.shape[0] > 1  # a shard cut into pieces, merged by lse
+    if sizes[2] < 90:
+        assert len(layout.groups) > 3
+    for layer in range(layers):
+        for rows in (slice(0, 7), slice(1, 4), slice(6, 7), slice(1, 2)):
+            got = shards.partial(layer, q_bhd, rows)
+            assert got.shape == (rows.stop - rows.start, hq, d + 1) and got.dtype == torch.float32
+            assert not torch.isnan(got).any()
+            for i, b in enumerate(range(rows.start, rows.stop)):
+                seq = seq_ids[b]
+                k, v = stored[seq][layer]
+                if k.shape[0] == 0:
+                    assert torch.isneginf(got[i, :, -1]).all() and (got[i, :, :-1] == 0).all()
+                    continue
+                ref_o, ref_lse = reference_attention(q_bhd[b:b + 1], k, v, 0.25, causal=False)
+                torch.testing.assert_close(got[i, :, :-1].double(), ref_o[0], rtol=0, atol=1e-5)
+                torch.testing.assert_close(got[i, :, -1].double(), ref_lse[0], rtol=0, atol=1e-5)
+                old = pack_partial(*attention_over_pieces(
+                    q_bhd[b:b + 1], kv.read_pieces(layer, kv.runs(seq)), 0.25))[0]
+                torch.testing.assert_close(got[i], old, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_math_equals_the_cpu_flash_kernel():
+    """The batched path's attention off CPU (plain fp32 math) equals torch's CPU flash kernel,
+    masks and strided K/V included."""
+    from sp_serve.attention.batched_decode import attend, attend_math
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 2, 3, 16, generator=g)
+    k = torch.randn(3, 20, 2, 16, generator=g).transpose(1, 2)
+    v = torch.randn(3, 20, 2, 16, generator=g).transpose(1, 2)
+    mask = torch.zeros(3, 1, 1, 20)
+    mask[0, ..., 7:] = float("-inf")
+    mask[2, ..., 1:] = float("-inf")
+    for m in (mask, None):
+        o1, lse1 = attend(q, k, v, m, 0.3)
+        o2, lse2 = attend_math(q, k, v, m, 0.3)
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse1, lse2, rtol=1e-5, atol=1e-5)

@@ -116,6 +116,32 @@ def test_every_reader_sees_what_write_returned(name):
 
 
 @pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_blocks_gives_exactly_what_write_returned(name, dtype):
+    """The batched decode path's reader (whole blocks into reused scratch; fp8 e4m3 through a
+    table on CPU): bit for bit what write() returned and the other readers read, in the model's
+    dtype, each call's scratch reused by the next."""
+    g = torch.Generator().manual_seed(9)
+    kv = PagedKVCache(2, 24, 4, 2, 16, dtype, CPU, name)
+    stored: dict[int, list] = {}
+    for seq, n in [(1, 6), (2, 5), (1, 7), (3, 9)]:
+        slots = kv.append_slots(seq, n)
+        for layer in range(2):
+            k = (torch.randn(n, 2, 16, generator=g) * 3).to(dtype)
+            v = torch.randn(n, 2, 16, generator=g).to(dtype)
+            stored.setdefault(seq, [[], []])[layer].append(kv.write(layer, slots, k, v))
+    for seq in (1, 2, 3):
+        n = kv.num_tokens(seq)
+        blocks = torch.tensor(kv.block_table(seq))
+        for layer in range(2):
+            k, v = kv.read_blocks(layer, blocks)
+            assert k.dtype == v.dtype == dtype and k.shape == (len(blocks) * 4, 2, 16)
+            want_k, want_v = (torch.cat(x) for x in zip(*stored[seq][layer]))
+            assert torch.equal(k[:n], want_k) and torch.equal(v[:n], want_v)
+            assert torch.equal(k[:n], kv.read_runs(layer, kv.runs(seq))[0])
+
+
+@pytest.mark.parametrize("name", FORMATS)
 def test_attention_over_a_quantized_shard_is_within_the_derived_bound(name):
     """o over the dequantized shard equals the float64 reference on those values (1e-5), and
     differs from the reference on the unquantized K/V by at most what the quantization error

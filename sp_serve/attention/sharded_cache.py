@@ -16,9 +16,9 @@ A rank whose shard is empty for a sequence contributes lse = -inf, which the mer
 
 A decode partial over this rank's shards (`DecodeShards`): on the triton backend, and on CUDA
 whatever the prefill backend, one split-KV kernel launch per micro-batch reads the paged pool in
-place; the torch backend on CPU attends one sequence at a time to its shard: its longest run of
-consecutive blocks as a view of the pool, the rest copied (`PagedKVCache.read_pieces`), merged
-by lse.
+place; the torch backend on CPU attends the whole batch in a few ops per layer
+(attention/batched_decode.py: the shards cut into pieces of whole blocks, pieces of similar
+length gathered into groups, one masked attention call per group, pieces merged by lse).
 
 Legend: b batch (one query per sequence), t tokens, h q heads, d head_dim, n ranks,
 m blocks of the longest block table;
@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from sp_serve.attention.local import attention_over_pieces
+from sp_serve.attention.batched_decode import BatchedDecodeShards
 from sp_serve.attention.merge import merge_partials
 from sp_serve.kv.cache import PagedKVCache
 from sp_serve.parallel.groups import ParallelContext
@@ -55,7 +55,7 @@ TABLE_WIDTH_MULTIPLE = 16
 def paged_decode_supported(backend: str, device: torch.device) -> bool:
     """Decode reads the paged pool in place (the Triton split-KV kernel) on the triton backend,
     and on CUDA whatever the prefill backend (flash-attn, torch) when Triton can run: the
-    per-sequence path launches a few kernels per sequence and layer."""
+    batched torch path copies every shard's blocks each layer."""
     if backend == "triton":
         return True
     if device.type != "cuda":
@@ -68,7 +68,8 @@ class DecodeShards:
     """This rank's shards of one decode step's sequences, attended to layer after layer.
 
     Built once per step, after the step's new slots are appended: the paged kernel's block
-    tables and lengths (or the per-sequence path's slot runs) are the same for every layer.
+    tables and lengths (or the torch path's layout of pieces and groups) are the same for
+    every layer.
     paged: read the pool in place with the Triton kernel (`paged_decode_supported`); tables:
     the step's (block tables, lengths) already on the device (the worker copies a step's
     metadata in one transfer), else built here.
@@ -83,17 +84,20 @@ class DecodeShards:
             self.tables_bm, self.lens_b = tables if tables is not None else kv.block_tables(
                 seq_ids, width_multiple=TABLE_WIDTH_MULTIPLE)
         else:
-            self.runs = [kv.runs(s) for s in seq_ids]
+            # The whole batch's layout, now: with shared-memory collectives (CPU) and on one
+            # rank, decode attends all rows at once. A micro-batch's rows (collectives that
+            # overlap: gloo, NCCL) get theirs when first asked, at the step's first layer.
+            self.seq_ids = seq_ids
+            self._batched = {(0, len(seq_ids)): BatchedDecodeShards(kv, seq_ids)}
 
     def partial(self, layer: int, q_bhd: torch.Tensor, rows: slice) -> torch.Tensor:
         """Packed partial [len(rows), h, d+1] fp32 of q_bhd[rows] over this rank's shards."""
         if not self.paged:
-            parts = []
-            for b in range(rows.start, rows.stop):
-                pieces = self.kv.read_pieces(layer, self.runs[b])
-                parts.append(pack_partial(*attention_over_pieces(q_bhd[b:b + 1], pieces, self.scale,
-                                                                 self.backend)))
-            return torch.cat(parts)
+            shards = self._batched.get((rows.start, rows.stop))
+            if shards is None:
+                shards = self._batched[(rows.start, rows.stop)] = BatchedDecodeShards(
+                    self.kv, self.seq_ids[rows])
+            return shards.partial(layer, q_bhd[rows], self.scale)
         from sp_serve_kernels import paged_decode_attention
         q_bhd = q_bhd[rows]
         # The kernel writes o and lse straight into the packed layout (o in fp32, no cat);

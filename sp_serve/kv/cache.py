@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from sp_serve.kv.quant import SCALE_DTYPE, dequantize, kv_format, quantize
+from sp_serve.kv.quant import SCALE_DTYPE, bytes_to_float_, dequantize, kv_format, quantize
 
 
 class BlockPool:
@@ -162,8 +162,8 @@ class PagedKVCache:
     """K and V of one rank's shards, [l, n*s, h, d] each, in the model's dtype (`dtype`) or,
     with a quantized --kv-cache-dtype, one byte per element plus a scale per (token, KV head)
     in `k_scale_lth`/`v_scale_lth` [l, n*s, h] (kv/quant.py). Writes quantize; every read
-    (`read_runs`, `read_pieces`, `read`) returns dequantized K/V in `dtype`; the paged decode
-    kernel reads `pages` and `scale_pages` in place."""
+    (`read_runs`, `read_pieces`, `read_blocks`, `read`) returns dequantized K/V in `dtype`; the
+    paged decode kernel reads `pages` and `scale_pages` in place."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -192,6 +192,7 @@ class PagedKVCache:
         # host blocks is one plain copy), in host memory (pinned on CUDA, for async DMA).
         self.host_pool = BlockPool(host_blocks, block_size)
         self._host: list[torch.Tensor] = []
+        self._scratch_bufs: dict[str, torch.Tensor] = {}  # `read_blocks`' gathers, reused
         if host_blocks:
             pin = self.device.type == "cuda"
             self._host = [torch.empty((host_blocks, *self._by_block(t).shape[1:]),
@@ -359,6 +360,47 @@ class PagedKVCache:
         longest = max(range(len(runs)), key=lambda i: runs[i][1] - runs[i][0])
         rest = runs[:longest] + runs[longest + 1:]
         return [self.read_runs(layer, [runs[longest]]), self.read_runs(layer, rest)]
+
+    def read_blocks(self, layer: int, blocks_t: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks (int64 ids on the cache's device), [len(blocks) * s, h, d] in
+        the model's dtype (dequantized on a quantized cache), gathered into this cache's
+        scratch buffers: the caller may write into them, and they are valid until the next
+        read_blocks. Slots never written hold whatever the memory held.
+
+        Scratch, not a fresh tensor per call: a decode step calls this a few times per layer
+        with buffers of up to a few MiB, and fresh ones, freed each time, can cost the
+        allocator a page fault per 4 KiB (glibc serves them with mmap, as its threshold
+        allows: 3-4x the gather's own time, measured)."""
+        k_nshd, v_nshd = self.pages(layer)
+        n, (s, h, d) = blocks_t.numel(), k_nshd.shape[1:]
+        exact = self.fmt is None or self.dtype in (torch.float32, torch.float64)
+        out = []
+        for i, x_nshd in enumerate((k_nshd, v_nshd)):
+            # q x scale in place is exact in float32 (8 bits x a bf16 scale's 8); in bf16/fp16
+            # the scale itself would round: there, float32 and then the model's dtype
+            o = self._scratch(f"kv{i}", (n, s, h, d), self.dtype if exact else torch.float32)
+            if self.fmt is None:
+                torch.index_select(x_nshd, 0, blocks_t, out=o)
+            else:
+                # index_select has no float8 kernel on CPU: gather the bytes
+                raw = self._scratch(f"raw{i}", (n, s, h, d), torch.uint8)
+                torch.index_select(x_nshd.view(torch.uint8), 0, blocks_t, out=raw)
+                bytes_to_float_(o, raw, self.fmt, self._scratch("index", raw.shape, torch.int32))
+                scale_nsh = self.scale_pages(layer)[i].index_select(0, blocks_t)
+                o.mul_(scale_nsh.to(o.dtype).unsqueeze(-1))
+            out.append(o.view(n * s, h, d).to(self.dtype))
+        return out[0], out[1]
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A view of shape `shape` of a grow-only buffer kept for reuse."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        buf = self._scratch_bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._scratch_bufs[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)
 
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V as [n, s, h, d] views (the paged kernels' layout): no copy.
