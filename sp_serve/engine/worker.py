@@ -273,9 +273,14 @@ class Worker:
     def _logits(self, plan: StepPlan, parts: list[_ChunkPart], hidden_td: torch.Tensor,
                 decode_rows: slice) -> dict[int, torch.Tensor]:
         """Rank 0's logits for the prompts that end this step and for the decode batch. A
-        prompt's last token may sit on any rank: its hidden row comes to rank 0 in one collective
-        for all of them (each row is sent by its owner; the others send zeros)."""
+        prompt's last token may sit on any rank: its hidden row reaches every SP rank in one
+        collective for all of them (each row is sent by its owner; the others send zeros);
+        decode rows are on every rank already. The SP ranks then split the LM head's
+        vocabulary (CausalLM.compute_logits) and rank 0 gets the whole rows."""
         ending = [i for i, chunk in enumerate(plan.prefill) if chunk.want_logits]
+        if not (ending or plan.decode):
+            return {}
+        pc = self.pc
         rows_td = None
         if ending:
             rows_td = torch.zeros((len(ending), hidden_td.shape[-1]), dtype=hidden_td.dtype,
@@ -283,15 +288,15 @@ class Worker:
             for j, i in enumerate(ending):
                 if parts[i].last_row is not None:
                     rows_td[j] = hidden_td[parts[i].last_row]
-            rows_td = self.pc.comm.sum_to_first(rows_td)
-        if self.pc.sp_rank != 0 or not (ending or plan.decode):
-            return {}  # the first SP rank's TP group computes the logits, together
-        seq_ids = [plan.prefill[i].seq_id for i in ending] + [t.seq_id for t in plan.decode]
+            rows_td = pc.comm.all_reduce(rows_td)
         if rows_td is not None and plan.decode:
             rows_td = torch.cat([rows_td, hidden_td[decode_rows]])
         elif rows_td is None:
             rows_td = hidden_td[decode_rows]
-        logits = self.model.compute_logits(rows_td)
-        if not self.pc.is_driver:
+        # the first SP rank's TP group gathers the TP slices, together
+        logits = self.model.compute_logits(rows_td, (pc.sp_rank, pc.sp_size, pc.comm),
+                                           gather_tp=pc.sp_rank == 0)
+        if not pc.is_driver:
             return {}
+        seq_ids = [plan.prefill[i].seq_id for i in ending] + [t.seq_id for t in plan.decode]
         return {seq_id: logits[i] for i, seq_id in enumerate(seq_ids)}

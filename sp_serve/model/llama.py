@@ -231,11 +231,30 @@ class CausalLM(nn.Module):
         return self.tp.all_reduce(x_td)
 
     @torch.no_grad()
-    def compute_logits(self, hidden_td: Tensor) -> Tensor:
+    def compute_logits(self, hidden_td: Tensor, sp: tuple[int, int, Any] | None = None,
+                       gather_tp: bool = True) -> Tensor:
         """float32 logits [t, v]; pass only the rows you sample from (e.g. last token). With
-        TP every rank of the group must call it (it gathers the vocabulary slices)."""
-        logits_tv = F.linear(hidden_td, self.lm_head_weight).float()
-        if self.tp.size == 1:
+        TP every rank of the group must call it (it gathers the vocabulary slices).
+
+        sp = (rank, size, comm): the ranks of an SP group, each holding the same rows, split
+        this rank's vocabulary rows among them and gather the slices (every one of them must
+        call it): the LM head, a read of every vocabulary row each step, costs each rank 1/size
+        of it instead of one rank all of it while the others wait. gather_tp=False: this rank
+        takes no part in the TP gather (its SP slice is gathered on another TP group) and gets
+        its TP slice's logits."""
+        weight = self.lm_head_weight
+        if sp is not None and sp[1] > 1:
+            rank, size, comm = sp
+            rows = weight.shape[0]
+            per = -(-rows // size)
+            first, last = min(rows, rank * per), min(rows, (rank + 1) * per)
+            part_tv = F.pad(F.linear(hidden_td, weight[first:last]).float(),
+                            (0, per - (last - first)))
+            gathered_ktv = comm.all_gather(part_tv[None])
+            logits_tv = gathered_ktv.permute(1, 0, 2).reshape(hidden_td.shape[0], size * per)[:, :rows]
+        else:
+            logits_tv = F.linear(hidden_td, weight).float()
+        if self.tp.size == 1 or not gather_tp:
             return logits_tv
         t, v = hidden_td.shape[0], self.spec.vocab_size
         per = -(-v // self.tp.size)  # slices padded to one width; only the last ones are short
