@@ -70,10 +70,12 @@ class CostModel:
         return lo
 
     @staticmethod
-    def fit(steps: list[StepSample]) -> "CostModel":
-        """Least squares (relative error, non-negative) over measured steps."""
+    def fit(steps: list[StepSample], weights: Sequence[float] | None = None) -> "CostModel":
+        """Least squares (relative error, non-negative) over measured steps; `weights` (one per
+        step, default 1) scale each step's relative error."""
         rows = [_features(chunks, b, k) for chunks, b, k, _ in steps]
-        coef = _nonneg_lstsq(np.array(rows, dtype=float), np.array([s for *_, s in steps], dtype=float))
+        coef = _nonneg_lstsq(np.array(rows, dtype=float), np.array([s for *_, s in steps], dtype=float),
+                             None if weights is None else np.asarray(weights, dtype=float))
         return CostModel(*coef)
 
     def save(self, path: str) -> None:
@@ -101,7 +103,8 @@ def _features(chunks: Sequence[tuple[int, int]], batch: int, context: int) -> li
             float(sum(n * (c + n / 2) for n, c in chunks)), float(batch), float(context)]
 
 
-def _nonneg_lstsq(a: np.ndarray, y: np.ndarray, rounds: int = 8) -> list[float]:
+def _nonneg_lstsq(a: np.ndarray, y: np.ndarray, row_weights: np.ndarray | None = None,
+                  rounds: int = 8) -> list[float]:
     """Least squares in relative error with coefficients clamped at >= 0 (refit without the
     negative ones).
 
@@ -115,7 +118,7 @@ def _nonneg_lstsq(a: np.ndarray, y: np.ndarray, rounds: int = 8) -> list[float]:
     coef = np.zeros(a.shape[1])
     scale = np.maximum(y, 1e-6)
     for _ in range(rounds):
-        w = 1.0 / scale
+        w = 1.0 / scale if row_weights is None else row_weights / scale
         active = [i for i in range(a.shape[1]) if a[:, i].any()]
         coef = np.zeros(a.shape[1])
         while active:

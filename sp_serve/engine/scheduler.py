@@ -15,14 +15,15 @@ Policy "slo" (default), in four rules:
      first, minus the prefill time that went to newer prompts while it waited (aging). Short
      prompts pass a long one; the long one ages only while overtaken, and once aging puts it
      (or several) first, those take at most half of each step, the short ones the rest.
-  3. Times come from the cost model (calibrated at start-up), scaled by the slowest
-     measured/predicted ratio of the last 128 steps of the same kind (decode, mixed, prefill
-     alone), measured on the scheduler's clock, so a busy machine's slowness or noise does not
-     break the TBT target.
-  4. Rule 3 never starves prompts: a step that decodes gives them at least the time the TBT
-     target leaves at the cost model's own prediction, up to as much as its decode part. A
-     slow or noisy machine can thus take at most half of the engine's time from prefill, and
-     when the decode batch alone overruns the target, prompts get as much time as it does.
+  3. Times come from the cost model calibrated at start-up and refit, as the engine runs, on
+     the last 256 steps it measured on the scheduler's clock (StepTimeModel), so it is this
+     server's, under its load. A step is planned at the target divided by the slowest
+     measured/predicted ratio of the last 128 steps of its kind (decode, mixed, prefill
+     alone): a machine's noise makes about one step in a hundred miss the TBT target (a p99).
+  4. When the decode part alone overruns the TBT target at that ratio (a target this machine
+     cannot meet at this batch), every step misses it whatever it carries: prompts then get
+     as much time as the decode part, half the engine's time. Otherwise a step gives prompts
+     what the target leaves, and at least a first chunk of 32 tokens (progress).
 Policy "fcfs" (baseline): first come, first served; each step carries the whole decode batch and
 as much of the oldest prompts as --max-num-batched-tokens allows.
 
@@ -49,7 +50,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sp_serve.engine.cost_model import CostModel
+import numpy as np
+
+from sp_serve.engine.cost_model import CostModel, StepSample
 from sp_serve.engine.sequence import SeqStatus, Sequence
 from sp_serve.kv.block_manager import BlockManager
 from sp_serve.kv.prefix_cache import GROUP, common_prefix_len
@@ -97,18 +100,28 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, cost: CostModel,
                  clock: Callable[[], float] = time.monotonic):
-        self.config, self.blocks, self.cost, self.clock = config, blocks, cost, clock
+        self.config, self.blocks, self.clock = config, blocks, clock
+        self.step_time = StepTimeModel(cost)
         self.waiting: list[Sequence] = []  # prefill not done (incl. mid-prefill and preempted)
         self.running: list[Sequence] = []  # decoding, oldest first
         self.swapped: list[Sequence] = []  # preempted to the host pools, KV kept there
         self.num_preemptions = 0
         # Seconds of prefill a waiting sequence saw go to newer ones: its aging credit.
         self._passed_over_s: dict[int, float] = {}
-        self.step_time = StepTimeCorrection()
         # (kind, predicted s, start, shape): the step in flight, measured at the next schedule()
         self._last_step: tuple[str, float, float, dict | None] | None = None
         # Called with every measured step's shape and seconds (`sp-serve serve --step-log`).
         self.step_observer: Callable[[dict], None] | None = None
+
+    @property
+    def cost(self) -> CostModel:
+        """The cost model steps are planned with (rule 3): refit as steps are measured."""
+        return self.step_time.model
+
+    @cost.setter
+    def cost(self, cost: CostModel) -> None:
+        """A new calibration: what was measured against the old one is dropped."""
+        self.step_time = StepTimeModel(cost)
 
     # ---- bookkeeping -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -147,18 +160,18 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         now = self.clock()
         if self._last_step is not None:  # the engine ran the last step and came straight back
-            kind, predicted_s, started, shape = self._last_step
-            self.step_time.observe(kind, predicted_s, now - started)
-            if self.step_observer is not None and shape is not None:
-                self.step_observer({**shape, "kind": kind, "predicted_s": predicted_s,
+            kind, predicted_s, started, (chunks, batch, context) = self._last_step
+            self.step_time.observe(kind, (chunks, batch, context, now - started))
+            if self.step_observer is not None:
+                self.step_observer({"chunks": [list(c) for c in chunks], "decode": [batch, context],
+                                    "kind": kind, "predicted_s": predicted_s,
                                     "measured_s": now - started})
         step = self._schedule()
         self._last_step = None
         if not step.is_empty:
-            shape = None if self.step_observer is None else {  # only for a step log
-                "chunks": [[b - a, a] for _, a, b in step.prefill],
-                "decode": [len(step.decode), sum(s.num_cached for s, _ in step.decode)]}
-            self._last_step = (step.kind, self.predicted_s(step), now, shape)
+            shape = ([(b - a, a) for _, a, b in step.prefill], len(step.decode),
+                     sum(s.num_cached for s, _ in step.decode))
+            self._last_step = (step.kind, self.cost.step_s(*shape), now, shape)
         return step
 
     def predicted_s(self, step: ScheduledStep) -> float:
@@ -187,9 +200,8 @@ class Scheduler:
         fixed_s = self.cost.step_fixed_s + self.cost.decode_part_s(
             len(step.decode), sum(s.num_cached for s, _ in step.decode))
         time_left_s = limit_s / self.step_time.scale(kind) - fixed_s
-        if step.decode:  # rule 4
-            floor_s = fixed_s if fixed_s >= limit_s else min(fixed_s, limit_s - fixed_s)
-            time_left_s = max(time_left_s, floor_s)
+        if step.decode and time_left_s <= 0:  # rule 4: the decode part alone overruns the target
+            time_left_s = fixed_s
         self._schedule_prefill(step, budget, order, time_left_s, aged)
         return step
 
@@ -503,32 +515,93 @@ def _age(seq: Sequence) -> tuple[float, int]:
     return seq.arrival_time, seq.seq_id
 
 
-class StepTimeCorrection:
-    """How far the cost model is off, learnt from the steps the engine actually ran.
+class StepTimeModel:
+    """The step-time model the scheduler plans with, refit on the steps this engine ran, and
+    how far real steps stray from it.
 
-    The start-up calibration is a handful of timed steps; on a busy or shared machine it can be
-    off by 2x either way, and every budgeted step inherits the error (too big: the TBT target is
-    missed; too small: per-step overhead eats throughput). The scheduler's clock tells how long
-    each step took, from one schedule() call to the next (sampling and output dispatch
-    included, as a client sees them). The scale for a kind of step is the largest measured /
-    predicted of its last WINDOW steps: a step planned with it is no slower, relative to the
-    model, than the slowest recent one, so ~1 step in WINDOW misses a target it was planned
-    to the edge of (the TBT target is a p99 one). Steps after an idle gap are not measured. With
-    a clock that advances by the cost model's own prediction (a simulation), every scale is 1.
+    The start-up calibration is a handful of timed steps of dummy sequences on a quiet engine.
+    A server's steps are not those: sampling, streaming and whatever else shares the machine
+    are in them, and its mixed steps carry several prompt chunks beside a decode batch, which
+    the calibration never ran (a 30-layer model's served mixed steps measured 1.27x their
+    calibrated prediction at the median, 1.9x at worst). So every REFIT_EVERY measured steps
+    the model is refit (`CostModel.fit`: least squares in relative error, coefficients >= 0)
+    on the last WINDOW steps measured, each step from one schedule() to the next on the
+    scheduler's clock, plus a prior: the calibrated model's times for a dozen step shapes,
+    at the window's measured speed (its median measured / calibrated), each weighing as much
+    as a measured step, which keeps the fit sound in the directions the
+    recent steps do not explore (a window of decode steps alone says nothing of a prompt
+    chunk's cost) and moves it little in those they do.
+
+    The fit is of steps whose shapes the scheduler itself chose (chunks sized to fill a
+    budget), so on a noisy machine it can split a step's time between terms oddly; planning
+    does not rely on it alone: the scale below is measured against the current model, so a
+    poor fit widens the scale (smaller, safe steps) rather than breaking the TBT target.
+
+    The noise around the refit model: the scale for a kind of step (decode, mixed, prefill
+    alone) is the largest measured / predicted of its last NOISE_WINDOW steps, against the
+    current model. A step planned as target / scale is no slower, relative to the model, than
+    the slowest recent one, so about 1 step in NOISE_WINDOW misses a target it was planned to
+    the edge of (the TBT target is a p99 one). Steps after an idle gap are not measured. With a
+    clock that advances by the cost model's own prediction (a simulation), the refit model is
+    the calibrated one and every scale is 1.
     """
 
-    WINDOW = 128
-    LIMITS = (0.25, 4.0)
+    WINDOW = 256
+    REFIT_EVERY = 16
+    PRIOR_WEIGHT = 1.0  # each prior step's weight against a measured one's
+    NOISE_WINDOW = 128
+    LIMITS = (0.1, 10.0)
 
-    def __init__(self) -> None:
+    def __init__(self, cost: CostModel) -> None:
+        self.calibrated = self.model = cost
+        self._steps: deque[tuple[str, StepSample]] = deque(maxlen=self.WINDOW)
         self._ratios: dict[str, deque[float]] = {}
+        self._since_fit = 0
 
-    def observe(self, kind: str, predicted_s: float, measured_s: float) -> None:
-        if predicted_s > 0 and measured_s >= 0:
-            self._ratios.setdefault(kind, deque(maxlen=self.WINDOW)).append(measured_s / predicted_s)
+    def observe(self, kind: str, sample: StepSample) -> None:
+        """A measured step: its kind, (chunks [(new, cached)], decode batch, decode context,
+        measured seconds)."""
+        chunks, batch, context, measured_s = sample
+        predicted_s = self.model.step_s(chunks, batch, context)
+        if predicted_s <= 0 or measured_s < 0:
+            return
+        self._steps.append((kind, sample))
+        self._ratios.setdefault(kind, deque(maxlen=self.NOISE_WINDOW)).append(measured_s / predicted_s)
+        self._since_fit += 1
+        if self._since_fit >= self.REFIT_EVERY:
+            self.refit()
+
+    def refit(self) -> None:
+        self._since_fit = 0
+        window = [sample for _, sample in self._steps]
+        # The prior at the machine's measured speed: a uniformly slower machine is learnt as it
+        # is, and the prior only holds the calibrated model's proportions.
+        speed = float(np.median([s / self.calibrated.step_s(c, b, k) for c, b, k, s in window]))
+        prior = [(c, b, k, speed * self.calibrated.step_s(c, b, k)) for c, b, k in _PRIOR_SHAPES]
+        fitted = CostModel.fit(prior + window, [self.PRIOR_WEIGHT] * len(prior) + [1.0] * len(window))
+        if fitted.step_fixed_s <= 0:  # a degenerate fit (no intercept): keep the last model
+            return
+        self.model = fitted
+        self._ratios = {}
+        for kind, (chunks, batch, context, measured_s) in self._steps:
+            predicted_s = fitted.step_s(chunks, batch, context)
+            if predicted_s > 0:
+                self._ratios.setdefault(kind, deque(maxlen=self.NOISE_WINDOW)).append(
+                    measured_s / predicted_s)
 
     def scale(self, kind: str) -> float:
         ratios = self._ratios.get(kind)
         if not ratios:
             return 1.0
         return min(max(max(ratios), self.LIMITS[0]), self.LIMITS[1])
+
+
+# The prior's step shapes (chunks [(new, cached)], decode batch, decode context): prompt chunks
+# alone over no and some cached context, two chunks in a step, decode batches short and long,
+# and decode batches carrying a chunk, as the start-up calibration (LLMEngine.calibrate) runs.
+_PRIOR_SHAPES: list[tuple[list[tuple[int, int]], int, int]] = [
+    ([(32, 0)], 0, 0), ([(256, 0)], 0, 0), ([(2048, 0)], 0, 0), ([(256, 256)], 0, 0),
+    ([(2048, 2048)], 0, 0), ([(256, 8192)], 0, 0), ([(128, 0), (128, 0)], 0, 0),
+    ([], 1, 512), ([], 4, 2048), ([], 16, 8192), ([], 4, 32768),
+    ([(256, 0)], 4, 2048), ([(64, 4096)], 8, 4096),
+]
