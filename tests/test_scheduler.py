@@ -526,6 +526,32 @@ def test_several_aged_long_prompts_share_half_of_each_step():
     assert shared > 20
 
 
+def test_aged_long_prompt_takes_what_the_short_ones_leave_of_a_step():
+    """An aged long prompt is capped at half a step only against short ones that need the other
+    half: with one tiny prompt waiting beside it, the long one takes the rest of the step."""
+    sim = Sim("slo")
+    for _ in range(2):
+        sim.add(100, max_tokens=100_000)
+    while len(sim.sched.running) < 2:
+        sim.step()
+    long = sim.add(1_000_000, max_tokens=1)
+    sim.step()
+    short = sim.add(8, max_tokens=1)
+    sim.sched._passed_over_s[long.seq_id] = 1e9  # aged: it now ranks ahead of the short one
+    order, aged = sim.sched._by_slack()
+    assert order[0] is long and aged == {long.seq_id}
+    step = sim.step()
+    chunks = {s.seq_id: (a, b) for s, a, b in step.prefill}
+    assert chunks[short.seq_id] == (0, 8)
+    cost = sim.sched.cost
+    decode_s = cost.step_fixed_s + cost.decode_part_s(
+        len(step.decode), sum(s.num_cached for s, _ in step.decode))
+    time_left_s = TBT_S - decode_s
+    a, b = chunks[long.seq_id]
+    assert cost.chunk_s(b - a, a) > 0.6 * time_left_s
+    assert sim.sched.predicted_s(step) <= TBT_S
+
+
 # ---- chunking, limits, admission ----------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["slo", "fcfs"])
 def test_prompts_longer_than_the_token_budget_are_chunked(policy):

@@ -435,8 +435,9 @@ class LLMEngine:
         sizes, each first over an empty cache, then over as many cached tokens; then the
         smallest after twice the largest, as late in a long prompt), decode batches
         alone (1, 2, 4 and 8 short sequences: the per-sequence cost; the long ones: the
-        per-context-token cost; median of 3 each), and decode batches carrying a chunk (the
-        steps the slo policy runs while sequences decode)."""
+        per-context-token cost; median of 3 each), and decode batches carrying a chunk, then
+        two (the steps the slo policy runs while sequences decode). The scheduler refits it
+        on the steps it runs (scheduler.StepTimeModel)."""
         # The chunk sizes the scheduler will run. On CPU at most 2048 (a profile step of a
         # bigger chunk takes seconds there); a GPU runs the largest chunk in milliseconds, and
         # its cost per token changes with size (tiles fill up), so it is profiled as it is.
@@ -469,6 +470,9 @@ class LLMEngine:
                     samples.append(sorted(times, key=lambda t: t[3])[len(times) // 2])
         for i, n in enumerate(sizes[:2]):
             self._profile_step([(-20 - i, 0, n)], shorts[:4], ctx, samples)
+        if -20 in ctx:  # as a served mixed step: two prompts' chunks, one over cached context
+            self._profile_step([(-20, ctx[-20], ctx[-20] + sizes[0]), (-22, 0, sizes[0])],
+                               shorts[:4], ctx, samples)
         self._release_profile(list(ctx))
         if sum(1 for chunks, *_ in samples if chunks) < 3 or sum(1 for c, b, *_ in samples if b and not c) < 3:
             log.warning("KV pool too small for the start-up profile; using default step costs")

@@ -14,7 +14,8 @@ Policy "slo" (default), in four rules:
   2. Prompt chunks fill the step's time in priority order: least predicted remaining prefill
      first, minus the prefill time that went to newer prompts while it waited (aging). Short
      prompts pass a long one; the long one ages only while overtaken, and once aging puts it
-     (or several) first, those take at most half of each step, the short ones the rest.
+     (or several) first, those take at most half of each step, the short ones the rest (and
+     what the short ones do not need goes to them too).
   3. Times come from the cost model calibrated at start-up and refit, as the engine runs, on
      the last 256 steps it measured on the scheduler's clock (StepTimeModel), so it is this
      server's, under its load. A step is planned at the target divided by the slowest
@@ -91,7 +92,7 @@ class ScheduledStep:
 
     @property
     def kind(self) -> str:
-        """decode | mixed | prefill (the StepTimeCorrection kinds); '' when empty."""
+        """decode | mixed | prefill (the StepTimeModel kinds); '' when empty."""
         if self.decode:
             return "mixed" if self.prefill else "decode"
         return "prefill" if self.prefill else ""
@@ -254,10 +255,17 @@ class Scheduler:
         """Chunks of the prompts in `order`, at most `budget` tokens in all and, when time_left_s
         is given, predicted to take at most that long (the chunks of a step run one after the
         other, each with its own cached context, so each is costed on its own). The prompts in
-        `aged` get at most half of the tokens and of the time between them."""
+        `aged` get at most half of the tokens and of the time between them, or more when the
+        others need less (their whole remaining prefill fits in the rest)."""
         admitting = True
         aged_tokens = budget // 2
         aged_s = None if time_left_s is None else time_left_s / 2
+        if aged:  # what the others would take, at most: the rest is the aged prompts' too
+            others = [s for s in order if s.seq_id not in aged and s not in step.preempted]
+            aged_tokens = max(aged_tokens, budget - sum(s.remaining_prefill for s in others))
+            if time_left_s is not None:
+                others_s = sum(self.cost.chunk_s(s.remaining_prefill, s.num_cached) for s in others)
+                aged_s = max(aged_s, time_left_s - others_s)
         for seq in order:
             if budget <= 0:
                 break
