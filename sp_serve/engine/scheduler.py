@@ -21,10 +21,16 @@ Policy "slo" (default), in four rules:
      server's, under its load. A step is planned at the target divided by the slowest
      measured/predicted ratio of the last 128 steps of its kind (decode, mixed, prefill
      alone): a machine's noise makes about one step in a hundred miss the TBT target (a p99).
-  4. When the decode part alone overruns the TBT target at that ratio (a target this machine
-     cannot meet at this batch), every step misses it whatever it carries: prompts then get
-     as much time as the decode part, half the engine's time. Otherwise a step gives prompts
-     what the target leaves, and at least a first chunk of 32 tokens (progress).
+  4. Prompts are not starved for the TBT target's sake. When the decode part alone overruns
+     the target at that ratio (a target this machine cannot meet at this batch), every step
+     misses it whatever it carries: prompts get as much time as the decode part, half the
+     engine's time. When a waiting prompt is late (it has waited longer than the TTFT target
+     plus what its prefill alone takes), the engine is not keeping up with both promises:
+     prompts get at least what the target leaves at the model's typical step, up to as much
+     as the decode part, so the TBT target then holds for the typical step, not the p99 one,
+     and a noisy machine takes at most half the engine's time from prefill. Otherwise a step
+     gives prompts what the p99 plan leaves, and a first chunk of 32 tokens when not one
+     token fits (progress).
 Policy "fcfs" (baseline): first come, first served; each step carries the whole decode batch and
 as much of the oldest prompts as --max-num-batched-tokens allows.
 
@@ -201,10 +207,21 @@ class Scheduler:
         fixed_s = self.cost.step_fixed_s + self.cost.decode_part_s(
             len(step.decode), sum(s.num_cached for s, _ in step.decode))
         time_left_s = limit_s / self.step_time.scale(kind) - fixed_s
-        if step.decode and time_left_s <= 0:  # rule 4: the decode part alone overruns the target
-            time_left_s = fixed_s
+        if step.decode:  # rule 4
+            if time_left_s <= 0:  # the decode part alone overruns the target
+                time_left_s = fixed_s
+            elif self._a_prompt_is_late():  # both promises cannot be kept: split the engine
+                time_left_s = max(time_left_s, min(fixed_s, limit_s - fixed_s))
         self._schedule_prefill(step, budget, order, time_left_s, aged)
         return step
+
+    def _a_prompt_is_late(self) -> bool:
+        """Whether a waiting prompt has waited longer than the TTFT target plus what its prefill
+        alone would take: the engine is not keeping up with the prompts while it keeps the TBT
+        target at p99."""
+        now = self.clock()
+        return any(now - s.arrival_time > self.config.ttft_slo_s + self.cost.prefill_s(s.prefill_target)
+                   for s in self.waiting)
 
     def _step_limit_s(self, step: ScheduledStep, order: list[Sequence]) -> float:
         """Rule 1: the TBT target for a step that yields tokens (something decodes, or a
