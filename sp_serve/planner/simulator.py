@@ -656,11 +656,12 @@ class SimResult:
                                          start_time=r.arrival_time, error=r.rejected,
                                          is_long=r.is_long))
                 continue
+            gaps = np.diff(r.token_times).tolist()  # a token per step: TBT is the ITL
             out.append(RequestResult(
                 success=True, prompt_len=r.prompt_len, output_tokens=len(r.token_times),
-                num_text_chunks=len(r.token_times), ttft=r.ttft,
-                itl=np.diff(r.token_times).tolist(), latency=r.e2e, start_time=r.arrival_time,
-                is_long=r.is_long, cached_tokens=r.cached_tokens))
+                num_text_chunks=len(r.token_times), ttft=r.ttft, itl=gaps, tbt=gaps,
+                latency=r.e2e, start_time=r.arrival_time, is_long=r.is_long,
+                cached_tokens=r.cached_tokens))
         return out
 
     def summary(self, percentiles: list[float] | None = None,
