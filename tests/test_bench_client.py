@@ -79,8 +79,6 @@ VLLM_RESULT_KEYS = {
         for stat in ("mean", "median", "std", "p99")
         for m in ("ttft", "tpot", "itl", "e2el")
     ),
-    "tbts",  # sp-serve's addition: per-token time between tokens
-    *(f"{stat}_tbt_ms" for stat in ("mean", "median", "std", "p99")),
 }
 
 
@@ -127,23 +125,13 @@ def _fake_app(state: FakeServerState) -> FastAPI:
                 await asyncio.sleep(TTFT_S)
                 if chat:  # role-only delta first, as OpenAI and vLLM send it: not a token
                     yield event({"index": 0, "delta": {"role": "assistant", "content": ""}})
-                # continuous_usage_stats: the running usage in every chunk; fake_held_back: the
-                # text of tokens i with i % 3 == 1 or 2 (e.g. an emoji's byte tokens) comes with
-                # the next one, so some chunks carry 3 tokens
-                continuous = (body.get("stream_options") or {}).get("continuous_usage_stats")
-                held_back = body.get("fake_held_back")
                 for i in range(n):
                     if i:
                         await asyncio.sleep(ITL_S)
                     finish = "length" if i == n - 1 else None
-                    if held_back and i % 3 in (1, 2) and not finish:
-                        continue
                     text = f" w{i}"
                     choice = {"delta": {"content": text}} if chat else {"text": text}
-                    chunk = {"object": "chunk", "choices": [{"index": 0, **choice, "finish_reason": finish}]}
-                    if continuous and not body.get("fake_no_usage"):
-                        chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": i + 1}
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield event({"index": 0, **choice, "finish_reason": finish})
                 if not body.get("fake_no_usage"):
                     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n}
                     yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
@@ -249,10 +237,7 @@ def test_stream_timings_counts_and_concurrency(fake_server):
     # The tags come from the server's /v1/models `sp_serve` field.
     assert {k: result[k] for k in SERVER_INFO} == SERVER_INFO
     body = state.bodies[-1]
-    assert body["stream"] is True
-    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
-    # one token per chunk: the per-token TBT is the ITL
-    assert result["tbts"] == result["itls"] and result["p99_tbt_ms"] == result["p99_itl_ms"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["ignore_eos"] is True and body["max_tokens"] == 8
     assert isinstance(body["prompt"], list) and len(body["prompt"]) == 32  # no tokenizer: ids
 
@@ -340,27 +325,6 @@ def test_chat_endpoint_with_tokenizer_and_long_doc_marks(fake_server, tokenizer_
     assert "p99_short_ttft_ms" in result and "p99_long_ttft_ms" in result
     assert isinstance(state.bodies[-1]["messages"][0]["content"], str)
     assert state.bodies[-1]["max_completion_tokens"] == 5
-
-
-def test_tbt_shares_a_chunks_gap_among_the_tokens_it_carries(fake_server):
-    """Tokens whose text is held back (tokens 1-2, 4-5, ... of each three) come in one chunk
-    with the next: 7 tokens as chunks of tokens [0], [1-3], [4-6]. ITL, as vLLM counts it, has
-    one gap per chunk; TBT shares each gap among the chunk's tokens, from the running
-    completion_tokens of continuous usage. Without per-chunk usage TBT falls back to ITL."""
-    base_url, _ = fake_server
-    result = _bench(base_url, num_prompts=2, random_input_len=8, random_output_len=7,
-                    ignore_eos=True, extra_body={"fake_held_back": True})
-    assert result["completed"] == 2 and result["output_lens"] == [7, 7]
-    for itl, tbt in zip(result["itls"], result["tbts"]):
-        assert len(itl) == 2 and len(tbt) == 6
-        assert tbt == pytest.approx([itl[0] / 3] * 3 + [itl[1] / 3] * 3)
-        assert min(itl) >= 3 * ITL_S  # each chunk waited for three tokens
-    gaps = [g for tbt in result["tbts"] for g in tbt]
-    assert result["median_tbt_ms"] == pytest.approx(1000 * float(np.median(gaps)))
-    assert result["p99_tbt_ms"] < result["p99_itl_ms"]
-    result = _bench(base_url, num_prompts=1, random_input_len=8, random_output_len=7,
-                    ignore_eos=True, extra_body={"fake_held_back": True, "fake_no_usage": True})
-    assert result["tbts"] == result["itls"] and len(result["itls"][0]) == 2
 
 
 def test_without_usage_counts_text_chunks_and_timeouts_fail(fake_server):

@@ -5,14 +5,6 @@ latency (ITL) gap; E2EL is sent -> last text chunk. Chunks without text (a chat 
 an empty finish chunk, the trailing usage chunk) are not tokens, so they add no zero-length
 ITL. The output token count comes from the usage chunk (`stream_options.include_usage`) when the
 server sends one; otherwise the caller counts with a tokenizer or falls back to text chunks.
-
-TBT (sp-serve's addition, beside vLLM's ITL): time between tokens. A chunk can carry several
-tokens (a server holds back the text of tokens that end inside a UTF-8 character, e.g. an emoji
-or a CJK character spelled in byte tokens, and sends no empty delta), so its ITL gap spans
-several engine steps. With `stream_options.continuous_usage_stats` every chunk carries the
-running `completion_tokens`: a text chunk's gap is then shared by the k tokens it carries (k
-samples of gap / k). A server that sends no per-chunk usage gives one token per text chunk:
-TBT equals ITL.
 """
 
 from __future__ import annotations
@@ -37,7 +29,6 @@ class RequestResult:
     num_text_chunks: int = 0
     ttft: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds, one per text chunk after the first
-    tbt: list[float] = field(default_factory=list)  # seconds, one per token after the first chunk
     latency: float = 0.0  # seconds, E2EL
     start_time: float = 0.0  # time.perf_counter() when the request was sent
     client_queue_time: float = 0.0  # waited for a --max-concurrency slot before sending
@@ -71,7 +62,6 @@ async def _stream(
 ) -> None:
     """Fills `result` as the stream arrives, so a timeout keeps what was measured so far."""
     texts: list[str] = []
-    tokens_at_last: int | None = None  # the running completion_tokens at the last text chunk
     last = result.start_time = time.perf_counter()
     async with client.stream("POST", url, json=payload, headers=headers) as response:
         if response.status_code != 200:
@@ -93,20 +83,15 @@ async def _stream(
             if "error" in chunk:  # vLLM and sp-serve report mid-stream failures this way
                 result.error = f"error in stream: {_snippet(json.dumps(chunk['error']))}"
                 return
-            usage = chunk.get("usage") or {}
-            tokens = usage.get("completion_tokens") if chunk.get("choices") else None
             if text := _chunk_text(chunk, chat):
                 if result.num_text_chunks == 0:
                     result.ttft = now - result.start_time
                 else:
                     result.itl.append(now - last)
-                    carried = 1 if tokens is None or tokens_at_last is None else max(1, tokens - tokens_at_last)
-                    result.tbt += [(now - last) / carried] * carried
                 result.num_text_chunks += 1
                 last = now
-                tokens_at_last = tokens
                 texts.append(text)
-            if usage:
+            if usage := chunk.get("usage"):
                 result.output_tokens = usage.get("completion_tokens") or 0
                 if usage.get("prompt_tokens") is not None:
                     result.prompt_len = usage["prompt_tokens"]

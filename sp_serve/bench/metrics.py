@@ -15,7 +15,7 @@ import numpy as np
 
 from sp_serve.bench.client import RequestResult
 
-METRICS = ("ttft", "tpot", "itl", "tbt", "e2el")
+METRICS = ("ttft", "tpot", "itl", "e2el")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
 
@@ -124,7 +124,6 @@ def compute_metrics(
     ttfts = [r.ttft for r, _ in done]
     tpots = [t for r, n in done if (t := tpot(r, n)) is not None]
     itls = [gap for r, _ in done for gap in r.itl]
-    tbts = [gap for r, _ in done for gap in r.tbt]
     e2els = [r.latency for r, _ in done]
     total_input = sum(r.prompt_len for r, _ in done)
     total_output = sum(output_lens)
@@ -151,8 +150,7 @@ def compute_metrics(
     if reported:  # the server reports prompt_tokens_details.cached_tokens (prefix caching)
         metrics["total_cached_tokens"] = sum(reported)
         metrics["prefix_cache_hit_rate"] = sum(reported) / max(1, total_input)
-    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("tbt", tbts),
-                         ("e2el", e2els)):
+    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
         metrics.update(summarize(values, percentiles, name))
 
     if any(r.is_long is not None for r in results):

@@ -73,7 +73,6 @@ _METRIC_TITLES = {
     "ttft": ("TTFT", "Time to First Token"),
     "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
     "itl": ("ITL", "Inter-token Latency"),
-    "tbt": ("TBT", "Time between Tokens (a chunk's gap shared by its tokens)"),
     "e2el": ("E2EL", "End-to-end Latency"),
     "short_ttft": ("TTFT short", "TTFT of short requests (long-doc)"),
     "long_ttft": ("TTFT long", "TTFT of long requests (long-doc)"),

@@ -135,9 +135,7 @@ def build_payload(config: ServeBenchConfig, model: str, request: SampleRequest) 
         payload["prompt"] = request.prompt
         payload["max_tokens"] = request.expected_output_len
     payload["stream"] = True
-    # continuous_usage_stats (vLLM's and sp-serve's): the running token count in every chunk,
-    # for the per-token TBT (client.py)
-    payload["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    payload["stream_options"] = {"include_usage": True}
     if config.ignore_eos:
         payload["ignore_eos"] = True
     if config.temperature is not None:
@@ -270,7 +268,6 @@ async def run_benchmark(config: ServeBenchConfig) -> dict[str, Any]:
         "output_lens": metrics["output_lens"],
         "ttfts": [r.ttft for r in results],
         "itls": [r.itl for r in results],
-        "tbts": [r.tbt for r in results],
         "latencies": [r.latency for r in results],
         "start_times": [r.start_time - t0 for r in results],  # seconds from the first send
         "queue_times": [r.client_queue_time for r in results],
