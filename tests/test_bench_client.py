@@ -1,6 +1,7 @@
 """`sp-serve bench serve` against a fake OpenAI server (FastAPI + uvicorn in a thread, on a
-free 127.0.0.1 port) that streams a known number of tokens after controlled sleeps and
-rejects prompts holding "FAIL" with HTTP 400; plus the datasets, arrivals and metrics alone.
+free 127.0.0.1 port) that streams a known number of tokens after controlled sleeps (several
+tokens in one chunk when asked, with vLLM's continuous_usage_stats) and rejects prompts holding
+"FAIL" with HTTP 400; plus the datasets, arrivals and metrics alone.
 """
 
 from __future__ import annotations
@@ -114,21 +115,34 @@ def _fake_app(state: FakeServerState) -> FastAPI:
             return JSONResponse({"error": message}, status_code=400)
         n = body["max_completion_tokens"] if chat else body["max_tokens"]
         prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
+        # Tokens per text chunk (a chunk of several: text held back until a UTF-8 character is
+        # whole); one each unless the body says. With continuous_usage_stats (and usage at all),
+        # every chunk carries the running completion_tokens, as vLLM and sp-serve send it.
+        per_chunk = body.get("fake_tokens_per_chunk") or [1] * n
+        assert sum(per_chunk) == n
+        options = body.get("stream_options") or {}
+        continuous = options.get("continuous_usage_stats") and not body.get("fake_no_usage")
+        sent = 0
 
         def event(choice: dict) -> str:
-            return f"data: {json.dumps({'object': 'chunk', 'choices': [choice]})}\n\n"
+            chunk = {"object": "chunk", "choices": [choice]}
+            if continuous:
+                chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": sent}
+            return f"data: {json.dumps(chunk)}\n\n"
 
         async def stream():
+            nonlocal sent
             state.in_flight += 1
             state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
             try:
                 await asyncio.sleep(TTFT_S)
                 if chat:  # role-only delta first, as OpenAI and vLLM send it: not a token
                     yield event({"index": 0, "delta": {"role": "assistant", "content": ""}})
-                for i in range(n):
-                    if i:
-                        await asyncio.sleep(ITL_S)
-                    finish = "length" if i == n - 1 else None
+                for i, k in enumerate(per_chunk):
+                    # an engine step per token; the first token's step is in TTFT_S
+                    await asyncio.sleep(ITL_S * (k - (i == 0)))
+                    sent += k
+                    finish = "length" if sent == n else None
                     text = f" w{i}"
                     choice = {"delta": {"content": text}} if chat else {"text": text}
                     yield event({"index": 0, **choice, "finish_reason": finish})
@@ -237,7 +251,9 @@ def test_stream_timings_counts_and_concurrency(fake_server):
     # The tags come from the server's /v1/models `sp_serve` field.
     assert {k: result[k] for k in SERVER_INFO} == SERVER_INFO
     body = state.bodies[-1]
-    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert result["tbts"] == result["itls"]  # one token per chunk: TBT is ITL
     assert body["ignore_eos"] is True and body["max_tokens"] == 8
     assert isinstance(body["prompt"], list) and len(body["prompt"]) == 32  # no tokenizer: ids
 
@@ -302,6 +318,13 @@ def test_failed_requests_are_counted_listed_and_saved(fake_server, tmp_path, cap
         e.startswith("HTTP 400: ") and "FAIL marker" in e for e in failed
     )
     assert result["output_lens"] == [4, 0, 3, 4, 0, 3]  # jsonl output_len, else the default
+    # TBT beside ITL: the same summaries, the per-request lists and what TBT means
+    assert {f"{stat}_tbt_ms" for stat in ("mean", "median", "std", "p50", "p90", "p99")} <= set(
+        result
+    )
+    assert result["tbts"] == result["itls"]  # the fake sends one token per chunk here
+    assert result["tbt_definition"].startswith("time between tokens")
+    assert "Time between Tokens" in out and "P99 TBT (ms):" in out
 
 
 def test_chat_endpoint_with_tokenizer_and_long_doc_marks(fake_server, tokenizer_dir):
@@ -342,6 +365,93 @@ def test_without_usage_counts_text_chunks_and_timeouts_fail(fake_server):
     )
     assert result["failed"] == 2
     assert all("timed out after 0.05 s" in e for e in result["errors"])
+
+
+def _per_token(itls: list[float], tokens_per_chunk: list[int]) -> list[float]:
+    """What TBT must be: each gap after the first chunk, k times gap / k."""
+    return [gap / k for gap, k in zip(itls, tokens_per_chunk[1:]) for _ in range(k)]
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_tbt_shares_a_chunks_gap_among_its_tokens(fake_server, tokenizer_dir, endpoint):
+    """A chunk carrying 3 tokens after 3 engine steps: ITL keeps one gap per text chunk (vLLM's
+    definition); TBT has 3 samples of a third of that gap. The first chunk's second token is
+    part of TTFT: no sample for it. Values are compared with the measured gaps themselves, so
+    nothing depends on how fast the machine is."""
+    base_url, _ = fake_server
+    per_chunk = [2, 1, 3, 1, 1]  # 8 tokens in 5 text chunks
+    result = _bench(
+        base_url,
+        endpoint=endpoint,
+        tokenizer=tokenizer_dir,
+        num_prompts=2,
+        random_input_len=8,
+        random_output_len=8,
+        extra_body={"fake_tokens_per_chunk": per_chunk},
+    )
+    assert result["completed"] == 2 and result["output_lens"] == [8, 8]
+    for itl, tbt in zip(result["itls"], result["tbts"]):
+        assert len(itl) == 4  # one gap per text chunk after the first, as before
+        assert len(tbt) == 1 + 3 + 1 + 1
+        assert tbt == _per_token(itl, per_chunk)
+        assert tbt[1:4] == [itl[1] / 3] * 3
+        assert itl[1] >= 3 * ITL_S  # the fake slept three engine steps before that chunk
+    gaps = [g for tbt in result["tbts"] for g in tbt]
+    assert result["mean_tbt_ms"] == pytest.approx(1000 * np.mean(gaps))
+    assert result["p99_tbt_ms"] == pytest.approx(1000 * np.percentile(gaps, 99))
+    itls = [g for itl in result["itls"] for g in itl]
+    assert result["p99_itl_ms"] == pytest.approx(1000 * np.percentile(itls, 99))
+
+
+def test_tbt_against_sp_serves_own_frontend(tmp_path):
+    """sp-serve's HTTP frontend over tests/fake_engine.py (a byte per token, so "ö" is 2 tokens
+    and "✓" 3, and the frontend holds a character's text until it is whole): its per-chunk
+    usage, read by the client, gives k = the bytes of the character the chunk carries."""
+    from sp_serve.server.app import build_app
+    from tests.fake_engine import FakeEngine
+    from tests.live_app import serve_app
+
+    text = "Hello, wörld! The quick brown fox ✓"
+    assert FakeEngine.reply.startswith(text)
+    per_chunk = [len(char.encode()) for char in text]  # one text chunk per character
+    engine = FakeEngine(step_s=0.01)  # steps far apart: each chunk is formatted before the next
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "x", "output_len": sum(per_chunk)}))
+    with serve_app(build_app(engine, served_model_name="fake-model")) as url:
+        result = _bench(url, dataset_name="jsonl", dataset_path=str(tmp_path / "d.jsonl"),
+                        num_prompts=2)
+    assert result["completed"] == 2, result["errors"]
+    assert result["output_lens"] == [len(text.encode())] * 2
+    for itl, tbt in zip(result["itls"], result["tbts"]):
+        assert len(itl) == len(text) - 1 and len(tbt) == len(text.encode()) - 1
+        assert tbt == _per_token(itl, per_chunk)
+
+
+def test_without_per_chunk_usage_tbt_is_itl(fake_server):
+    """A server that sends no usage on its chunks: one token per text chunk, so TBT == ITL
+    (and the output length falls back to the text chunks)."""
+    base_url, _ = fake_server
+    result = _bench(
+        base_url,
+        num_prompts=2,
+        random_input_len=8,
+        random_output_len=8,
+        extra_body={"fake_tokens_per_chunk": [2, 1, 3, 1, 1], "fake_no_usage": True},
+    )
+    assert result["completed"] == 2 and result["output_lens"] == [5, 5]
+    assert all(len(itl) == 4 for itl in result["itls"])
+    assert result["tbts"] == result["itls"]
+    for stat in ("mean", "median", "std", "p50", "p90", "p99"):
+        assert result[f"{stat}_tbt_ms"] == result[f"{stat}_itl_ms"]
+
+
+def test_tbt_samples_of_one_chunk():
+    from sp_serve.bench.client import _tbt_samples
+
+    assert _tbt_samples(0.3, 7, 4) == [0.3 / 3] * 3
+    assert _tbt_samples(0.2, 5, 4) == [0.2]
+    assert _tbt_samples(0.2, None, 4) == [0.2]  # this chunk has no usage: one token
+    assert _tbt_samples(0.2, 5, None) == [0.2]  # the previous text chunk had none
+    assert _tbt_samples(0.2, 4, 4) == [0.2]  # a count that did not advance: still one token
 
 
 def test_unreachable_server_fails_every_request(capsys):
@@ -558,6 +668,37 @@ def test_goodput_and_summaries():
     assert mixed["num_short_requests"] == 2 and mixed["completed_long"] == 1
 
 
+def test_tbt_metrics_on_a_hand_made_result():
+    """TBT is summarised like ITL (same stats, same key spelling), from the per-token samples;
+    ITL stays one gap per chunk. A result with ITL gaps but no TBT samples (the simulator, an
+    old result file) counts one token per gap."""
+    chunked = RequestResult(
+        success=True, prompt_len=10, output_tokens=6, num_text_chunks=4, ttft=0.1,
+        itl=[0.02, 0.06, 0.02], tbt=[0.02, 0.02, 0.02, 0.02, 0.02], latency=0.2,
+    )  # the second gap carried 3 tokens
+    plain = RequestResult(
+        success=True, prompt_len=10, output_tokens=3, num_text_chunks=3, ttft=0.1,
+        itl=[0.04, 0.05], latency=0.19,
+    )  # no tbt: one token per gap
+    percentiles = [50.0, 90.0, 99.9]
+    m = compute_metrics([chunked, plain, RequestResult(error="HTTP 500: x")], 1.0, percentiles)
+    itl_ms = [20.0, 60.0, 20.0, 40.0, 50.0]
+    tbt_ms = [20.0] * 5 + [40.0, 50.0]
+    for name, values in (("itl", itl_ms), ("tbt", tbt_ms)):
+        assert m[f"mean_{name}_ms"] == pytest.approx(np.mean(values))
+        assert m[f"median_{name}_ms"] == pytest.approx(np.median(values))
+        assert m[f"std_{name}_ms"] == pytest.approx(np.std(values))
+        for p, key in ((50.0, "p50"), (90.0, "p90"), (99.9, "p99.9")):
+            assert m[f"{key}_{name}_ms"] == pytest.approx(np.percentile(values, p))
+    assert m["median_tbt_ms"] == pytest.approx(20.0) and m["median_itl_ms"] == pytest.approx(40.0)
+    assert m["p99.9_tbt_ms"] == pytest.approx(np.percentile(tbt_ms, 99.9))
+    assert m["p99.9_tbt_ms"] < m["p99.9_itl_ms"]  # the 60 ms chunk gap is three 20 ms tokens
+    keys = list(m)
+    assert keys.index("p99.9_itl_ms") + 1 == keys.index("mean_tbt_ms")  # right after ITL
+    empty = compute_metrics([RequestResult(error="x")], 1.0, [99.0])
+    assert empty["mean_tbt_ms"] == 0.0 and empty["p99_tbt_ms"] == 0.0  # as ITL: empty is 0
+
+
 def test_summary_table_lists_errors():
     from rich.console import Console
 
@@ -570,3 +711,7 @@ def test_summary_table_lists_errors():
     text = buffer.getvalue()
     assert "Serving Benchmark Result" in text and "Maximum request concurrency:" in text
     assert "P99 TTFT (ms):" in text and "1 x HTTP 503: overloaded" in text
+    assert text.index("P99 ITL (ms):") < text.index("Time between Tokens") < text.index(
+        "P99 TBT (ms):"
+    )
+    assert "(time between tokens: a chunk's gap shared by the tokens it carries)" in text

@@ -5,6 +5,11 @@ latency (ITL) gap; E2EL is sent -> last text chunk. Chunks without text (a chat 
 an empty finish chunk, the trailing usage chunk) are not tokens, so they add no zero-length
 ITL. The output token count comes from the usage chunk (`stream_options.include_usage`) when the
 server sends one; otherwise the caller counts with a tokenizer or falls back to text chunks.
+
+ITL is one gap per text chunk, but a chunk can carry several tokens: a server holds back the
+text of a token that ends inside a UTF-8 character (an emoji or CJK character split over
+byte-fallback tokens) and skips empty deltas, so that chunk's gap spans several engine steps.
+TBT (time between tokens) shares each gap among the tokens its chunk carries; see `_tbt_samples`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class RequestResult:
     num_text_chunks: int = 0
     ttft: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds, one per text chunk after the first
+    tbt: list[float] = field(default_factory=list)  # seconds, per token after the first chunk's
     latency: float = 0.0  # seconds, E2EL
     start_time: float = 0.0  # time.perf_counter() when the request was sent
     client_queue_time: float = 0.0  # waited for a --max-concurrency slot before sending
@@ -40,6 +46,33 @@ class RequestResult:
 def _snippet(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= ERROR_SNIPPET_CHARS else text[:ERROR_SNIPPET_CHARS] + "..."
+
+
+def _usage_tokens(chunk: dict[str, Any]) -> int | None:
+    """The chunk's running `usage.completion_tokens`, or None when it carries no usage."""
+    usage = chunk.get("usage")
+    count = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return count if isinstance(count, int) else None
+
+
+def _tbt_samples(gap: float, tokens_now: int | None, tokens_before: int | None) -> list[float]:
+    """A text chunk's gap since the previous text chunk, shared by the k tokens it carries: k
+    samples of gap / k, k = completion_tokens now minus at the previous text chunk.
+
+    The client asks for `stream_options.continuous_usage_stats` (vLLM's extension, which
+    sp-serve serves too), so every chunk carries `usage` with the running completion_tokens
+    including its own tokens; tokens in chunks without text between two text chunks (held back)
+    count toward the next text chunk. A server that sends no per-chunk usage (only the final
+    usage chunk, or none), or a text chunk missing it or following one missing it, falls back to
+    one token per text chunk: TBT is then ITL. A count that did not advance also counts as one
+    token (k >= 1): sp-serve reads the count when it formats a chunk, so a chunk formatted while
+    later updates of the request were already queued can carry a count ahead of its text, which
+    leaves the next text chunk no new tokens.
+    """
+    k = 1
+    if tokens_now is not None and tokens_before is not None:
+        k = max(1, tokens_now - tokens_before)
+    return [gap / k] * k
 
 
 def _chunk_text(chunk: dict[str, Any], chat: bool) -> str:
@@ -62,6 +95,7 @@ async def _stream(
 ) -> None:
     """Fills `result` as the stream arrives, so a timeout keeps what was measured so far."""
     texts: list[str] = []
+    tokens_at_last: int | None = None  # completion_tokens as of the previous text chunk
     last = result.start_time = time.perf_counter()
     async with client.stream("POST", url, json=payload, headers=headers) as response:
         if response.status_code != 200:
@@ -84,10 +118,13 @@ async def _stream(
                 result.error = f"error in stream: {_snippet(json.dumps(chunk['error']))}"
                 return
             if text := _chunk_text(chunk, chat):
+                tokens_now = _usage_tokens(chunk)
                 if result.num_text_chunks == 0:
-                    result.ttft = now - result.start_time
+                    result.ttft = now - result.start_time  # with the first chunk's other tokens
                 else:
                     result.itl.append(now - last)
+                    result.tbt += _tbt_samples(now - last, tokens_now, tokens_at_last)
+                tokens_at_last = tokens_now
                 result.num_text_chunks += 1
                 last = now
                 texts.append(text)

@@ -4,6 +4,9 @@ Per completed request: TTFT, every ITL gap, E2EL, and TPOT = (E2EL - TTFT) / (ou
 (requests of one output token have no TPOT, and count as TPOT 0 for goodput, as in vLLM).
 Summaries are in milliseconds: mean_X_ms, median_X_ms, std_X_ms and pP_X_ms for each requested
 percentile P (p99, p99.9, ...). Like vLLM, an empty set summarises to 0.
+Beside vLLM's ITL (one gap per text chunk) sp-serve adds TBT, keyed the same way (mean_tbt_ms,
+p99_tbt_ms, ...): time between tokens, each chunk's gap shared by the tokens it carries, so a
+chunk that carries three tokens (held-back UTF-8 text) gives three gaps of a third.
 Goodput (DistServe): completed requests per second that meet every given SLO.
 """
 
@@ -15,8 +18,9 @@ import numpy as np
 
 from sp_serve.bench.client import RequestResult
 
-METRICS = ("ttft", "tpot", "itl", "e2el")
+METRICS = ("ttft", "tpot", "itl", "tbt", "e2el")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+TBT_DEFINITION = "time between tokens: a chunk's gap shared by the tokens it carries"
 
 
 def percentile_key(p: float) -> str:
@@ -74,6 +78,12 @@ def output_token_count(result: RequestResult, tokenizer: Any | None) -> int:
     return result.num_text_chunks
 
 
+def tbt_samples(result: RequestResult) -> list[float]:
+    """The request's TBT samples; a result that has ITL gaps but no TBT (made by something other
+    than the bench client: the simulator, a result file from before TBT) is one token per gap."""
+    return result.tbt if result.tbt or not result.itl else result.itl
+
+
 def tpot(result: RequestResult, output_tokens: int) -> float | None:
     if output_tokens < 2:
         return None
@@ -124,6 +134,7 @@ def compute_metrics(
     ttfts = [r.ttft for r, _ in done]
     tpots = [t for r, n in done if (t := tpot(r, n)) is not None]
     itls = [gap for r, _ in done for gap in r.itl]
+    tbts = [gap for r, _ in done for gap in tbt_samples(r)]
     e2els = [r.latency for r, _ in done]
     total_input = sum(r.prompt_len for r, _ in done)
     total_output = sum(output_lens)
@@ -150,7 +161,9 @@ def compute_metrics(
     if reported:  # the server reports prompt_tokens_details.cached_tokens (prefix caching)
         metrics["total_cached_tokens"] = sum(reported)
         metrics["prefix_cache_hit_rate"] = sum(reported) / max(1, total_input)
-    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
+    for name, values in (
+        ("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("tbt", tbts), ("e2el", e2els)
+    ):
         metrics.update(summarize(values, percentiles, name))
 
     if any(r.is_long is not None for r in results):

@@ -11,7 +11,7 @@ from typing import Any
 
 from sp_serve.bench.client import RequestResult
 from sp_serve.bench.config import ServeBenchConfig
-from sp_serve.bench.metrics import percentile_key
+from sp_serve.bench.metrics import TBT_DEFINITION, percentile_key
 
 
 class ProgressBar:
@@ -73,6 +73,7 @@ _METRIC_TITLES = {
     "ttft": ("TTFT", "Time to First Token"),
     "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
     "itl": ("ITL", "Inter-token Latency"),
+    "tbt": ("TBT", "Time between Tokens"),
     "e2el": ("E2EL", "End-to-end Latency"),
     "short_ttft": ("TTFT short", "TTFT of short requests (long-doc)"),
     "long_ttft": ("TTFT long", "TTFT of long requests (long-doc)"),
@@ -123,6 +124,8 @@ def print_summary(result: dict[str, Any], config: ServeBenchConfig, console: Any
         short, header = _METRIC_TITLES[name]
         table.add_section()
         table.add_row(f"[bold]{header}[/bold]", "")
+        if name == "tbt":
+            table.add_row(f"[dim]({TBT_DEFINITION})[/dim]", "")
         table.add_row(f"Mean {short} (ms):", f"{result[f'mean_{name}_ms']:.2f}")
         table.add_row(f"Median {short} (ms):", f"{result[f'median_{name}_ms']:.2f}")
         for p in config.percentiles:

@@ -40,7 +40,7 @@ from sp_serve.bench.datasets import (
     long_doc_requests,
     random_requests,
 )
-from sp_serve.bench.metrics import compute_metrics
+from sp_serve.bench.metrics import TBT_DEFINITION, compute_metrics
 from sp_serve.bench.report import ProgressBar
 
 # --- server, dataset and request plumbing ---------------------------------------------------------
@@ -135,7 +135,9 @@ def build_payload(config: ServeBenchConfig, model: str, request: SampleRequest) 
         payload["prompt"] = request.prompt
         payload["max_tokens"] = request.expected_output_len
     payload["stream"] = True
-    payload["stream_options"] = {"include_usage": True}
+    # continuous_usage_stats: every chunk carries the running completion_tokens, for TBT. For a
+    # server that refuses it: --extra-body '{"stream_options": {"include_usage": true}}'.
+    payload["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     if config.ignore_eos:
         payload["ignore_eos"] = True
     if config.temperature is not None:
@@ -268,6 +270,8 @@ async def run_benchmark(config: ServeBenchConfig) -> dict[str, Any]:
         "output_lens": metrics["output_lens"],
         "ttfts": [r.ttft for r in results],
         "itls": [r.itl for r in results],
+        "tbts": [r.tbt for r in results],  # sp-serve's addition, as tbt_definition says
+        "tbt_definition": TBT_DEFINITION,
         "latencies": [r.latency for r in results],
         "start_times": [r.start_time - t0 for r in results],  # seconds from the first send
         "queue_times": [r.client_queue_time for r in results],
