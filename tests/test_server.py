@@ -291,6 +291,51 @@ def test_continuous_usage_stats(served):
     assert all(c.usage is not None for c in stream)
 
 
+def test_continuous_usage_counts_the_tokens_streamed_so_far_not_those_queued():
+    """Updates already queued when a chunk is formatted (the engine ran ahead of the stream) do
+    not count in that chunk's usage; a token whose text is held back (no chunk of its own)
+    counts with the next chunk."""
+    import asyncio
+    import json as _json
+    from types import SimpleNamespace
+    from typing import Any
+
+    from pydantic import BaseModel
+
+    from sp_serve.server.serving import _sse
+
+    updates = [SimpleNamespace(token_ids=[1], text="a"), SimpleNamespace(token_ids=[2], text=""),
+               SimpleNamespace(token_ids=[3, 4], text="bc")]
+
+    class Group:
+        prompt_tokens, completion_tokens, cached_tokens = 5, 4, 0  # every update already in
+
+        async def updates(self):
+            for u in updates:
+                yield u
+
+        async def close(self):
+            pass
+
+    class Chunk(BaseModel):
+        text: str
+        usage: Any = None
+
+    class Formatter:
+        def prelude(self):
+            return []
+
+        def chunk(self, update):
+            return Chunk(text=update.text) if update.text else None
+
+    async def run():
+        return [e async for e in _sse(Group(), Formatter(), False, True)]
+
+    events = [e for e in asyncio.run(run()) if e.startswith("data: {")]
+    sent = [_json.loads(e[len("data: "):]) for e in events]
+    assert [(c["text"], c["usage"]["completion_tokens"]) for c in sent] == [("a", 1), ("bc", 4)]
+
+
 def test_ignored_fields_are_accepted_and_listed_in_one_place(served):
     from sp_serve.server.protocol import IGNORED_FIELDS
     body = {**_COMPLETION, "max_tokens": 2, "user": "u", "metadata": {"k": "v"}, "store": False,

@@ -180,17 +180,21 @@ async def respond(group: GenerationGroup, formatter: ResponseFormatter, request:
 
 async def _sse(group: GenerationGroup, formatter: ResponseFormatter,
                include_usage: bool, continuous_usage: bool = False) -> AsyncIterator[str]:
+    streamed = 0  # completion tokens of the updates taken from the group so far
+
     def with_usage(chunk: Any) -> Any:
-        # vLLM's continuous_usage_stats: every chunk carries the usage so far
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far: the tokens of
+        # the updates streamed up to it (a token whose text is held back counts with the next
+        # chunk), not the group's running count, which may include updates still queued
         if continuous_usage:
-            chunk.usage = UsageInfo.of(group.prompt_tokens, group.completion_tokens,
-                                       group.cached_tokens)
+            chunk.usage = UsageInfo.of(group.prompt_tokens, streamed, group.cached_tokens)
         return chunk
 
     try:
         for chunk in formatter.prelude():
             yield _event(with_usage(chunk))
         async for update in group.updates():
+            streamed += len(update.token_ids)
             chunk = formatter.chunk(update)
             if chunk is not None:
                 yield _event(with_usage(chunk))
