@@ -196,7 +196,7 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[st
             ("decode-only step p50 (ms)", "decode_step_p50_ms"), ("at decode batch p50", "decode_batch_p50"),
             ("mixed step p50 / p99 (ms)", None), ("prompt tok/s beside decodes", "prefill_tok_per_s_beside_decodes"),
             ("completed / failed", None)]
-    print(f"\n{'':28}{'slo':>14}{'fcfs':>14}")
+    print(f"\n{'':28}{'slo':>16}{'fcfs':>16}")
     for label, key in rows:
         if key is None and label.startswith("mixed"):
             cells = [f"{r['mixed_step_p50_ms']:.0f} / {r['mixed_step_p99_ms']:.0f}" for r in (slo, fcfs)]
@@ -206,7 +206,7 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[st
             cells = [f"{r['completed']} / {r['failed']}" for r in (slo, fcfs)]
         else:
             cells = [f"{r[key]:.3f}" if r[key] < 1 else f"{r[key]:.1f}" for r in (slo, fcfs)]
-        print(f"{label:28}{cells[0]:>14}{cells[1]:>14}")
+        print(f"{label:28}{cells[0]:>16}{cells[1]:>16}")
     print()
     for name, value in ratios.items():
         print(f"{name:34}{value:10.2f}")
