@@ -322,6 +322,46 @@ def test_step_time_model_is_refit_on_measured_steps_and_scaled_by_the_slowest_re
     assert st.scale("prefill") == StepTimeModel.LIMITS[1]
 
 
+def test_step_time_model_keeps_each_kinds_history_and_survives_a_degenerate_calibration():
+    from sp_serve.engine.scheduler import StepTimeModel
+
+    st = StepTimeModel(COST)
+    st.observe("prefill", ([(500, 0)], 0, 0, 3 * COST.prefill_s(500)))  # one slow step alone
+    for i in range(300):  # many mixed steps refit the model; the prefill one stays its kind's
+        shape = ([(40 + i % 7, 100 * (i % 5))], 4, 2000)
+        st.observe("mixed", (*shape, COST.step_s(*shape)))
+    assert st.scale("prefill") > 2.5
+    assert st.scale("mixed") == pytest.approx(1.0, abs=0.05)
+    assert st.typical("mixed") == pytest.approx(1.0, abs=0.02)
+    # a calibration with no decode terms (a fit can zero them) still prices a decode step at
+    # the fixed cost, so decode steps are measured against it and the refit learns their cost
+    flat = dataclasses.replace(COST, decode_per_seq_s=0.0, decode_per_ctx_token_s=0.0)
+    assert flat.decode_s(4, 2000) == flat.step_fixed_s > 0
+    st = StepTimeModel(flat)
+    for i in range(64):
+        st.observe("decode", ([], 1 + i % 8, 500 * (1 + i % 8), COST.decode_s(1 + i % 8, 500 * (1 + i % 8))))
+        shape = ([(40 + i, 0)], 0, 0)
+        st.observe("prefill", (*shape, COST.step_s(*shape)))
+    assert st.model.decode_s(8, 4000) == pytest.approx(COST.decode_s(8, 4000), rel=0.1)
+    assert st.model.prefill_s(64) == pytest.approx(COST.prefill_s(64), rel=0.1)
+
+
+def test_a_sequence_preempted_by_recompute_is_not_a_late_prompt():
+    """Memory pressure alone does not switch rule 4 to its late-prompt floor: a preempted
+    sequence waits with its old arrival time, but it has output already."""
+    sim = Sim("slo")
+    seq = sim.add(100, max_tokens=100)
+    sim.step()
+    sim.step()
+    assert seq.output_token_ids
+    sim.sched._preempt(seq, ScheduledStep())
+    sim.now += 1000.0
+    assert seq in sim.sched.waiting and not sim.sched._a_prompt_is_late()
+    fresh = sim.add(100, max_tokens=1)
+    fresh.arrival_time -= 1000.0
+    assert sim.sched._a_prompt_is_late()
+
+
 def test_prompts_get_half_the_time_when_the_decode_batch_alone_overruns_the_tbt_target():
     """64 sequences decoding take 0.34 s a step, more than the 0.2 s TBT target alone: every
     step misses whatever it carries, and a waiting prompt still gets as much predicted time as

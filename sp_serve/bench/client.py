@@ -65,9 +65,9 @@ def _tbt_samples(gap: float, tokens_now: int | None, tokens_before: int | None) 
     count toward the next text chunk. A server that sends no per-chunk usage (only the final
     usage chunk, or none), or a text chunk missing it or following one missing it, falls back to
     one token per text chunk: TBT is then ITL. A count that did not advance also counts as one
-    token (k >= 1): sp-serve reads the count when it formats a chunk, so a chunk formatted while
-    later updates of the request were already queued can carry a count ahead of its text, which
-    leaves the next text chunk no new tokens.
+    token (k >= 1): a server whose count runs ahead of its text (one that reads the request's
+    running count, updates still queued included, as sp-serve did before it counted only the
+    tokens streamed) leaves the next text chunk no new tokens.
     """
     k = 1
     if tokens_now is not None and tokens_before is not None:

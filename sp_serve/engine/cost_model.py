@@ -47,8 +47,13 @@ class CostModel:
         return self.decode_per_seq_s * batch + self.decode_per_ctx_token_s * total_context if batch else 0.0
 
     def step_s(self, chunks: Iterable[tuple[int, int]], batch: int = 0, total_context: int = 0) -> float:
-        parts = sum(self.chunk_s(n, c) for n, c in chunks) + self.decode_part_s(batch, total_context)
-        return self.step_fixed_s + parts if parts > 0 else 0.0
+        """A step's seconds; 0 for an empty one. A step with anything in it costs at least the
+        fixed part, whatever its other terms fitted to (a fit can zero the decode terms)."""
+        chunks = [(n, c) for n, c in chunks if n > 0]
+        if not chunks and not batch:
+            return 0.0
+        return (self.step_fixed_s + sum(self.chunk_s(n, c) for n, c in chunks)
+                + self.decode_part_s(batch, total_context))
 
     def prefill_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
         """A step of one prompt chunk alone."""

@@ -20,15 +20,16 @@ Policy "slo" (default), in four rules:
      the last 256 steps it measured on the scheduler's clock (StepTimeModel), so it is this
      server's, under its load. A step is planned at the target divided by the slowest
      measured/predicted ratio of the last 128 steps of its kind (decode, mixed, prefill
-     alone): a machine's noise makes about one step in a hundred miss the TBT target (a p99).
+     alone): a machine's noise makes about one step in 129 miss the TBT target (a p99).
   4. Prompts are not starved for the TBT target's sake. When the decode part alone overruns
-     the target at that ratio (a target this machine cannot meet at this batch), every step
+     the target at the median ratio (a target this machine cannot meet at this batch), every step
      misses it whatever it carries: prompts get as much time as the decode part, half the
      engine's time. When a waiting prompt is late (it has waited longer than the TTFT target
      plus what its prefill alone takes), the engine is not keeping up with both promises:
      prompts get at least what the target leaves at the model's typical step, up to as much
      as the decode part, so the TBT target then holds for the typical step, not the p99 one,
-     and a noisy machine takes at most half the engine's time from prefill. Otherwise a step
+     and a noisy machine cannot take more than that from prefill (half the engine's time when
+     the decode part is at most half the target). Otherwise a step
      gives prompts what the p99 plan leaves, and a first chunk of 32 tokens when not one
      token fits (progress).
 Policy "fcfs" (baseline): first come, first served; each step carries the whole decode batch and
@@ -168,11 +169,13 @@ class Scheduler:
         now = self.clock()
         if self._last_step is not None:  # the engine ran the last step and came straight back
             kind, predicted_s, started, (chunks, batch, context) = self._last_step
-            self.step_time.observe(kind, (chunks, batch, context, now - started))
+            measured_s = now - started
+            self.step_time.observe(kind, (chunks, batch, context, measured_s))
+            now = self.clock()  # a refit's own time is not the next step's
             if self.step_observer is not None:
                 self.step_observer({"chunks": [list(c) for c in chunks], "decode": [batch, context],
                                     "kind": kind, "predicted_s": predicted_s,
-                                    "measured_s": now - started})
+                                    "measured_s": measured_s})
         step = self._schedule()
         self._last_step = None
         if not step.is_empty:
@@ -208,7 +211,7 @@ class Scheduler:
             len(step.decode), sum(s.num_cached for s, _ in step.decode))
         time_left_s = limit_s / self.step_time.scale(kind) - fixed_s
         if step.decode:  # rule 4
-            if time_left_s <= 0:  # the decode part alone overruns the target
+            if fixed_s * self.step_time.typical(kind) >= limit_s:  # the decode part alone overruns
                 time_left_s = fixed_s
             elif self._a_prompt_is_late():  # both promises cannot be kept: split the engine
                 time_left_s = max(time_left_s, min(fixed_s, limit_s - fixed_s))
@@ -218,9 +221,11 @@ class Scheduler:
     def _a_prompt_is_late(self) -> bool:
         """Whether a waiting prompt has waited longer than the TTFT target plus what its prefill
         alone would take: the engine is not keeping up with the prompts while it keeps the TBT
-        target at p99."""
+        target at p99. A sequence preempted by recompute (it has output already) is not a
+        prompt waiting for its first token: memory pressure alone does not make one late."""
         now = self.clock()
-        return any(now - s.arrival_time > self.config.ttft_slo_s + self.cost.prefill_s(s.prefill_target)
+        return any(not s.output_token_ids and now - s.arrival_time > self.config.ttft_slo_s
+                   + self.cost.prefill_s(s.prefill_target - s.prefix_hint, s.prefix_hint)
                    for s in self.waiting)
 
     def _step_limit_s(self, step: ScheduledStep, order: list[Sequence]) -> float:
@@ -579,7 +584,10 @@ class StepTimeModel:
 
     def __init__(self, cost: CostModel) -> None:
         self.calibrated = self.model = cost
-        self._steps: deque[tuple[str, StepSample]] = deque(maxlen=self.WINDOW)
+        self._steps: deque[StepSample] = deque(maxlen=self.WINDOW)  # what the fit sees
+        # Per kind, its last NOISE_WINDOW steps (a rare kind keeps its own history) and their
+        # measured / predicted against the current model.
+        self._kind_steps: dict[str, deque[StepSample]] = {}
         self._ratios: dict[str, deque[float]] = {}
         self._since_fit = 0
 
@@ -590,7 +598,8 @@ class StepTimeModel:
         predicted_s = self.model.step_s(chunks, batch, context)
         if predicted_s <= 0 or measured_s < 0:
             return
-        self._steps.append((kind, sample))
+        self._steps.append(sample)
+        self._kind_steps.setdefault(kind, deque(maxlen=self.NOISE_WINDOW)).append(sample)
         self._ratios.setdefault(kind, deque(maxlen=self.NOISE_WINDOW)).append(measured_s / predicted_s)
         self._since_fit += 1
         if self._since_fit >= self.REFIT_EVERY:
@@ -598,27 +607,44 @@ class StepTimeModel:
 
     def refit(self) -> None:
         self._since_fit = 0
-        window = [sample for _, sample in self._steps]
         # The prior at the machine's measured speed: a uniformly slower machine is learnt as it
-        # is, and the prior only holds the calibrated model's proportions.
-        speed = float(np.median([s / self.calibrated.step_s(c, b, k) for c, b, k, s in window]))
-        prior = [(c, b, k, speed * self.calibrated.step_s(c, b, k)) for c, b, k in _PRIOR_SHAPES]
+        # is, and the prior only holds the calibrated model's proportions. Shapes the
+        # calibrated model gives no time (a model with zero decode terms) say nothing.
+        calibrated = [(sample, self.calibrated.step_s(*sample[:3])) for sample in self._steps]
+        speeds = [sample[3] / c for sample, c in calibrated if c > 0]
+        if not speeds:
+            return
+        speed = float(np.median(speeds))
+        prior = [(c, b, k, speed * t) for c, b, k in _PRIOR_SHAPES
+                 if (t := self.calibrated.step_s(c, b, k)) > 0]
+        window = list(self._steps)
         fitted = CostModel.fit(prior + window, [self.PRIOR_WEIGHT] * len(prior) + [1.0] * len(window))
-        if fitted.step_fixed_s <= 0:  # a degenerate fit (no intercept): keep the last model
+        # A degenerate fit (its fixed cost gone, e.g. steps that all cost the same): keep the
+        # last model. The fixed cost of a step (a pass over the weights) does not fall 100x.
+        if not fitted.step_fixed_s > 0.01 * speed * self.calibrated.step_fixed_s:
             return
         self.model = fitted
         self._ratios = {}
-        for kind, (chunks, batch, context, measured_s) in self._steps:
-            predicted_s = fitted.step_s(chunks, batch, context)
-            if predicted_s > 0:
-                self._ratios.setdefault(kind, deque(maxlen=self.NOISE_WINDOW)).append(
-                    measured_s / predicted_s)
+        for kind, samples in self._kind_steps.items():
+            ratios = self._ratios[kind] = deque(maxlen=self.NOISE_WINDOW)
+            for chunks, batch, context, measured_s in samples:
+                predicted_s = fitted.step_s(chunks, batch, context)
+                if predicted_s > 0:
+                    ratios.append(measured_s / predicted_s)
 
     def scale(self, kind: str) -> float:
+        """The slowest measured / predicted of the kind's recent steps (a p99 plan)."""
         ratios = self._ratios.get(kind)
         if not ratios:
             return 1.0
         return min(max(max(ratios), self.LIMITS[0]), self.LIMITS[1])
+
+    def typical(self, kind: str) -> float:
+        """The median measured / predicted of the kind's recent steps."""
+        ratios = self._ratios.get(kind)
+        if not ratios:
+            return 1.0
+        return min(max(float(np.median(ratios)), self.LIMITS[0]), self.LIMITS[1])
 
 
 # The prior's step shapes (chunks [(new, cached)], decode batch, decode context): prompt chunks

@@ -272,31 +272,42 @@ class Worker:
 
     def _logits(self, plan: StepPlan, parts: list[_ChunkPart], hidden_td: torch.Tensor,
                 decode_rows: slice) -> dict[int, torch.Tensor]:
-        """Rank 0's logits for the prompts that end this step and for the decode batch. A
-        prompt's last token may sit on any rank: its hidden row reaches every SP rank in one
-        collective for all of them (each row is sent by its owner; the others send zeros);
-        decode rows are on every rank already. The SP ranks then split the LM head's
-        vocabulary (CausalLM.compute_logits) and rank 0 gets the whole rows."""
+        """Rank 0's logits for the prompts that end this step and for the decode batch.
+
+        On CPU the SP ranks split the LM head's vocabulary (CausalLM.compute_logits(sp=)): it
+        reads every vocabulary row each step (113 MB for SmolLM2 in fp32), memory-bound on a
+        core, which rank 0 did alone while the others waited at the next collective. Every SP
+        rank then needs the same rows, bit for bit: one collective brings them all (a prompt's
+        last token from the rank that holds it, the decode rows from SP rank 0, whose copy of
+        them may differ from another rank's in the last bits: each rank's matmuls see its own
+        number of prompt rows; zeros elsewhere). On a GPU the LM head is a fraction of a
+        millisecond and the gathered logits could cross nodes: rank 0's rows come to it alone
+        and it computes them all."""
         ending = [i for i, chunk in enumerate(plan.prefill) if chunk.want_logits]
         if not (ending or plan.decode):
             return {}
         pc = self.pc
-        rows_td = None
-        if ending:
-            rows_td = torch.zeros((len(ending), hidden_td.shape[-1]), dtype=hidden_td.dtype,
+        split = pc.sp_size > 1 and pc.device.type == "cpu"
+        seq_ids = [plan.prefill[i].seq_id for i in ending] + [t.seq_id for t in plan.decode]
+        rows_td = hidden_td[decode_rows]
+        if ending or split:
+            rows_td = torch.zeros((len(seq_ids), hidden_td.shape[-1]), dtype=hidden_td.dtype,
                                   device=hidden_td.device)
             for j, i in enumerate(ending):
                 if parts[i].last_row is not None:
                     rows_td[j] = hidden_td[parts[i].last_row]
-            rows_td = pc.comm.all_reduce(rows_td)
-        if rows_td is not None and plan.decode:
-            rows_td = torch.cat([rows_td, hidden_td[decode_rows]])
-        elif rows_td is None:
-            rows_td = hidden_td[decode_rows]
+            if plan.decode and (pc.sp_rank == 0 or not split):
+                rows_td[len(ending):] = hidden_td[decode_rows]
+            if split:
+                rows_td = pc.comm.all_reduce(rows_td)
+            else:
+                summed = pc.comm.sum_to_first(rows_td[:len(ending)])
+                rows_td = None if summed is None else torch.cat([summed, rows_td[len(ending):]])
+        if not split and pc.sp_rank != 0:
+            return {}  # the first SP rank's TP group computes the logits, together
         # the first SP rank's TP group gathers the TP slices, together
-        logits = self.model.compute_logits(rows_td, (pc.sp_rank, pc.sp_size, pc.comm),
-                                           gather_tp=pc.sp_rank == 0)
+        logits = self.model.compute_logits(rows_td, (pc.sp_rank, pc.sp_size, pc.comm) if split
+                                           else None, gather_tp=pc.sp_rank == 0)
         if not pc.is_driver:
             return {}
-        seq_ids = [plan.prefill[i].seq_id for i in ending] + [t.seq_id for t in plan.decode]
         return {seq_id: logits[i] for i, seq_id in enumerate(seq_ids)}

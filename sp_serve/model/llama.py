@@ -236,10 +236,10 @@ class CausalLM(nn.Module):
         """float32 logits [t, v]; pass only the rows you sample from (e.g. last token). With
         TP every rank of the group must call it (it gathers the vocabulary slices).
 
-        sp = (rank, size, comm): the ranks of an SP group, each holding the same rows, split
-        this rank's vocabulary rows among them and gather the slices (every one of them must
-        call it): the LM head, a read of every vocabulary row each step, costs each rank 1/size
-        of it instead of one rank all of it while the others wait. gather_tp=False: this rank
+        sp = (rank, size, comm): the ranks of an SP group, each holding the same rows (exactly:
+        the caller's), split this rank's vocabulary rows among them and all-gather the slices
+        (every one of them must call it): the LM head, a read of every vocabulary row each step,
+        costs each rank 1/size of it instead of one rank all of it while the others wait. gather_tp=False: this rank
         takes no part in the TP gather (its SP slice is gathered on another TP group) and gets
         its TP slice's logits."""
         weight = self.lm_head_weight
@@ -248,10 +248,10 @@ class CausalLM(nn.Module):
             rows = weight.shape[0]
             per = -(-rows // size)
             first, last = min(rows, rank * per), min(rows, (rank + 1) * per)
-            part_tv = F.pad(F.linear(hidden_td, weight[first:last]).float(),
-                            (0, per - (last - first)))
-            gathered_ktv = comm.all_gather(part_tv[None])
-            logits_tv = gathered_ktv.permute(1, 0, 2).reshape(hidden_td.shape[0], size * per)[:, :rows]
+            part_tv = F.pad(F.linear(hidden_td, weight[first:last]), (0, per - (last - first)))
+            gathered_ktv = comm.all_gather(part_tv[None])  # in the model's dtype: half the bytes
+            logits_tv = gathered_ktv.permute(1, 0, 2).reshape(
+                hidden_td.shape[0], size * per)[:, :rows].float()
         else:
             logits_tv = F.linear(hidden_td, weight).float()
         if self.tp.size == 1 or not gather_tp:

@@ -14,7 +14,7 @@ Requests join the scheduler at the first step boundary after they arrive plus th
 path's per-request overhead (the async engine drains its inbox between steps); an idle engine
 jumps to the next arrival. Step times can carry seeded log-normal noise (step_time_sigma, for
 a step of step_time_sigma_at_s; longer steps average more of it out): on a real engine the
-scheduler's measured step-time correction reacts to that noise, and the simulated one, running
+scheduler's step-time model (refit on measured steps, scaled by their noise) reacts to that noise, and the simulated one, running
 on the simulated clock, reacts the same way. A request whose
 prompt + output cannot fit in any rank's KV pool is rejected, as LLMEngine.check_prompt does.
 
@@ -519,7 +519,7 @@ class SimConfig:
     request_overhead_s: float = 0.0
     # Step-to-step noise: each step's time is multiplied by a log-normal factor of mean 1
     # (seeded). A shared CPU has sigma ~0.1-0.3 on its short steps; a GPU ~0. It widens the TBT
-    # tail and, as on a real engine, makes the scheduler's measured step-time correction shrink
+    # tail and, as on a real engine, makes the scheduler's measured step-time scale shrink
     # chunks. With step_time_sigma_at_s > 0, step_time_sigma is the sigma of a step that long
     # and a step of t seconds gets step_time_sigma * sqrt(step_time_sigma_at_s / t) (at most
     # MAX_STEP_SIGMA): the noise's variance grows with the step's length, as when other work
