@@ -74,9 +74,7 @@ class TensorParallel:
     def vocab(self, vocab_size: int) -> tuple[int, int]:
         """(first row, rows) of this rank's vocabulary slice: ceil(v / T) rows each, the last
         ranks fewer (possibly none)."""
-        per = -(-vocab_size // self.size)
-        first = min(vocab_size, self.rank * per)
-        return first, min(vocab_size, first + per) - first
+        return _slice_of(vocab_size, self.rank, self.size)
 
     def local_spec(self, spec: ModelSpec) -> ModelSpec:
         """The spec of this rank's share: its heads and MLP slice (vocabulary stays whole)."""
@@ -86,6 +84,22 @@ class TensorParallel:
 
     def all_reduce(self, x: Tensor) -> Tensor:
         return x if self.size == 1 else self.comm.all_reduce(x)
+
+
+def _slice_of(total: int, rank: int, size: int) -> tuple[int, int]:
+    """(first, count) of rank's slice of `total` rows cut `size` ways: ceil(total / size) rows
+    each, the last ranks fewer (possibly none)."""
+    per = -(-total // size)
+    first = min(total, rank * per)
+    return first, min(total, first + per) - first
+
+
+def _gather_slices(part_tv: Tensor, comm: Any, size: int, total: int) -> Tensor:
+    """Every rank's `_slice_of` columns, all-gathered into [t, total]: the slices padded to one
+    width for the collective, then cut back."""
+    per = -(-total // size)
+    gathered_ktv = comm.all_gather(F.pad(part_tv, (0, per - part_tv.shape[1]))[None])
+    return gathered_ktv.permute(1, 0, 2).reshape(part_tv.shape[0], size * per)[:, :total]
 
 
 def _empty(*shape: int, device, dtype) -> nn.Parameter:
@@ -239,25 +253,18 @@ class CausalLM(nn.Module):
         sp = (rank, size, comm): the ranks of an SP group, each holding the same rows (exactly:
         the caller's), split this rank's vocabulary rows among them and all-gather the slices
         (every one of them must call it): the LM head, a read of every vocabulary row each step,
-        costs each rank 1/size of it instead of one rank all of it while the others wait. gather_tp=False: this rank
-        takes no part in the TP gather (its SP slice is gathered on another TP group) and gets
-        its TP slice's logits."""
+        costs each rank 1/size of it instead of one rank all of it while the others wait.
+        gather_tp=False: this rank takes no part in the TP gather (its SP slice is gathered on
+        another TP group) and gets its TP slice's logits."""
         weight = self.lm_head_weight
         if sp is not None and sp[1] > 1:
             rank, size, comm = sp
-            rows = weight.shape[0]
-            per = -(-rows // size)
-            first, last = min(rows, rank * per), min(rows, (rank + 1) * per)
-            part_tv = F.pad(F.linear(hidden_td, weight[first:last]), (0, per - (last - first)))
-            gathered_ktv = comm.all_gather(part_tv[None])  # in the model's dtype: half the bytes
-            logits_tv = gathered_ktv.permute(1, 0, 2).reshape(
-                hidden_td.shape[0], size * per)[:, :rows].float()
+            first, count = _slice_of(weight.shape[0], rank, size)
+            # gathered in the model's dtype: half the bytes of float32 for bf16
+            logits_tv = _gather_slices(F.linear(hidden_td, weight[first:first + count]), comm,
+                                       size, weight.shape[0]).float()
         else:
             logits_tv = F.linear(hidden_td, weight).float()
         if self.tp.size == 1 or not gather_tp:
             return logits_tv
-        t, v = hidden_td.shape[0], self.spec.vocab_size
-        per = -(-v // self.tp.size)  # slices padded to one width; only the last ones are short
-        padded_1tv = F.pad(logits_tv, (0, per - logits_tv.shape[1]))[None]
-        gathered_ktv = self.tp.comm.all_gather(padded_1tv)
-        return gathered_ktv.permute(1, 0, 2).reshape(t, self.tp.size * per)[:, :v]
+        return _gather_slices(logits_tv, self.tp.comm, self.tp.size, self.spec.vocab_size)
