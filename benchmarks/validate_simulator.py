@@ -177,8 +177,7 @@ def replay_as_bench_result(trace: list[TraceRequest], token_times: list[list[flo
 
     results = [RequestResult(success=True, prompt_len=r.prompt_len, output_tokens=len(t),
                              num_text_chunks=len(t), ttft=t[0] - r.arrival_time,
-                             itl=np.diff(t).tolist(), tbt=np.diff(t).tolist(),
-                             latency=t[-1] - r.arrival_time,
+                             itl=np.diff(t).tolist(), latency=t[-1] - r.arrival_time,
                              start_time=r.arrival_time, is_long=r.is_long)
                for r, t in zip(trace, token_times)]
     duration = max(t[-1] for t in token_times)
@@ -305,8 +304,7 @@ def measured_spread(result: dict[str, Any], resamples: int = 300, seed: int = 0
     from sp_serve.bench.metrics import compute_metrics
 
     requests = [RequestResult(success=not err and bool(n), prompt_len=p, output_tokens=n,
-                              num_text_chunks=len(itl) + 1, ttft=t, itl=itl, tbt=itl,
-                              latency=lat,
+                              num_text_chunks=len(itl) + 1, ttft=t, itl=itl, latency=lat,
                               start_time=st, is_long=long_, error=err)
                 for p, n, t, itl, lat, st, err, long_ in zip(
                     result["input_lens"], result["output_lens"], result["ttfts"], result["itls"],

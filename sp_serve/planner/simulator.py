@@ -14,9 +14,10 @@ Requests join the scheduler at the first step boundary after they arrive plus th
 path's per-request overhead (the async engine drains its inbox between steps); an idle engine
 jumps to the next arrival. Step times can carry seeded log-normal noise (step_time_sigma, for
 a step of step_time_sigma_at_s; longer steps average more of it out): on a real engine the
-scheduler's step-time model (refit on measured steps, scaled by their noise) reacts to that noise, and the simulated one, running
-on the simulated clock, reacts the same way. A request whose
-prompt + output cannot fit in any rank's KV pool is rejected, as LLMEngine.check_prompt does.
+scheduler's step-time model (refit on measured steps, scaled by their noise) reacts to that
+noise, and the simulated one, running on the simulated clock, reacts the same way. A request
+whose prompt + output cannot fit in any rank's KV pool is rejected, as LLMEngine.check_prompt
+does.
 
 Step times come from one of two cost models:
   - calibrated: a CostModel JSON saved from a real engine (`CostModel.save`, see
@@ -656,12 +657,11 @@ class SimResult:
                                          start_time=r.arrival_time, error=r.rejected,
                                          is_long=r.is_long))
                 continue
-            gaps = np.diff(r.token_times).tolist()  # a token per step: TBT is the ITL
             out.append(RequestResult(
                 success=True, prompt_len=r.prompt_len, output_tokens=len(r.token_times),
-                num_text_chunks=len(r.token_times), ttft=r.ttft, itl=gaps, tbt=gaps,
-                latency=r.e2e, start_time=r.arrival_time, is_long=r.is_long,
-                cached_tokens=r.cached_tokens))
+                num_text_chunks=len(r.token_times), ttft=r.ttft,
+                itl=np.diff(r.token_times).tolist(), latency=r.e2e, start_time=r.arrival_time,
+                is_long=r.is_long, cached_tokens=r.cached_tokens))
         return out
 
     def summary(self, percentiles: list[float] | None = None,
