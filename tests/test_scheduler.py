@@ -105,6 +105,33 @@ def step_s(cost: CostModel, step: ScheduledStep) -> float:
                        sum(s.num_cached for s, _ in step.decode))
 
 
+def decode_part_s(cost: CostModel, step: ScheduledStep) -> float:
+    """The modelled seconds of a step's decode batch alone (its fixed part included)."""
+    return cost.decode_s(len(step.decode), sum(s.num_cached for s, _ in step.decode))
+
+
+def decoding_then_long_prompt(sim: Sim, decoding: int = 2, long_len: int = 1_000_000) -> Sequence:
+    """`decoding` 100-token sequences decoding, then a long prompt arrives."""
+    for _ in range(decoding):
+        sim.add(100, max_tokens=100_000)
+    while len(sim.sched.running) < decoding:
+        sim.step()
+    return sim.add(long_len, max_tokens=1)
+
+
+def noisy_machine_with_four_decoding() -> Sim:
+    """Steps measure up to 3-4x their prediction (log-normal sigma 0.5, the CPU model, a 0.25 s
+    TBT target); four sequences decode, and 200 steps taught the scale the noise."""
+    sim = Sim("slo", cost=CPU_30_LAYERS, jitter=0.5, tbt_slo_s=0.25)
+    for _ in range(4):
+        sim.add(600, max_tokens=100_000)
+    while sim.sched.waiting:
+        sim.step()
+    for _ in range(200):
+        sim.step()
+    return sim
+
+
 def check_accounting(sim: Sim) -> None:
     """The BlockManager holds exactly the scheduler's sequences, each with num_cached tokens."""
     live = {s.seq_id: s for s in sim.sched.waiting + sim.sched.running}
@@ -378,8 +405,7 @@ def test_prompts_get_half_the_time_when_the_decode_batch_alone_overruns_the_tbt_
         step = sim.step()
         (seq, a, b), = step.prefill
         assert seq is long
-        decode_s = cost.step_fixed_s + cost.decode_part_s(
-            len(step.decode), sum(s.num_cached for s, _ in step.decode))
+        decode_s = decode_part_s(cost, step)
         chunk_s = cost.chunk_s(b - a, a)
         assert decode_s > sim.sched.config.tbt_slo_s
         # the biggest chunk that fits the decode part's time
@@ -389,11 +415,7 @@ def test_prompts_get_half_the_time_when_the_decode_batch_alone_overruns_the_tbt_
 def test_prompts_get_the_tbt_budget_left_when_it_exceeds_the_decode_part():
     """A decode batch that leaves most of the TBT budget: the chunk takes the rest, not half."""
     sim = Sim("slo")
-    for _ in range(2):
-        sim.add(100, max_tokens=100_000)
-    while len(sim.sched.running) < 2:
-        sim.step()
-    long = sim.add(1_000_000, max_tokens=1)
+    long = decoding_then_long_prompt(sim)
     step = sim.step()
     (seq, a, b), = step.prefill
     assert seq is long
@@ -407,13 +429,7 @@ def test_a_noisy_machine_cannot_starve_a_late_prompt_beside_decodes():
     make the p99 plan (rule 3) leave a prompt a few tokens a step. Once a waiting prompt is late
     (waited longer than the TTFT target plus its prefill alone), rule 4 gives prompts at least
     what the TBT target leaves at the model's typical step, up to as much as the decode part."""
-    sim = Sim("slo", cost=CPU_30_LAYERS, jitter=0.5, tbt_slo_s=0.25)
-    for _ in range(4):
-        sim.add(600, max_tokens=100_000)
-    while sim.sched.waiting:
-        sim.step()
-    for _ in range(200):  # the scale learns the noise
-        sim.step()
+    sim = noisy_machine_with_four_decoding()
     assert sim.sched.step_time.scale("decode") > 2
     late = sim.add(2000, max_tokens=1)
     late.arrival_time -= 100.0  # it has waited long
@@ -425,8 +441,7 @@ def test_a_noisy_machine_cannot_starve_a_late_prompt_beside_decodes():
         assert seq is late
         if b == late.prefill_target:
             break
-        decode_s = cost.step_fixed_s + cost.decode_part_s(
-            len(step.decode), sum(s.num_cached for s, _ in step.decode))
+        decode_s = decode_part_s(cost, step)
         floor_s = decode_s if decode_s * sim.sched.step_time.scale("mixed") >= 0.25 \
             else min(decode_s, 0.25 - decode_s)
         assert cost.chunk_s(b - a + 1, a) > floor_s  # no smaller than the floor allows
@@ -435,13 +450,7 @@ def test_a_noisy_machine_cannot_starve_a_late_prompt_beside_decodes():
 def test_a_prompt_that_is_not_late_gets_the_p99_plan_only():
     """The same noisy machine and a prompt that has just arrived: it gets what the p99 plan
     leaves (a small chunk), not the floor; the TBT target holds for the steps."""
-    sim = Sim("slo", cost=CPU_30_LAYERS, jitter=0.5, tbt_slo_s=0.25)
-    for _ in range(4):
-        sim.add(600, max_tokens=100_000)
-    while sim.sched.waiting:
-        sim.step()
-    for _ in range(200):
-        sim.step()
+    sim = noisy_machine_with_four_decoding()
     sim.add(100_000, max_tokens=1)
     assert not sim.sched._a_prompt_is_late()
     step = sim.step()
@@ -589,11 +598,7 @@ def test_aged_long_prompt_takes_what_the_short_ones_leave_of_a_step():
     """An aged long prompt is capped at half a step only against short ones that need the other
     half: with one tiny prompt waiting beside it, the long one takes the rest of the step."""
     sim = Sim("slo")
-    for _ in range(2):
-        sim.add(100, max_tokens=100_000)
-    while len(sim.sched.running) < 2:
-        sim.step()
-    long = sim.add(1_000_000, max_tokens=1)
+    long = decoding_then_long_prompt(sim)
     sim.step()
     short = sim.add(8, max_tokens=1)
     sim.sched._passed_over_s[long.seq_id] = 1e9  # aged: it now ranks ahead of the short one
@@ -603,8 +608,7 @@ def test_aged_long_prompt_takes_what_the_short_ones_leave_of_a_step():
     chunks = {s.seq_id: (a, b) for s, a, b in step.prefill}
     assert chunks[short.seq_id] == (0, 8)
     cost = sim.sched.cost
-    decode_s = cost.step_fixed_s + cost.decode_part_s(
-        len(step.decode), sum(s.num_cached for s, _ in step.decode))
+    decode_s = decode_part_s(cost, step)
     time_left_s = TBT_S - decode_s
     a, b = chunks[long.seq_id]
     assert cost.chunk_s(b - a, a) > 0.6 * time_left_s

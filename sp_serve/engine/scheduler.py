@@ -116,8 +116,9 @@ class Scheduler:
         self.num_preemptions = 0
         # Seconds of prefill a waiting sequence saw go to newer ones: its aging credit.
         self._passed_over_s: dict[int, float] = {}
-        # (kind, predicted s, start, shape): the step in flight, measured at the next schedule()
-        self._last_step: tuple[str, float, float, dict | None] | None = None
+        # (kind, predicted s, start, (chunks [(new, cached)], decode batch, decode context)):
+        # the step in flight, measured at the next schedule()
+        self._last_step: tuple[str, float, float, tuple[list[tuple[int, int]], int, int]] | None = None
         # Called with every measured step's shape and seconds (`sp-serve serve --step-log`).
         self.step_observer: Callable[[dict], None] | None = None
 
